@@ -1,0 +1,27 @@
+"""diffes-pl: Diff-ES — stage-wise structural pruning of diffusion models by evolutionary search."""
+from __future__ import annotations
+
+from .denoisers import DenoiserAdapter, UnitGroup, load_denoiser
+from .evaluation.macs import count_macs
+from .partition import Schedule, ScheduleError, StagePartition
+from .sampling import sample
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # Heavier parts load on first use, so `import diffes_pl` stays quick.
+    if name == "TrajectoryStore":
+        from .trajectory import TrajectoryStore
+        return TrajectoryStore
+    if name == "Router":
+        from .routing import Router
+        return Router
+    if name == "pruners":
+        import importlib
+        return importlib.import_module(".pruners", __name__)
+    raise AttributeError(f"module 'diffes_pl' has no attribute {name!r}")
+
+
+__all__ = ["DenoiserAdapter", "Router", "Schedule", "ScheduleError", "StagePartition", "TrajectoryStore",
+           "UnitGroup", "count_macs", "load_denoiser", "sample"]

@@ -1,0 +1,95 @@
+"""Denoiser adapters and `load_denoiser`: a name (built-in, hub id or local folder) → adapter."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .base import ConstantOutput, DenoiserAdapter, UnitGroup, keep_from_order
+from .dit import DiTAdapter
+
+DIT_HUB_NAMES = {"facebook/DiT-XL-2-256": "dit_xl_2_256_config.json"}
+KNOWN = ["tiny-digits", *DIT_HUB_NAMES]
+
+
+class UnknownDenoiserError(ValueError):
+    """The name is neither built in, nor a known hub id, nor an existing local folder."""
+
+
+def load_denoiser(name: str, weights: bool = True, device: str | torch.device = "cpu",
+                  dtype: torch.dtype | None = None) -> DenoiserAdapter:
+    """The adapter for `name`.
+
+    Args:
+        name: `tiny-digits` (built in), a hub id such as `facebook/DiT-XL-2-256`, or a local folder
+            holding a diffusers DiT pipeline (`transformer/`, optional `vae/`) or a bare transformer.
+        weights: False builds the real architecture from a config shipped in the package with
+            random weights (no network); `device="meta"` then allocates nothing.
+        device: where the denoiser lives.
+        dtype: the inference dtype (default float32).
+    """
+    from .tiny import NAME as TINY, SCHEDULER_CONFIG, build_tiny_dit
+
+    if name == TINY:
+        denoiser = build_tiny_dit(weights=weights)
+        adapter = DiTAdapter(denoiser, TINY, vae=None, noise_schedule=SCHEDULER_CONFIG)
+    elif name in DIT_HUB_NAMES and not weights:
+        adapter = _dit_from_shipped_config(name, device)
+    elif os.path.sep in name or name.startswith("."):
+        adapter = _dit_from_folder(Path(name))
+    elif name.count("/") == 1 and "dit" in name.lower():
+        adapter = _dit_from_hub(name)
+    else:
+        raise UnknownDenoiserError(
+            f"unknown denoiser {name!r}: use one of {KNOWN}, a DiT hub id, or a local folder "
+            f"(e.g. ./models/DiT-XL-2-256); SDXL and FLUX adapters are not in this version yet")
+    if str(device) != "meta":
+        kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+        adapter.denoiser.to(**kw)
+        if adapter.vae is not None:
+            adapter.vae.to(**kw)
+    return adapter
+
+
+def _dit_from_shipped_config(name: str, device) -> DiTAdapter:
+    from diffusers import DiTTransformer2DModel
+
+    from .tiny import asset_path
+
+    config = json.loads(asset_path(DIT_HUB_NAMES[name]).read_text())
+    config.pop("_class_name", None)
+    with torch.device(device):
+        denoiser = DiTTransformer2DModel(**config)
+    return DiTAdapter(denoiser, name)
+
+
+def _dit_from_folder(path: Path) -> DiTAdapter:
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    if not path.exists():
+        raise FileNotFoundError(f"local checkpoint {path} does not exist; pass an existing folder or a hub id")
+    sub = path / "transformer"
+    root = sub if sub.is_dir() else path
+    if not (root / "config.json").exists():
+        raise FileNotFoundError(f"{root} has no config.json: expected a diffusers DiT folder (transformer/ and vae/)")
+    denoiser = DiTTransformer2DModel.from_pretrained(root)
+    vae = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
+    return DiTAdapter(denoiser, str(path), vae=vae)
+
+
+def _dit_from_hub(name: str) -> DiTAdapter:
+    from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+    try:
+        denoiser = DiTTransformer2DModel.from_pretrained(name, subfolder="transformer")
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae")
+    except OSError as err:
+        raise OSError(f"could not load {name!r} from the Hugging Face hub or its cache ({err}); "
+                      f"download it first (`huggingface-cli download {name}`) or pass a local folder") from err
+    return DiTAdapter(denoiser, name, vae=vae)
+
+
+__all__ = ["ConstantOutput", "DenoiserAdapter", "DiTAdapter", "UnitGroup", "UnknownDenoiserError",
+           "keep_from_order", "load_denoiser"]

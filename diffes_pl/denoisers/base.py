@@ -1,0 +1,264 @@
+"""The adapter protocol: what diffes-pl needs to know about one denoiser family.
+
+An adapter lists the prunable **unit groups** (the heads of each attention module, the channels of
+each feed-forward) and the blocks, and builds physically smaller replacements for them. A
+replacement is a module that takes the place of a block's attribute (`block.attn1`, `block.ff`, or
+the block itself) — installing one is a single reference swap, which is what routing relies on.
+The dense modules are never modified: replacements are shallow copies that share every parameter
+they do not slice.
+"""
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..partition import units_removed
+
+
+@dataclass(frozen=True)
+class UnitGroup:
+    """One group of prunable units: the heads of one attention module or the channels of one MLP.
+
+    `attr` is the block attribute holding the module (`attn1`, `attn2`, `ff`); `unit_width` is the
+    number of input columns of the output-side layer that one unit owns (head_dim, or 1 for a channel).
+    """
+
+    name: str
+    kind: str  # "heads" | "channels"
+    block: int
+    attr: str
+    size: int
+    unit_width: int
+
+    def removed_at(self, level: int, levels_max: int) -> int:
+        """Units removed at `level` of `levels_max`: round(level / H · n)."""
+        return units_removed(level, levels_max, self.size)
+
+    def columns(self, units: Tensor) -> Tensor:
+        """Input columns of the output-side layer owned by `units` [k] → [k · unit_width]."""
+        units = torch.as_tensor(units, dtype=torch.long)
+        offsets = torch.arange(self.unit_width)
+        return (units[:, None] * self.unit_width + offsets[None, :]).reshape(-1)
+
+
+class ConstantOutput(nn.Module):
+    """Stands in for an attention or feed-forward whose units are all removed: it returns the
+    output projection's bias (what the masked dense module returns when every input column is zero)."""
+
+    def __init__(self, bias: Tensor | None, out_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.bias = bias  # shared with the dense module, not a copy
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        shape = (*hidden_states.shape[:-1], self.out_features)
+        if self.bias is None:
+            return hidden_states.new_zeros(shape)
+        return self.bias.to(hidden_states.dtype).expand(shape)
+
+
+def sliced_linear(layer: nn.Linear, rows: Tensor | None = None, cols: Tensor | None = None,
+                  weight: Tensor | None = None) -> nn.Linear:
+    """A new, physically smaller `nn.Linear` holding `layer`'s rows (outputs) and/or columns (inputs).
+
+    `weight` replaces the sliced weight (compensated OBS weights); the bias follows the rows.
+    """
+    w = layer.weight
+    if rows is not None:
+        w = w.index_select(0, rows.to(w.device))
+    if cols is not None:
+        w = w.index_select(1, cols.to(w.device))
+    if weight is not None:
+        if weight.shape != w.shape:
+            raise ValueError(f"replacement weight has shape {tuple(weight.shape)}, expected {tuple(w.shape)}")
+        w = weight.to(device=w.device, dtype=w.dtype)
+    bias = layer.bias
+    if bias is not None and rows is not None:
+        bias = bias.index_select(0, rows.to(bias.device))
+    new = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    new.weight = nn.Parameter(w.detach().contiguous(), requires_grad=False)
+    if bias is not None:
+        new.bias = bias if rows is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+    return new
+
+
+def with_children(module: nn.Module, replacements: dict[str, nn.Module], **attrs: Any) -> nn.Module:
+    """A shallow copy of `module` whose submodules at dotted paths are replaced and whose plain
+    attributes are set from `attrs`. The original module is untouched; everything not replaced is
+    shared by reference (no parameter is copied)."""
+    if "forward" in module.__dict__:
+        raise RuntimeError(
+            f"{type(module).__name__} has an instance-level forward (a hook that rewrites forward); "
+            "slicing would bypass it. Register such hooks on the denoiser, not on its attention/MLP modules."
+        )
+    new = copy.copy(module)
+    new._modules = OrderedDict(module._modules)
+    for key in list(vars(new)):
+        if key.endswith("hooks") and isinstance(vars(new)[key], dict):
+            setattr(new, key, OrderedDict())  # hooks on the dense module stay on the dense module
+    nested: dict[str, dict[str, nn.Module]] = {}
+    for path, child in replacements.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = child
+        else:
+            new._modules[head] = child
+    for head, sub in nested.items():
+        new._modules[head] = with_children(module._modules[head], sub)
+    for key, value in attrs.items():
+        setattr(new, key, value)
+    return new
+
+
+class DenoiserAdapter(ABC):
+    """Knows one denoiser family: its prunable units, how to slice them, how to call it.
+
+    Subclasses set `denoiser` (the nn.Module called once per sampling step), `name` (hub name,
+    path or built-in name) and implement the abstract methods.
+    """
+
+    denoiser: nn.Module
+    name: str
+    family: str = "base"
+
+    # --- structure -------------------------------------------------------------------------
+    @abstractmethod
+    def blocks(self) -> nn.ModuleList:
+        """The denoiser's prunable blocks (depth units), in forward order."""
+
+    @abstractmethod
+    def unit_groups(self) -> list[UnitGroup]:
+        """Every group of prunable units (heads of each attention, channels of each MLP)."""
+
+    @abstractmethod
+    def output_layer(self, group: UnitGroup, module: nn.Module | None = None) -> nn.Linear:
+        """The output-side linear layer whose INPUT columns are the group's units (statistics and
+        OBS compensation live here). `module` defaults to the dense module."""
+
+    @abstractmethod
+    def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
+        """A physically smaller replacement for the group's module keeping units `keep` (sorted);
+        `out_weight` [out, len(keep) · unit_width] replaces the output layer's kept columns."""
+
+    @abstractmethod
+    def skipped_block(self, index: int) -> nn.Module:
+        """A replacement for block `index` that passes the residual stream through unchanged."""
+
+    # --- calling the denoiser ----------------------------------------------------------------
+    @abstractmethod
+    def predict_noise(self, latents: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
+        """ε-prediction (or flow velocity) [B, C, H, W] for latents [B, C, H, W] at timesteps [B]."""
+
+    @abstractmethod
+    def null_condition(self, cond: Any) -> Any:
+        """The unconditional counterpart of `cond` (for classifier-free guidance)."""
+
+    @abstractmethod
+    def concat_conditions(self, a: Any, b: Any) -> Any:
+        """Conditions of two batches stacked along the batch axis."""
+
+    @abstractmethod
+    def example_condition(self, batch_size: int, device: torch.device | str = "cpu") -> Any:
+        """A valid condition for `batch_size` samples (for MAC counting and smoke runs)."""
+
+    @abstractmethod
+    def make_scheduler(self, kind: str = "ddim") -> Any:
+        """A diffusers scheduler of `kind` configured with this denoiser's training noise schedule."""
+
+    @property
+    @abstractmethod
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent (or pixel image for pixel-space denoisers)."""
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Latents → images [N, C, H, W] in [0, 1]. Pixel-space default: [-1, 1] → [0, 1]."""
+        return ((latents.float() + 1) / 2).clamp(0, 1)
+
+    def identity(self) -> dict:
+        """What identifies this denoiser in a store key: name, class and architecture config."""
+        config = dict(getattr(self.denoiser, "config", {}))
+        return {"name": self.name, "family": self.family, "class": type(self.denoiser).__name__,
+                "config": {k: v for k, v in sorted(config.items()) if not k.startswith("_")}}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    # --- installing replacements -------------------------------------------------------------
+    def capture_dense(self) -> None:
+        """Remembers the dense modules (subclasses call this at the end of __init__): slicing always
+        starts from them, and `restore_dense` puts them back bit for bit."""
+        self._dense_blocks = list(self.blocks())
+        self._dense_modules = {g.name: getattr(self._dense_blocks[g.block], g.attr) for g in self.unit_groups()}
+
+    def dense_module(self, group: UnitGroup) -> nn.Module:
+        return self._dense_modules[group.name]
+
+    def dense_block(self, index: int) -> nn.Module:
+        return self._dense_blocks[index]
+
+    def restore_dense(self) -> None:
+        """Reinstalls every dense module and block (undoes any routing or slicing)."""
+        for i, block in enumerate(self._dense_blocks):
+            self.blocks()[i] = block
+        for g in self.unit_groups():
+            setattr(self._dense_blocks[g.block], g.attr, self._dense_modules[g.name])
+
+    def is_dense(self) -> bool:
+        return all(a is b for a, b in zip(self.blocks(), self._dense_blocks)) and all(
+            getattr(self._dense_blocks[g.block], g.attr) is self._dense_modules[g.name] for g in self.unit_groups())
+
+    def module(self, group: UnitGroup) -> nn.Module:
+        """The module currently installed for the group."""
+        return getattr(self.blocks()[group.block], group.attr)
+
+    def install(self, group: UnitGroup, module: nn.Module) -> None:
+        setattr(self.blocks()[group.block], group.attr, module)
+
+    def install_block(self, index: int, block: nn.Module) -> None:
+        self.blocks()[index] = block
+
+    def default_levels(self, kind: str = "width") -> int:
+        """H: the head count of the narrowest attention (width) or the block count (depth)."""
+        if kind == "depth":
+            return len(self.blocks())
+        return min(g.size for g in self.unit_groups() if g.kind == "heads")
+
+    # --- masking (the reference that slicing must equal) -----------------------------------
+    def mask_units(self, group: UnitGroup, keep: Tensor) -> RemovableHandle:
+        """Zeroes the removed units' input columns of the dense output layer (a forward pre-hook)."""
+        layer = self.output_layer(group, self.dense_module(group))
+        mask = torch.zeros(layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+        mask[group.columns(keep).to(mask.device)] = 1
+
+        def hook(_module: nn.Module, args: tuple) -> tuple:
+            return (args[0] * mask,) + tuple(args[1:])
+
+        return layer.register_forward_pre_hook(hook)
+
+    def mask_block(self, index: int) -> RemovableHandle:
+        """Makes block `index` return its input hidden states (the dense block still runs)."""
+
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            return args[0] if args else kwargs["hidden_states"]
+
+        return self.dense_block(index).register_forward_hook(hook, with_kwargs=True)
+
+
+def keep_from_order(order: Tensor, removed: int) -> Tensor:
+    """Kept unit indices (sorted) when the first `removed` units of a removal order go."""
+    return torch.sort(torch.as_tensor(order, dtype=torch.long)[removed:]).values
+
+
+AdapterFactory = Callable[..., DenoiserAdapter]

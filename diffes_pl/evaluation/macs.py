@@ -1,0 +1,36 @@
+"""Multiply-accumulates of one denoiser forward, counted by torch's own `FlopCounterMode`.
+
+Every matmul, convolution and attention product is counted (FLOPs / 2), on whatever modules are
+installed — dense, sliced or routed — and on the meta device, so DiT-XL/2 needs no weights and no
+memory. Convention: one forward at the given batch size; the CFG duplicate is NOT included (the
+paper's convention: 20 steps at batch 1 = 20 forwards).
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from ..denoisers.base import DenoiserAdapter
+
+
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+# On CPU, scaled_dot_product_attention dispatches to a kernel FlopCounterMode has no formula for
+# (it would count 0): count it like the other SDPA kernels, QKᵀ + AV.
+_CUSTOM = {}
+if hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+    _CUSTOM[torch.ops.aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_flash_attention_flop
+
+
+@torch.no_grad()
+def count_macs(adapter: DenoiserAdapter, batch_size: int = 1, timestep: float = 500.0) -> int:
+    """MACs of one `adapter.denoiser` forward on a batch of `batch_size` latents."""
+    device = adapter.device
+    latents = torch.zeros((batch_size, *adapter.latent_shape), device=device, dtype=adapter.dtype)
+    t = torch.full((batch_size,), timestep, device=device)
+    cond = adapter.example_condition(batch_size, device)
+    with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
+        adapter.predict_noise(latents, t, cond)
+    return counter.get_total_flops() // 2

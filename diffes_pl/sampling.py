@@ -1,0 +1,136 @@
+"""Scheduled sampling: diffusers schedulers driven step by step, with classifier-free guidance and a
+step source that tells listeners (the router, progress displays) the current step and stage.
+
+The stage is known from the sampling loop's own counter — never read back from a tensor — so a
+listener can swap weights at a stage boundary without a host sync.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from .denoisers.base import DenoiserAdapter
+from .partition import StagePartition
+
+
+class StepListener(Protocol):
+    """Told, before every denoiser call, which sampling step and stage is about to run."""
+
+    def on_step(self, step: int, stage: int) -> None: ...
+
+
+def seeded_noise(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Initial noise [N, C, H, W] from a CPU generator: the same for a seed on every device and batch size."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
+
+
+def as_conditions(adapter: DenoiserAdapter, conditions: Any) -> Any:
+    """Class labels as a LongTensor; other condition types pass through."""
+    if isinstance(conditions, (list, tuple)) and all(isinstance(c, int) for c in conditions):
+        conditions = torch.tensor(conditions, dtype=torch.long)
+    validate = getattr(adapter, "validate_condition", None)
+    if validate is not None:
+        validate(conditions)
+    return conditions
+
+
+def guided_noise(adapter: DenoiserAdapter, latents: Tensor, t: Tensor, cond: Any, null: Any, guidance: float) -> Tensor:
+    """ε with classifier-free guidance: ε_u + g·(ε_c − ε_u); one batched call for both halves."""
+    batch = latents.shape[0]
+    if guidance == 1.0:
+        return adapter.predict_noise(latents, t.expand(batch), cond)
+    eps = adapter.predict_noise(torch.cat([latents, latents]), t.expand(2 * batch),
+                                adapter.concat_conditions(cond, null))  # [2B, C, H, W]
+    eps_c, eps_u = eps.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def rollout(adapter: DenoiserAdapter, scheduler: Any, latents: Tensor, cond: Any, *, guidance: float,
+            partition: StagePartition, steps: Iterable[int] | None = None,
+            listeners: Sequence[StepListener] = (), generator: torch.Generator | None = None,
+            on_latents: Callable[[int, Tensor], None] | None = None) -> Tensor:
+    """Runs sampling steps `steps` (default: all) from `latents` [B, C, H, W]; returns the latents
+    after the last one. `scheduler.set_timesteps` must already have been called. `on_latents(step,
+    x)` receives the latents entering each step (for caching intermediate states)."""
+    null = adapter.null_condition(cond)
+    timesteps = scheduler.timesteps
+    step_to_stage = partition.step_to_stage
+    for step in (range(len(timesteps)) if steps is None else steps):
+        stage = step_to_stage[step]
+        for listener in listeners:
+            listener.on_step(step, stage)
+        if on_latents is not None:
+            on_latents(step, latents)
+        t = timesteps[step].to(latents.device)
+        model_in = scheduler.scale_model_input(latents, t)
+        eps = guided_noise(adapter, model_in, t.reshape(1), cond, null, guidance)
+        kwargs = {"generator": generator} if generator is not None else {}
+        latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
+    return latents
+
+
+def prepare_scheduler(adapter: DenoiserAdapter, sampler: str, steps: int) -> Any:
+    scheduler = adapter.make_scheduler(sampler)
+    scheduler.set_timesteps(steps)
+    return scheduler
+
+
+@torch.no_grad()
+def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance: float = 2.1, seed: int = 0,
+           router: Any = None, sampler: str = "ddim", num_stages: int | None = None,
+           listeners: Sequence[StepListener] = (), noise: Tensor | None = None, batch_size: int | None = None,
+           output: str = "images") -> Tensor:
+    """Samples one image per condition. Returns images [N, C, H, W] in [0, 1] (or latents).
+
+    Args:
+        adapter: the denoiser's adapter.
+        conditions: class labels (list or LongTensor [N]) or the family's condition object.
+        steps: sampling steps. guidance: CFG scale (1 = no guidance). seed: seeds the initial noise.
+        router: a `Router` installing a schedule (None: the dense denoiser). Its partition must
+            match this sampler and step count.
+        sampler: `ddim` (default), `dpm` (DPM-Solver++ 2M) or `euler_a`.
+        num_stages: for listeners when no router is given (default 1).
+        noise: explicit initial noise [N, C, H, W] instead of `seed`.
+        batch_size: split the N conditions into batches of this size (same result).
+        output: `images` or `latents`.
+    """
+    cond = as_conditions(adapter, conditions)
+    n = len(cond)
+    if n == 0:
+        raise ValueError("no conditions given: pass at least one class label or prompt")
+    device, dtype = adapter.device, adapter.dtype
+    if noise is None:
+        noise = seeded_noise((n, *adapter.latent_shape), seed, dtype)
+    scheduler = prepare_scheduler(adapter, sampler, steps)
+    if router is not None:
+        partition = router.partition
+        expected = [float(t) for t in scheduler.timesteps]
+        if list(partition.timesteps) != expected:
+            raise ValueError(
+                f"the router's schedule was made for timesteps {list(partition.timesteps)[:4]}… "
+                f"({partition.num_steps} steps) but this sampler ({sampler}, {steps} steps) runs "
+                f"{expected[:4]}…; sample with the settings the schedule was searched with")
+        listeners = [router, *listeners]
+    else:
+        partition = StagePartition(tuple(float(t) for t in scheduler.timesteps), num_stages or 1,
+                                   int(scheduler.config.num_train_timesteps))
+    batch_size = batch_size or n
+    generator = torch.Generator(device="cpu").manual_seed(seed + 1) if sampler == "euler_a" else None
+    outs = []
+    try:
+        for start in range(0, n, batch_size):
+            latents = noise[start:start + batch_size].to(device=device, dtype=dtype)
+            latents = latents * scheduler.init_noise_sigma
+            c = cond[start:start + batch_size]
+            c = c.to(device) if isinstance(c, Tensor) else c
+            scheduler = prepare_scheduler(adapter, sampler, steps)  # fresh multistep state per batch
+            latents = rollout(adapter, scheduler, latents, c, guidance=guidance, partition=partition,
+                              listeners=listeners, generator=generator)
+            outs.append(latents if output == "latents" else adapter.decode(latents))
+    finally:
+        if router is not None:
+            router.restore_dense()
+    return torch.cat(outs)
