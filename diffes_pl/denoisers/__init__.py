@@ -18,6 +18,26 @@ class UnknownDenoiserError(ValueError):
     """The name is neither built in, nor a known hub id, nor an existing local folder."""
 
 
+def check_name(name: str) -> str:
+    """Which loader serves `name` ("tiny", "dit-config", "dit-folder", "dit-hub"), without loading
+    anything; unknown names and missing folders are refused here, before any long work."""
+    from .tiny import NAME as TINY
+
+    if name == TINY:
+        return "tiny"
+    if name in DIT_HUB_NAMES:
+        return "dit-hub"
+    if os.path.sep in name or name.startswith("."):
+        if not Path(name).exists():
+            raise FileNotFoundError(f"local checkpoint {name} does not exist; pass an existing folder or a hub id")
+        return "dit-folder"
+    if name.count("/") == 1 and "dit" in name.lower():
+        return "dit-hub"
+    raise UnknownDenoiserError(
+        f"unknown denoiser {name!r}: use one of {KNOWN}, a DiT hub id, or a local folder "
+        f"(e.g. ./models/DiT-XL-2-256); SDXL and FLUX adapters are not in this version yet")
+
+
 def load_denoiser(name: str, weights: bool = True, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> DenoiserAdapter:
     """The adapter for `name`.
@@ -32,19 +52,16 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
     """
     from .tiny import NAME as TINY, SCHEDULER_CONFIG, build_tiny_dit
 
-    if name == TINY:
+    kind = check_name(name)
+    if kind == "tiny":
         denoiser = build_tiny_dit(weights=weights)
         adapter = DiTAdapter(denoiser, TINY, vae=None, noise_schedule=SCHEDULER_CONFIG)
-    elif name in DIT_HUB_NAMES and not weights:
+    elif kind == "dit-hub" and not weights and name in DIT_HUB_NAMES:
         adapter = _dit_from_shipped_config(name, device)
-    elif os.path.sep in name or name.startswith("."):
+    elif kind == "dit-folder":
         adapter = _dit_from_folder(Path(name))
-    elif name.count("/") == 1 and "dit" in name.lower():
-        adapter = _dit_from_hub(name)
     else:
-        raise UnknownDenoiserError(
-            f"unknown denoiser {name!r}: use one of {KNOWN}, a DiT hub id, or a local folder "
-            f"(e.g. ./models/DiT-XL-2-256); SDXL and FLUX adapters are not in this version yet")
+        adapter = _dit_from_hub(name)
     if str(device) != "meta":
         kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
         adapter.denoiser.to(**kw)
@@ -91,5 +108,5 @@ def _dit_from_hub(name: str) -> DiTAdapter:
     return DiTAdapter(denoiser, name, vae=vae)
 
 
-__all__ = ["ConstantOutput", "DenoiserAdapter", "DiTAdapter", "UnitGroup", "UnknownDenoiserError",
+__all__ = ["check_name", "ConstantOutput", "DenoiserAdapter", "DiTAdapter", "UnitGroup", "UnknownDenoiserError",
            "keep_from_order", "load_denoiser"]

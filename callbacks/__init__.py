@@ -1,0 +1,8 @@
+"""Optional callbacks for Diff-ES runs (installed as `diffes_pl.callbacks`).
+
+Nothing in `diffes_pl/` imports this package: a run's required outputs (schedule.json, the store)
+never depend on which callbacks are configured.
+"""
+from .plots import SearchPlots
+
+__all__ = ["SearchPlots"]

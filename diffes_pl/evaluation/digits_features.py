@@ -1,0 +1,43 @@
+"""digits-FID / IS: torchmetrics' FID and Inception Score with the digits classifier as feature network."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .digits_classifier import FEATURE_DIM, load_digits_classifier
+
+
+class DigitsFeatures(nn.Module):
+    """torchmetrics feature module: images [N, 1, 8, 8] in [0, 1] (FID/IS `normalize=True`) → features.
+
+    `logits=True` returns class logits (for the Inception Score) instead of the 128-d features."""
+
+    def __init__(self, logits: bool = False) -> None:
+        super().__init__()
+        self.classifier = load_digits_classifier()
+        self.logits = logits
+        self.num_features = 10 if logits else FEATURE_DIM
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float()
+        if x.dtype == torch.uint8 or x.max() > 1.5:  # uint8 in [0, 255]
+            x = x / 255.0
+        x = x * 2 - 1  # the classifier sees [-1, 1]
+        return (self.classifier(x) if self.logits else self.classifier.features(x)).double()
+
+
+def digits_fid(fake: Tensor, real: Tensor) -> float:
+    """FID between two image sets [N, 1, 8, 8] in [0, 1] in digits-classifier feature space."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    fid = FrechetInceptionDistance(feature=DigitsFeatures(), normalize=True, input_img_size=(1, 8, 8))
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    return float(fid.compute())
+
+
+@torch.no_grad()
+def class_accuracy(images: Tensor, labels: Tensor) -> float:
+    """Share of images [N, 1, 8, 8] in [0, 1] the digits classifier reads as their conditioning label."""
+    clf = load_digits_classifier(images.device)
+    return float((clf(images * 2 - 1).argmax(dim=1) == labels.to(images.device)).float().mean())

@@ -1,0 +1,101 @@
+"""Fitness metrics: a schedule's score from the images (or latents) it generates on fixed probes.
+
+Reference metrics compare with the dense model's output on the same probes (SSIM, PSNR, latent
+MSE: no downloads). No-reference metrics score the images alone (TOPIQ-NR, CLIP-IQA via pyiqa, the
+`iqa` extra). For the built-in model: class accuracy and digits-FID. A user callable is named as
+`package.module:function` and receives a `FitnessInputs`.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class FitnessInputs:
+    images: Tensor  # [P, C, H, W] in [0, 1], the candidate's samples
+    latents: Tensor  # [P, C, h, w], final latents
+    reference_images: Tensor  # the dense model's samples on the same probes
+    reference_latents: Tensor
+    conditions: Any  # labels or prompts of the probes
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    fn: Callable[[FitnessInputs], float]
+    higher_is_better: bool
+
+    def __call__(self, inputs: FitnessInputs) -> float:
+        return float(self.fn(inputs))
+
+    def score(self, value: float) -> float:
+        """The value oriented so that higher is better (what selection maximises)."""
+        return value if self.higher_is_better else -value
+
+
+def _ssim(x: FitnessInputs) -> float:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    kernel = min(11, x.images.shape[-1] - (1 - x.images.shape[-1] % 2))  # odd, ≤ image side
+    return structural_similarity_index_measure(x.images.float(), x.reference_images.float(), data_range=1.0,
+                                               kernel_size=kernel)
+
+
+def _psnr(x: FitnessInputs) -> float:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    return peak_signal_noise_ratio(x.images.float(), x.reference_images.float(), data_range=1.0)
+
+
+def _latent_mse(x: FitnessInputs) -> float:
+    return torch.mean((x.latents.float() - x.reference_latents.float()) ** 2)
+
+
+def _class_accuracy(x: FitnessInputs) -> float:
+    from ..evaluation.digits_features import class_accuracy
+
+    return class_accuracy(x.images, x.conditions)
+
+
+def _digits_fid(x: FitnessInputs) -> float:
+    from ..data.digits import load_digits_split
+    from ..evaluation.digits_features import digits_fid
+
+    real, _ = load_digits_split("train")
+    return digits_fid(x.images, (real + 1) / 2)
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in [
+    Metric("ssim", _ssim, True),
+    Metric("psnr", _psnr, True),
+    Metric("latent_mse", _latent_mse, False),
+    Metric("class_accuracy", _class_accuracy, True),
+    Metric("digits_fid", _digits_fid, False),
+]}
+IQA = {"topiq": ("topiq_nr", True), "clipiqa": ("clipiqa", True)}
+
+
+def get_metric(name: str) -> Metric:
+    """A metric by name, or a user callable `module:function` (higher is better unless the name is
+    prefixed with `-`, e.g. `-mypkg.metrics:distortion`)."""
+    if name in METRICS:
+        return METRICS[name]
+    if name in IQA:
+        from .iqa import iqa_metric
+
+        return iqa_metric(name, *IQA[name])
+    if ":" in name:
+        lower = name.startswith("-")
+        module, _, attr = name.lstrip("-").partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"fitness metric {name!r}: cannot import {module}:{attr} ({err})") from None
+        return Metric(name, fn, not lower)
+    raise ValueError(f"unknown fitness metric {name!r}; choose one of {sorted(METRICS) + sorted(IQA)} "
+                     "or give a callable as `package.module:function`")

@@ -1,0 +1,258 @@
+"""The pruner shell: a LightningModule with no optimizer whose `predict_step` runs the denoiser on
+calibration batches while forward hooks feed per-group statistics (anomalib's PaDiM shape:
+collect in the steps, finalise at epoch end).
+
+One predict epoch = one stage. At its end the statistics are all-reduced across processes ONCE
+(never inside `predict_step`: ranks may hold uneven shards), the stage's trajectory is computed and
+rank 0 writes it as one shard. `build_store` runs the S stages and seals the store atomically.
+Keeping one stage's statistics at a time bounds memory (DiT-XL/2 OBS: one stage of Hessians).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from ..denoisers.base import DenoiserAdapter, UnitGroup
+from ..partition import StagePartition
+from ..trajectory import MANIFEST, TrajectoryStore, canonical, make_key, shard_name
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
+
+
+class Statistic:
+    """Statistics of one unit group's output-layer inputs for the current stage (sparsegpt's
+    `add_batch` shape). Subclasses keep tensors in `self.buffers` so the shell can all-reduce them."""
+
+    def __init__(self, group: UnitGroup, in_features: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.group = group
+        self.buffers: dict[str, Tensor] = {}
+
+    def add_batch(self, x: Tensor) -> None:
+        """x: [B, N, in] or [B·N, in] inputs of the output-side layer."""
+
+
+def as_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """[..., in] → [tokens, in] in the accumulation dtype."""
+    return x.reshape(-1, x.shape[-1]).to(dtype)
+
+
+class Pruner(L.LightningModule):
+    """Base of every pruner. Subclasses set `name`, `compensated`, `depth` and implement
+    `make_statistic` and `group_trajectory` (or `block_trajectory` for depth pruning)."""
+
+    name = "base"
+    compensated = False
+    depth = False
+
+    def __init__(self, stat_dtype: str = "float64", store_dtype: str | None = None) -> None:
+        """
+        Args:
+            stat_dtype: dtype in which statistics are accumulated (float64 keeps multi-process sums
+                equal to single-process ones to ~1e-12).
+            store_dtype: dtype of stored weights; default the denoiser's inference dtype.
+        """
+        super().__init__()
+        if stat_dtype not in DTYPES or (store_dtype is not None and store_dtype not in DTYPES):
+            raise ValueError(f"dtypes must be one of {sorted(DTYPES)}; got stat_dtype={stat_dtype!r}, store_dtype={store_dtype!r}")
+        self.stat_dtype = DTYPES[stat_dtype]
+        self.store_dtype_name = store_dtype
+        self.adapter: DenoiserAdapter | None = None
+        self.levels_max = 0
+        self.stage = 0
+        self._stats: dict[str, Statistic] = {}
+        self._handles: list[Any] = []
+        self._shard_dir: Path | None = None
+
+    # --- settings that identify a store ------------------------------------------------------
+    def settings(self) -> dict:
+        """Everything that changes the trajectories (goes into the store key)."""
+        return {"name": self.name, **{k: v for k, v in self.hparams.items()}}
+
+    def attach(self, adapter: DenoiserAdapter, levels_max: int, shard_dir: str | Path) -> None:
+        """Binds the denoiser (kept out of this module's state dict) and where stage shards go."""
+        object.__setattr__(self, "adapter", adapter)  # not a submodule: no checkpointing of the denoiser
+        self.levels_max = int(levels_max)
+        self._shard_dir = Path(shard_dir)
+
+    @property
+    def store_dtype(self) -> torch.dtype:
+        return DTYPES[self.store_dtype_name] if self.store_dtype_name else self.adapter.dtype
+
+    def milestones(self, group: UnitGroup) -> list[int]:
+        """Units removed at levels 1..H."""
+        return [group.removed_at(level, self.levels_max) for level in range(1, self.levels_max + 1)]
+
+    # --- gathering -----------------------------------------------------------------------------
+    def make_statistic(self, group: UnitGroup, layer: nn.Linear) -> Statistic:
+        raise NotImplementedError
+
+    def on_predict_epoch_start(self) -> None:
+        adapter = self.adapter
+        adapter.denoiser.to(self.device)
+        self._stats = {}
+        self._handles = []
+        if self.depth:
+            self._register_block_hooks()
+            return
+        for group in adapter.unit_groups():
+            layer = adapter.output_layer(group)
+            stat = self.make_statistic(group, layer)
+            self._stats[group.name] = stat
+            self._handles.append(layer.register_forward_pre_hook(lambda _m, args, s=stat: s.add_batch(args[0])))
+
+    def _register_block_hooks(self) -> None:
+        raise NotImplementedError
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        stages = batch["stage"]
+        if not bool((stages == self.stage).all()):
+            raise RuntimeError(f"calibration batch holds stages {stages.unique().tolist()} while stage {self.stage} is being calibrated")
+        self.adapter.predict_noise(batch["latents"].to(self.adapter.dtype), batch["timesteps"], batch["cond"])
+        return None
+
+    def on_predict_epoch_end(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        # One all-reduce per buffer, here and only here: every rank reaches this point once per stage.
+        for stat in self._stats.values():
+            for key, buf in stat.buffers.items():
+                stat.buffers[key] = self._all_reduce(buf)
+        if self.global_rank == 0:
+            tensors = self.stage_trajectory()
+            self._shard_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self._shard_dir / shard_name(self.stage)))
+        self._stats = {}
+        self.trainer.strategy.barrier("diffes-stage-written")
+
+    def _all_reduce(self, tensor: Tensor) -> Tensor:
+        if self.trainer.world_size == 1:
+            return tensor
+        # Predict runs under inference mode: reduce a normal tensor copy of the inference tensor.
+        with torch.inference_mode(False):
+            out = tensor.clone()
+            return self.trainer.strategy.reduce(out, reduce_op="sum")
+
+    # --- finalising ----------------------------------------------------------------------------
+    def stage_trajectory(self) -> dict[str, Tensor]:
+        """The current stage's tensors for the store: orders (and compensated weights)."""
+        out: dict[str, Tensor] = {}
+        if self.depth:
+            out["blocks.order"] = self.block_order()
+            return out
+        for group in self.adapter.unit_groups():
+            layer = self.adapter.output_layer(group)
+            order, weights = self.group_trajectory(group, layer.weight.detach(), self._stats[group.name])
+            out[f"{group.name}.order"] = order.to(torch.long)
+            for level, w in weights.items():
+                out[f"{group.name}.weight.{level}"] = w.to(self.store_dtype)
+        return out
+
+    def group_trajectory(self, group: UnitGroup, weight: Tensor, stat: Statistic) -> tuple[Tensor, dict[int, Tensor]]:
+        """(removal order [n], {level: compensated weight}) of one group."""
+        raise NotImplementedError
+
+    def block_order(self) -> Tensor:
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+def order_by_score(scores: Tensor) -> Tensor:
+    """Removal order: lowest score first; ties broken by unit index (stable)."""
+    return torch.sort(scores.to(torch.float64), stable=True).indices
+
+
+def unit_scores(group: UnitGroup, column_scores: Tensor) -> Tensor:
+    """Sums per-column scores [n · unit_width] over each unit's columns → [n]."""
+    return column_scores.reshape(group.size, group.unit_width).sum(dim=1)
+
+
+def store_key_fields(adapter: DenoiserAdapter, partition: StagePartition, calibration: dict, pruner: Pruner,
+                     levels_max: int) -> dict:
+    """What a store depends on, and nothing else: denoiser identity and config, calibration
+    settings, the stage partition (boundaries and timesteps) and the pruner's settings and H."""
+    return canonical({"denoiser": adapter.identity(), "calibration": calibration,
+                      "partition": partition.to_dict(), "pruner": pruner.settings(), "levels_max": levels_max,
+                      "store_dtype": str(pruner.store_dtype)})
+
+
+def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
+    """Bytes of one stage's statistics (what calibration holds at once)."""
+    size = torch.finfo(pruner.stat_dtype).bits // 8
+    if pruner.depth:
+        return 2 * len(adapter.blocks()) * size
+    total = 0
+    for group in adapter.unit_groups():
+        n_in = adapter.output_layer(group).in_features
+        total += (n_in * n_in if pruner.compensated else n_in) * size
+    return total
+
+
+def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: int, num_stages: int) -> int:
+    """Bytes of the store about to be written (compensated weights dominate)."""
+    total = 0
+    elem = torch.finfo(pruner.store_dtype).bits // 8 if pruner.compensated else 0
+    for group in ([] if pruner.depth else adapter.unit_groups()):
+        total += group.size * 8
+        if pruner.compensated:
+            out = adapter.output_layer(group).out_features
+            for level in range(1, levels_max + 1):
+                total += out * (group.size - group.removed_at(level, levels_max)) * group.unit_width * elem
+    return (total + (len(adapter.blocks()) * 8 if pruner.depth else 0)) * num_stages
+
+
+def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: DenoiserAdapter,
+                partition: StagePartition, path: str | Path, levels_max: int, log=print) -> TrajectoryStore:
+    """Calibrates every stage (one `trainer.predict` epoch each) and writes the store atomically."""
+    path = Path(path)
+    shard_dir = path.parent / f".{path.name}.partial"
+    key_fields = store_key_fields(adapter, partition, datamodule.settings(), pruner, levels_max)
+    pruner.attach(adapter, levels_max, shard_dir)
+    datamodule.attach(adapter, partition)
+    if trainer.global_rank == 0:
+        log(f"calibration: {partition.num_stages} stages, statistics {estimate_stat_bytes(adapter, pruner) / 2**20:.1f} MiB "
+            f"per stage; store ≈ {estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages) / 2**20:.1f} MiB "
+            f"→ {path}")
+        if shard_dir.exists():
+            shutil.rmtree(shard_dir)
+    trainer.strategy.barrier("diffes-store-start") if trainer.world_size > 1 else None
+    try:
+        for stage in range(partition.num_stages):
+            datamodule.set_stage(stage)
+            pruner.stage = stage
+            trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
+        if trainer.global_rank == 0:
+            store = _seal(shard_dir, path, {
+                "key": make_key(key_fields), "key_fields": key_fields, "pruner": pruner.name,
+                "levels_max": levels_max, "num_stages": partition.num_stages,
+                "compensated": pruner.compensated, "depth": pruner.depth,
+                "groups": [vars(g) for g in adapter.unit_groups()], "dtype": str(pruner.store_dtype)})
+            log(f"trajectory store written: {path} ({store.nbytes / 2**20:.1f} MiB)")
+    finally:
+        if trainer.global_rank == 0 and shard_dir.exists():
+            shutil.rmtree(shard_dir)
+    if trainer.world_size > 1:
+        trainer.strategy.barrier("diffes-store-sealed")
+    return TrajectoryStore.open(path, key_fields=key_fields)
+
+
+def _seal(shard_dir: Path, path: Path, manifest: dict) -> TrajectoryStore:
+    """Shards → a complete store, atomically (manifest written last, folder renamed into place)."""
+    from safetensors import safe_open
+
+    def stages():
+        for stage in range(manifest["num_stages"]):
+            with safe_open(str(shard_dir / shard_name(stage)), framework="pt") as f:
+                yield {k: f.get_tensor(k) for k in f.keys()}
+
+    return TrajectoryStore.write(path, manifest, stages())

@@ -1,0 +1,48 @@
+"""Statistics gathered on output-layer inputs: the Hessian X·Xᵀ (OBS) and per-column ‖x‖² (Wanda,
+activation). Each counts the tokens it has seen."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..denoisers.base import UnitGroup
+from .base import Statistic, as_rows
+
+
+class HessianStatistic(Statistic):
+    """H = Σ x xᵀ over every token [in, in]; `tokens` is the normaliser."""
+
+    def __init__(self, group: UnitGroup, in_features: int, device, dtype) -> None:
+        super().__init__(group, in_features, device, dtype)
+        self.dtype = dtype
+        self.buffers = {"hessian": torch.zeros(in_features, in_features, device=device, dtype=dtype),
+                        "tokens": torch.zeros((), device=device, dtype=dtype)}
+
+    def add_batch(self, x: Tensor) -> None:
+        rows = as_rows(x, self.dtype)  # [tokens, in]
+        self.buffers["hessian"].addmm_(rows.T, rows)
+        self.buffers["tokens"] += rows.shape[0]
+
+    @property
+    def hessian(self) -> Tensor:
+        return self.buffers["hessian"] / self.buffers["tokens"].clamp_min(1)
+
+
+class ColumnNormStatistic(Statistic):
+    """Σ x_j² per input column [in] (‖X_j‖₂² over every token)."""
+
+    def __init__(self, group: UnitGroup, in_features: int, device, dtype) -> None:
+        super().__init__(group, in_features, device, dtype)
+        self.dtype = dtype
+        self.buffers = {"sq_norm": torch.zeros(in_features, device=device, dtype=dtype),
+                        "tokens": torch.zeros((), device=device, dtype=dtype)}
+
+    def add_batch(self, x: Tensor) -> None:
+        rows = as_rows(x, self.dtype)
+        self.buffers["sq_norm"] += rows.square().sum(dim=0)
+        self.buffers["tokens"] += rows.shape[0]
+
+    @property
+    def norm(self) -> Tensor:
+        """‖X_j‖₂ [in]."""
+        return self.buffers["sq_norm"].sqrt()

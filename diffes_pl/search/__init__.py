@@ -1,0 +1,1 @@
+"""The evolutionary search: population operators, rollouts with reuse, the DiffES LightningModule."""

@@ -1,0 +1,96 @@
+"""Fitness rollouts on fixed probes, with work saved: a child differs from its parent only from its
+first changed stage on, so the parent's latents entering that stage are reused (identical results:
+DDIM is deterministic and stateless between steps)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..denoisers.base import DenoiserAdapter
+from ..partition import Schedule, StagePartition
+from ..routing import Router
+from ..sampling import prepare_scheduler, rollout, seeded_noise
+from ..trajectory import TrajectoryStore
+
+
+@dataclass
+class Probes:
+    """Seeded initial noise [P, C, H, W] and conditions (labels) the fitness is measured on."""
+
+    noise: Tensor
+    conditions: Any
+
+    @classmethod
+    def make(cls, adapter: DenoiserAdapter, num_probes: int, seed: int) -> "Probes":
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be ≥ 1 (got {num_probes}): the fitness needs images to score")
+        noise = seeded_noise((num_probes, *adapter.latent_shape), seed)
+        g = torch.Generator().manual_seed(seed + 7919)
+        labels = torch.randperm(num_probes, generator=g) % adapter.num_classes
+        return cls(noise, labels)
+
+
+class RolloutEngine:
+    """Runs probes through the router for a schedule, caching the latents entering every stage."""
+
+    def __init__(self, adapter: DenoiserAdapter, store: TrajectoryStore | None, partition: StagePartition,
+                 probes: Probes, *, sampler: str, guidance: float, batch_size: int | None = None,
+                 levels_max: int = 0, target_level: float = 0) -> None:
+        self.adapter = adapter
+        self.store = store
+        self.partition = partition
+        self.probes = probes
+        self.sampler = sampler
+        self.guidance = guidance
+        self.batch_size = batch_size or len(probes.noise)
+        self.levels_max = levels_max
+        self.target_level = target_level
+        self.nfe = 0  # sampling steps run over the probe set (full rollout = partition.num_steps)
+
+    def _schedule(self, levels) -> Schedule:
+        return Schedule(list(levels), self.levels_max, self.target_level, self.partition.steps_per_stage,
+                        partition=self.partition.to_dict())
+
+    @torch.no_grad()
+    def run(self, levels: tuple[int, ...] | None, start_stage: int = 0,
+            start_latents: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Final latents [P, C, H, W] and the latents entering each stage (list of S tensors, CPU).
+
+        `levels=None` runs the dense denoiser. With `start_stage > 0`, `start_latents` (the
+        parent's stage-entry latents) supply the state entering that stage."""
+        adapter, partition = self.adapter, self.partition
+        router = None if levels is None else Router(adapter, self.store, self._schedule(levels))
+        first_step = partition.steps_of_stage(start_stage).start if start_stage < partition.num_stages else partition.num_steps
+        x = (self.probes.noise if start_stage == 0 else start_latents[start_stage]) if start_stage < partition.num_stages else start_latents[-1]
+        entries: list[Tensor] = list(start_latents[:start_stage]) if start_stage else []
+        stage_starts = {partition.steps_of_stage(s).start: s for s in range(partition.num_stages)}
+        finals = []
+        per_batch_entries: list[list[Tensor]] = []
+        try:
+            for b in range(0, len(x), self.batch_size):
+                scheduler = prepare_scheduler(adapter, self.sampler, partition.num_steps)
+                latents = x[b:b + self.batch_size].to(adapter.device, adapter.dtype)
+                if start_stage == 0:
+                    latents = latents * scheduler.init_noise_sigma
+                cond = self.probes.conditions[b:b + self.batch_size].to(adapter.device)
+                seen: list[Tensor] = []
+
+                def keep(step: int, lat: Tensor) -> None:
+                    if step in stage_starts and stage_starts[step] >= start_stage:
+                        seen.append(lat.detach().cpu())
+
+                latents = rollout(adapter, scheduler, latents, cond, guidance=self.guidance, partition=partition,
+                                  steps=range(first_step, partition.num_steps),
+                                  listeners=[router] if router is not None else [], on_latents=keep)
+                finals.append(latents.cpu())
+                per_batch_entries.append(seen)
+        finally:
+            if router is not None:
+                router.remove()
+        self.nfe += partition.num_steps - first_step
+        for s in range(len(per_batch_entries[0])):
+            entries.append(torch.cat([batch[s] for batch in per_batch_entries]))
+        return torch.cat(finals), entries
