@@ -79,6 +79,7 @@ class TrajectoryStore:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        os.chmod(tmp, 0o755)
         try:
             nbytes = 0
             count = 0

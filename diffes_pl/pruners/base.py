@@ -9,9 +9,8 @@ Keeping one stage's statistics at a time bounds memory (DiT-XL/2 OBS: one stage 
 """
 from __future__ import annotations
 
-import json
-import math
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -82,9 +81,12 @@ class Pruner(L.LightningModule):
         self.levels_max = int(levels_max)
         self._shard_dir = Path(shard_dir)
 
+    def store_dtype_for(self, adapter: DenoiserAdapter) -> torch.dtype:
+        return DTYPES[self.store_dtype_name] if self.store_dtype_name else adapter.dtype
+
     @property
     def store_dtype(self) -> torch.dtype:
-        return DTYPES[self.store_dtype_name] if self.store_dtype_name else self.adapter.dtype
+        return self.store_dtype_for(self.adapter)
 
     def milestones(self, group: UnitGroup) -> list[int]:
         """Units removed at levels 1..H."""
@@ -183,7 +185,7 @@ def store_key_fields(adapter: DenoiserAdapter, partition: StagePartition, calibr
     settings, the stage partition (boundaries and timesteps) and the pruner's settings and H."""
     return canonical({"denoiser": adapter.identity(), "calibration": calibration,
                       "partition": partition.to_dict(), "pruner": pruner.settings(), "levels_max": levels_max,
-                      "store_dtype": str(pruner.store_dtype)})
+                      "store_dtype": str(pruner.store_dtype_for(adapter))})
 
 
 def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
@@ -201,7 +203,7 @@ def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
 def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: int, num_stages: int) -> int:
     """Bytes of the store about to be written (compensated weights dominate)."""
     total = 0
-    elem = torch.finfo(pruner.store_dtype).bits // 8 if pruner.compensated else 0
+    elem = torch.finfo(pruner.store_dtype_for(adapter)).bits // 8 if pruner.compensated else 0
     for group in ([] if pruner.depth else adapter.unit_groups()):
         total += group.size * 8
         if pruner.compensated:
@@ -226,6 +228,8 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
         if shard_dir.exists():
             shutil.rmtree(shard_dir)
     trainer.strategy.barrier("diffes-store-start") if trainer.world_size > 1 else None
+    # predict_step returns nothing on purpose: the statistics are the product.
+    warnings.filterwarnings("ignore", message=".*predict returned None.*")
     try:
         for stage in range(partition.num_stages):
             datamodule.set_stage(stage)

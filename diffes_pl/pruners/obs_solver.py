@@ -67,8 +67,8 @@ def _inverse(hessian: Tensor, damp: float, dtype: torch.dtype) -> tuple[Tensor, 
     for i, d in enumerate(damps):
         H, dead = damp_hessian(hessian, d, dtype)
         L, info = torch.linalg.cholesky_ex(H)
-        if info == 0:
-            return torch.cholesky_inverse(L), dead, d
+        if info == 0:  # (cholesky_solve: torch.cholesky_inverse is several × slower on some sizes)
+            return torch.cholesky_solve(torch.eye(len(H), dtype=dtype, device=H.device), L), dead, d
         if i < _RETRIES:
             warnings.warn(f"Hessian not positive definite (damp={d:g}); damping raised to {damps[i + 1]:g}",
                           RuntimeWarning, stacklevel=3)
@@ -94,29 +94,40 @@ def _group_errors(hblk: Tensor, qblk: Tensor) -> Tensor:
     return torch.where(info == 0, err, torch.inf)
 
 
+def _block_outer(a: Tensor, b: Tensor, g: int) -> Tensor:
+    """Diagonal ``g × g`` blocks of ``a bᵀ`` for ``a, b: [k, g]`` → ``[k/g, g, g]``."""
+    if g == 1:
+        return (a * b).view(-1, 1, 1)
+    return a.view(-1, g, g) @ b.view(-1, g, g).mT
+
+
 def _obs_step(h: Tensor, cols: slice) -> tuple[Tensor, Tensor]:
-    """For ``h = Hinv[:, G]`` ``[k, g]``: ``u = h L⁻ᵀ`` (so ``u uᵀ = h Hinv_GG⁻¹ hᵀ``, the ``Hinv``
-    downdate) and ``r = h Hinv_GG⁻¹`` (the OBS compensation ``δW = −W_G rᵀ``), ``L L ᵀ = Hinv_GG``."""
+    """For ``h = Hinv[:, G]`` ``[k, g]``: ``u = h L⁻ᵀ`` with ``L Lᵀ = Hinv_GG`` (so ``u uᵀ`` is the
+    ``Hinv`` downdate) and ``r = h Hinv_GG⁻¹`` (the OBS compensation is ``δW = −W_G rᵀ``)."""
     L, info = torch.linalg.cholesky_ex(h[cols])  # [g, g]
     if info != 0:
         raise ValueError("numerical breakdown in the OBS updates (an inverse-Hessian block lost positive "
                          "definiteness); use dtype=torch.float64 or increase damp")
-    u = torch.linalg.solve_triangular(L, h.T, upper=False).T  # [k, g]
-    r = torch.linalg.solve_triangular(L.T, u.T, upper=True).T  # [k, g]
-    return u, r
+    Linv = torch.linalg.solve_triangular(L, torch.eye(len(L), dtype=L.dtype, device=L.device), upper=False)
+    u = h @ Linv.T  # [k, g]
+    return u, u @ Linv
 
 
 def _greedy_exact(W: Tensor, Hinv: Tensor, g: int, steps: int, record: set[int]) -> tuple[list[int], list[float], dict]:
     """Textbook greedy structured OBS. Returns (order, step errors, {m: Ŵ [out, in] zero at removed})."""
     W, Hinv = W.clone(), Hinv.clone()  # [out, in], [in, in]
     n = W.shape[1] // g
-    alive = torch.ones(n, dtype=torch.bool)
+    alive = torch.ones(n, dtype=torch.bool, device=W.device)
     order, errs, snaps = [], [], {}
     for step in range(steps):
         if step in record:
             snaps[step] = W.clone()
-        Wg = W.view(-1, n, g).permute(1, 2, 0)  # [n, g, out]
-        err = _group_errors(_diag_blocks(Hinv, g), Wg @ Wg.mT)  # [n]
+        if g == 1:
+            qblk = (W * W).sum(0).view(-1, 1, 1)  # [n, 1, 1]
+        else:
+            Wg = W.view(-1, n, g).permute(1, 2, 0)  # [n, g, out]
+            qblk = Wg @ Wg.mT  # [n, g, g]
+        err = _group_errors(_diag_blocks(Hinv, g), qblk)  # [n]
         err[~alive] = torch.inf
         j = int(torch.argmin(err))
         cols = slice(j * g, (j + 1) * g)
@@ -136,63 +147,73 @@ def _greedy_exact(W: Tensor, Hinv: Tensor, g: int, steps: int, record: set[int])
 
 def _greedy_fast(W: Tensor, Hinv: Tensor, g: int, steps: int, block: int) -> list[int]:
     """The same greedy order, from lazily updated ``Hinv`` and ``Q = Ŵᵀ Ŵ`` (see module docstring).
-    Matrices live on the kept columns only (local indices); ``groups`` maps local → global."""
-    Hf, Qf = Hinv.clone(), W.T @ W  # [k, k] each, updated up to the pending factors
-    groups = torch.arange(W.shape[1] // g)  # [n_local]
-    k = Hf.shape[0]
-    # Pending: Hinv = Hf − U Uᵀ,  Q = Qf − V Rᵀ − R Vᵀ  (c columns in use).
-    U, V, R = (Hf.new_empty(k, block * g) for _ in range(3))  # [k, block*g]
+    Removed columns are dropped from the matrices now and then (local indices; ``groups`` maps the
+    local groups to the global ones)."""
+    Hf, Qf = Hinv.clone(), W.T @ W  # [k, k] each (symmetric), up to date but for the pending factors
+    k = len(Hf)
+    groups = torch.arange(k // g, device=W.device)  # [n_local]
+    # Pending factors of the last nb steps: Hinv = Hf − Σ_i U_iᵀ U_i,  Q = Qf − Σ_i (V_iᵀ R_i + R_iᵀ V_i).
+    U, VR = Hf.new_empty(block, g, k), Hf.new_empty(block, 2, g, k)  # U_i; (V_i, R_i)
     hblk, qblk = _diag_blocks(Hf, g), _diag_blocks(Qf, g)  # [n_local, g, g]
-    alive = torch.ones(len(groups), dtype=torch.bool)
-    c, order = 0, []
+    alive = torch.ones(len(groups), dtype=torch.bool, device=W.device)
+    nb, order = 0, []
     for _ in range(steps):
         err = _group_errors(hblk, qblk)
         err[~alive] = torch.inf
         j = int(torch.argmin(err))
         cols = slice(j * g, (j + 1) * g)
-        h = Hf[:, cols] - U[:, :c] @ U[cols, :c].T  # [k, g] current Hinv_:,G
-        q = Qf[:, cols] - V[:, :c] @ R[cols, :c].T - R[:, :c] @ V[cols, :c].T  # [k, g] current Q_:,G
+        Up, VRp = U[:nb].view(-1, k), VR[:nb].view(-1, k)  # [nb*g, k], [nb*2g, k]
+        h = (Hf[cols] - Up[:, cols].T @ Up).T  # [k, g] current Hinv_:,G (Hf symmetric: read rows)
+        q = (Qf[cols] - VR[:nb, :, :, cols].flip(1).reshape(-1, g).T @ VRp).T  # [k, g] current Q_:,G
         u, r = _obs_step(h, cols)
         v = q - 0.5 * r @ q[cols]  # Q' = Q − q rᵀ − r qᵀ + r Q_GG rᵀ = Q − v rᵀ − r vᵀ
-        U[:, c:c + g], V[:, c:c + g], R[:, c:c + g] = u, v, r
-        c += g
-        ub, vb, rb = (x.view(-1, g, g) for x in (u, v, r))  # [n_local, g, g]
-        hblk -= ub @ ub.mT
-        qblk -= vb @ rb.mT + rb @ vb.mT
+        U[nb], VR[nb, 0], VR[nb, 1] = u.T, v.T, r.T
+        nb += 1
+        hblk -= _block_outer(u, u, g)
+        qblk -= _block_outer(v, r, g) + _block_outer(r, v, g)
         alive[j] = False
         order.append(int(groups[j]))
-        if c == U.shape[1] and len(order) < steps:  # flush the pending updates, drop removed columns
-            Hf.addmm_(U, U.T, alpha=-1)
-            Qf.addmm_(torch.cat([V, R], 1), torch.cat([R, V], 1).T, alpha=-1)
-            keep = alive.repeat_interleave(g).nonzero().squeeze(1)  # [k']
-            Hf, Qf = Hf[keep][:, keep], Qf[keep][:, keep]
-            groups, k, c = groups[alive], len(keep), 0
-            alive = torch.ones(len(groups), dtype=torch.bool)
-            U, V, R = U[keep], V[keep], R[keep]
+        if nb == block and len(order) < steps:  # apply the pending updates (one product each)
+            Hf.addmm_(U.view(-1, k).T, U.view(-1, k), alpha=-1)
+            Qf.addmm_(VR.flip(1).view(-1, k).T, VR.view(-1, k), alpha=-1)
+            nb = 0
+            if 4 * int(alive.sum()) <= 3 * len(alive):  # a quarter removed: drop removed columns
+                keep = alive.repeat_interleave(g).nonzero().squeeze(1)  # [k']
+                Hf, Qf, k = Hf[keep[:, None], keep], Qf[keep[:, None], keep], len(keep)
+                U, VR = Hf.new_empty(block, g, k), Hf.new_empty(block, 2, g, k)
+                groups, alive = groups[alive], alive[alive]
             hblk, qblk = _diag_blocks(Hf, g), _diag_blocks(Qf, g)
     return order
 
 
 def _closed_form(W: Tensor, Hinv: Tensor, g: int, order: list[int], milestones: list[int]) -> dict:
-    """``{m: (Ŵ_K [out, |K|], kept groups, error)}`` for the first ``m`` groups of ``order`` removed."""
+    """``{m: (Ŵ_K [out, |K|], kept groups, error)}`` for the first ``m`` groups of ``order`` removed
+    (``milestones`` ascending), from one Cholesky factor ``L Lᵀ = Hinv_RR`` of all removed columns in
+    removal order: its leading blocks factor every milestone's ``Hinv_RR``. With ``Y = W_R L⁻ᵀ`` and
+    ``P = L⁻¹ Hinv_R,:`` (``= Lᵀ`` on the removed columns), ``Ŵ = W − Y[:, :m] P[:m]`` and the error
+    is ``‖Y[:, :m]‖²``; so milestones are reached by cumulative rank updates."""
     n = W.shape[1] // g
-    rc = (torch.tensor(order, dtype=torch.long)[:, None] * g + torch.arange(g)).flatten()  # [M*g] columns
-    L = torch.linalg.cholesky(Hinv[rc][:, rc])  # [Mg, Mg]; leading blocks factor every Hinv_RR
-    Yt = torch.linalg.solve_triangular(L, W[:, rc].T, upper=False)  # [Mg, out] = L⁻¹ W_Rᵀ
+    ar = torch.arange(g, device=W.device)
+    rest = torch.ones(n, dtype=torch.bool, device=W.device)
+    rest[order] = False
+    removed = torch.tensor(order, dtype=torch.long, device=W.device)
+    gperm = torch.cat([removed, rest.nonzero().squeeze(1)])  # [n] groups: removal order, then never removed
+    perm = (gperm[:, None] * g + ar).flatten()  # [in] columns: removal order, then never removed
+    mg = len(order) * g
+    rc, kc = perm[:mg], perm[mg:]
+    Hr = Hinv[rc]  # [mg, in]
+    L = torch.linalg.cholesky(Hr[:, rc])  # [mg, mg]
+    Yt = torch.linalg.solve_triangular(L, W[:, rc].T, upper=False)  # [mg, out] = (W_R L⁻ᵀ)ᵀ
+    P = torch.cat([L.T, torch.linalg.solve_triangular(L, Hr[:, kc], upper=False)], 1)  # [mg, in]
     cum = torch.cat([Yt.new_zeros(1), (Yt**2).sum(1).view(-1, g).sum(1).cumsum(0)])  # [M+1] errors
-    out = {}
+    Wp = W[:, perm]  # [out, in], columns permuted; becomes Ŵ as groups are removed
+    out, done = {}, 0
     for m in milestones:
-        kept = torch.ones(n, dtype=torch.bool)
-        kept[order[:m]] = False
-        kg = kept.nonzero().squeeze(1)  # [n − m]
-        kc = (kg[:, None] * g + torch.arange(g)).flatten()  # [(n − m) g]
-        mg = m * g
-        if mg and len(kc):
-            Zt = torch.linalg.solve_triangular(L[:mg, :mg].T, Yt[:mg], upper=True)  # [mg, out] = Hinv_RR⁻¹ W_Rᵀ
-            Wk = W[:, kc] - Zt.T @ Hinv[rc[:mg]][:, kc]  # [out, |K|]
-        else:
-            Wk = W[:, kc]
-        out[m] = (Wk, kg, float(cum[m]))
+        a, b = done * g, m * g
+        Wp[:, b:] -= Yt[a:b].T @ P[a:b, b:]  # columns < b are removed (≈ 0): skipped
+        kg, idx = gperm[m:].sort()  # kept groups ascending
+        out[m] = (Wp[:, b:].view(len(W), -1, g)[:, idx].flatten(1), kg, float(cum[m]))
+        done = m
     return out
 
 
@@ -238,7 +259,7 @@ def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: S
         raise ValueError("weight and hessian must be finite (no NaN/inf)")
 
     Hinv, dead, used = _inverse(hessian, damp, dtype)  # [in, in]
-    W = weight.detach().to(dtype).clone()  # [out, in]
+    W = weight.detach().to(hessian.device, dtype, copy=True)  # [out, in], computed where the Hessian is
     W[:, dead] = 0
     steps = max(ms, default=0)
     if mode == "exact":
@@ -248,7 +269,7 @@ def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: S
             cum.append(cum[-1] + e)
         found = {}
         for m in set(ms):
-            kept = torch.ones(n, dtype=torch.bool)
+            kept = torch.ones(n, dtype=torch.bool, device=W.device)
             kept[order[:m]] = False
             kg = kept.nonzero().squeeze(1)
             found[m] = (snaps[m].view(-1, n, group_size)[:, kg].flatten(1), kg, cum[m])
@@ -258,6 +279,6 @@ def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: S
     results = []
     for m in ms:
         Wk, kg, err = found[m]
-        Wk = weight.detach().clone() if m == 0 else Wk.to(weight.dtype)
-        results.append(PruneResult(torch.tensor(order[:m], dtype=torch.long), kg, Wk, float(err), used))
+        Wk = weight.detach().clone() if m == 0 else Wk.to(weight.device, weight.dtype)
+        results.append(PruneResult(torch.tensor(order[:m], dtype=torch.long), kg.cpu(), Wk, float(err), used))
     return results

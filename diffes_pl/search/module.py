@@ -121,7 +121,9 @@ class DiffES(L.LightningModule):
     # --- preparation (CLI: before fit / predict / test) --------------------------------------
     @property
     def run_dir(self) -> Path:
-        return Path(self.trainer.default_root_dir) if self._trainer is not None else Path(".")
+        if self._trainer is not None:
+            return Path(self.trainer.default_root_dir)
+        return Path(getattr(self, "_root_dir", "."))
 
     @property
     def store_path(self) -> Path:
@@ -142,6 +144,7 @@ class DiffES(L.LightningModule):
 
     def ensure_store(self, trainer: L.Trainer, datamodule: Any | None, log=print) -> TrajectoryStore:
         """Opens the matching store, or builds it by calibration (needs the datamodule)."""
+        self._root_dir = trainer.default_root_dir
         adapter = self.load(trainer.strategy.root_device)
         path = self.store_path
         if datamodule is None:

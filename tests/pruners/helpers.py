@@ -1,0 +1,37 @@
+"""A minimal calibration source for pruner tests: digits noised per stage by hand (independent of
+CalibrationDataModule, so the pruners are tested on their own)."""
+import lightning as L
+import torch
+
+from diffes_pl.data.digits import load_digits_split
+
+
+class HandNoisedDigits(L.LightningDataModule):
+    def __init__(self, nsamples=24, batch_size=8, seed=0):
+        super().__init__()
+        self.nsamples, self.batch_size, self.seed = nsamples, batch_size, seed
+        self.stage = 0
+
+    def settings(self):
+        return {"source": "hand", "nsamples": self.nsamples, "seed": self.seed}
+
+    def attach(self, adapter, partition):
+        self.adapter, self.partition = adapter, partition
+
+    def set_stage(self, stage):
+        self.stage = stage
+
+    def items(self, stage):
+        x0, y = load_digits_split("train")
+        x0, y = x0[: self.nsamples], y[: self.nsamples]
+        g = torch.Generator().manual_seed(self.seed * 1000 + stage)
+        low, high = self.partition.stage_interval(stage)
+        t = torch.randint(int(low) + 1, int(high) + 1, (self.nsamples,), generator=g)
+        betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+        abar = torch.cumprod(1 - betas, 0)[t].float()[:, None, None, None]
+        xt = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g)
+        return [{"latents": xt[i], "timesteps": t[i], "stage": torch.tensor(stage), "cond": y[i]}
+                for i in range(self.nsamples)]
+
+    def predict_dataloader(self):
+        return torch.utils.data.DataLoader(self.items(self.stage), batch_size=self.batch_size)
