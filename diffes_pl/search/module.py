@@ -204,6 +204,30 @@ class DiffES(L.LightningModule):
         self.entries[levels] = entries
         return value, self.engine.nfe - before
 
+    def evaluate_generation(self, candidates: list, generation: int) -> int:
+        """Evaluates the generation's new schedules, split across ranks (rank r takes every W-th),
+        then shares the fitness values so every rank holds the same cache and archive. Returns the
+        denoiser steps spent (all ranks together)."""
+        todo, seen = [], set()
+        for levels, parent in candidates:
+            if levels not in self.fitness and levels not in seen:
+                seen.add(levels)
+                todo.append((levels, parent))
+        world, rank = self.trainer.world_size, self.global_rank
+        values = torch.zeros(len(todo), dtype=torch.float64)
+        nfes = torch.zeros(len(todo), dtype=torch.float64)
+        for i in range(rank, len(todo), world):
+            values[i], nfes[i] = self.evaluate(*todo[i])
+        if world > 1:  # each slot is non-zero on one rank only: the sum is exact
+            values = self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum").cpu()
+            nfes = self.trainer.strategy.reduce(nfes.to(self.device), reduce_op="sum").cpu()
+        for i, (levels, parent) in enumerate(todo):
+            value = float(values[i])
+            self.fitness[levels] = value
+            self.archive.append({"generation": generation, "levels": list(levels), "fitness": value,
+                                 "nfe": int(nfes[i]), "parent": list(parent) if parent is not None else None})
+        return int(nfes.sum())
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
         H, w = self.levels_max, self.partition.steps_per_stage
@@ -215,14 +239,7 @@ class DiffES(L.LightningModule):
         else:
             candidates = pop.next_generation(self.survivors, hp.offspring, H, w, self.generator, hp.max_move,
                                              hp.moves_per_child, set(self.fitness))
-        nfe_generation = 0
-        for levels, parent in candidates:
-            cached = levels in self.fitness
-            value, nfe = self.evaluate(levels, parent)
-            nfe_generation += nfe
-            if not cached:
-                self.archive.append({"generation": generation, "levels": list(levels), "fitness": value, "nfe": nfe,
-                                     "parent": list(parent) if parent is not None else None})
+        nfe_generation = self.evaluate_generation(candidates, generation)
         pool = {ind: self.metric.score(self.fitness[ind]) for ind in {*self.survivors, *(c for c, _ in candidates)}}
         self.survivors = pop.select(pool, hp.survivors, higher_is_better=True)
         self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}

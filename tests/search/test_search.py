@@ -102,3 +102,12 @@ def test_reuse_equals_full_rollout(tmp_path):
     full = module.metric(FitnessInputs(images, latents, module.reference_images, module.reference_latents,
                                        module.probes.conditions))
     assert cached == full
+
+
+def test_two_processes_equal_one(straight, tmp_path):
+    """devices=2 (gloo, CPU): offspring split across ranks, fitness gathered; same search result."""
+    run = tmp_path / "run"
+    fit(run, 6, "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert json.loads((run / "schedule.json").read_text()) | {"store": None} == \
+        json.loads((straight / "schedule.json").read_text()) | {"store": None}
+    assert [(r["levels"], r["fitness"]) for r in lines(run)] == [(r["levels"], r["fitness"]) for r in lines(straight)]

@@ -1,0 +1,148 @@
+"""Dense vs routed denoiser step time and MACs, and the memory of routing vs stitched copies.
+
+    python benchmarks/latency.py                                   # DiT-XL/2 (random weights), CPU, batch 1 2
+    python benchmarks/latency.py --device cuda --batch-sizes 1 2 8 16 32 --dtype float16
+
+A step is one denoiser forward on the CFG batch (2 × batch size). The routed model runs a uniform
+level-L-of-H schedule through the Router (physically sliced heads and MLP channels; the store's
+orders are random: speed depends on shapes, not on which units go). Times are medians after
+warm-up (CUDA events on a GPU, perf_counter on CPU). Memory: a 10-stage schedule of varying levels
+routed on one denoiser vs 10 stitched pruned copies (parameter bytes, measured on the modules).
+Writes benchmarks/results/latency_<device>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import diffes_pl as dp
+from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.routing import Router
+from diffes_pl.trajectory import TrajectoryStore, make_key
+
+
+def random_store(adapter, path: Path, levels_max: int, num_stages: int) -> TrajectoryStore:
+    g = torch.Generator().manual_seed(0)
+    stages = [{f"{grp.name}.order": torch.randperm(grp.size, generator=g) for grp in adapter.unit_groups()}
+              for _ in range(num_stages)]
+    fields = {"denoiser": adapter.identity()}
+    manifest = {"key": make_key(fields), "key_fields": fields, "pruner": "random", "levels_max": levels_max,
+                "num_stages": num_stages}
+    return TrajectoryStore.write(path, manifest, stages)
+
+
+def timer(device: torch.device):
+    if device.type == "cuda":
+        def run(fn, repeats):
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            return times
+    else:
+        def run(fn, repeats):
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            return times
+    return run
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for p in module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="facebook/DiT-XL-2-256")
+    parser.add_argument("--level", type=int, default=8)
+    parser.add_argument("--levels", type=int, default=16)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    adapter = dp.load_denoiser(args.model, weights=args.model == "tiny-digits", device=device, dtype=dtype)
+    num_stages, steps = 10, 20
+    partition = StagePartition.from_scheduler(adapter.make_scheduler("ddim"), steps, num_stages)
+    tmp = Path(tempfile.mkdtemp())
+    store = random_store(adapter, tmp / "store", args.levels, num_stages)
+    uniform = Schedule([args.level] * num_stages, args.levels, args.level, partition.steps_per_stage,
+                       partition=partition.to_dict())
+    run = timer(device)
+    dense_macs = dp.count_macs(adapter)
+    result = {"model": args.model, "device": str(device), "device_name": torch.cuda.get_device_name(device)
+              if device.type == "cuda" else "cpu", "threads": torch.get_num_threads(), "dtype": args.dtype,
+              "level": args.level, "levels": args.levels, "rows": []}
+    with Router(adapter, store, uniform) as router:
+        router.install(0)
+        routed_macs = dp.count_macs(adapter)
+        router.restore_dense()
+        result["mac_ratio"] = dense_macs / routed_macs
+        for b in args.batch_sizes:
+            x = torch.randn(2 * b, *adapter.latent_shape, device=device, dtype=dtype)
+            t = torch.full((2 * b,), 500, device=device)
+            y = adapter.example_condition(2 * b, device)
+            times = {}
+            for label in ("dense", "routed"):
+                if label == "routed":
+                    router.install(0)
+                else:
+                    router.restore_dense()
+                with torch.no_grad():
+                    step = lambda: adapter.predict_noise(x, t, y)  # noqa: E731
+                    run(step, args.warmup)
+                    times[label] = statistics.median(run(step, args.repeats))
+            router.restore_dense()
+            row = {"batch": b, "dense_s": times["dense"], "routed_s": times["routed"],
+                   "speedup": times["dense"] / times["routed"]}
+            row["share_of_mac_ratio"] = row["speedup"] / result["mac_ratio"]
+            result["rows"].append(row)
+            print(f"batch {b:3d}: dense {times['dense'] * 1e3:9.1f} ms  routed {times['routed'] * 1e3:9.1f} ms  "
+                  f"speedup {row['speedup']:.3f}x  ({100 * row['share_of_mac_ratio']:.0f} % of MAC ratio "
+                  f"{result['mac_ratio']:.3f})", flush=True)
+    # memory: a 10-stage schedule of varying levels (mean = level)
+    shape = [4, 3, 2, 1, 0, 0, -1, -2, -3, -4]
+    varied = Schedule([min(args.levels, max(0, args.level + d)) for d in shape], args.levels, args.level,
+                      partition.steps_per_stage, partition=partition.to_dict())
+    dense_bytes = param_bytes(adapter.denoiser)
+    with Router(adapter, store, varied) as router:
+        routed_bytes = dense_bytes + router.resident_bytes()
+        stitched = 0
+        for stage in range(num_stages):
+            router.install(stage)
+            stitched += param_bytes(adapter.denoiser)
+        router.restore_dense()
+    result["memory"] = {"schedule": varied.levels, "dense_bytes": dense_bytes, "routed_bytes": routed_bytes,
+                        "stitched_bytes": stitched, "routed_over_stitched": routed_bytes / stitched}
+    print(f"memory, 10-stage schedule {varied.levels}: routed {routed_bytes / 2**30:.2f} GiB vs 10 stitched copies "
+          f"{stitched / 2**30:.2f} GiB (ratio {routed_bytes / stitched:.3f})")
+    out = Path(args.out or Path(__file__).parent / "results" / f"latency_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
