@@ -3,6 +3,6 @@
 Nothing in `diffes_pl/` imports this package: a run's required outputs (schedule.json, the store)
 never depend on which callbacks are configured.
 """
-from .plots import SearchPlots
+from .plots import SampleGrid, SearchPlots
 
-__all__ = ["SearchPlots"]
+__all__ = ["SampleGrid", "SearchPlots"]

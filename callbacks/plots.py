@@ -54,3 +54,36 @@ class SearchPlots(L.Callback):
         fig.tight_layout()
         fig.savefig(out / "schedule.png", dpi=120)
         plt.close(fig)
+
+
+class SampleGrid(L.Callback):
+    """Saves `samples.png` at the end of fit: dense (top row) vs the best schedule (bottom row) on
+    the same seeds and labels."""
+
+    def __init__(self, num: int = 10, seed: int = 0, dirname: str = "plots") -> None:
+        """
+        Args:
+            num: samples per row. seed: seed of their noise. dirname: folder under default_root_dir.
+        """
+        self.num, self.seed, self.dirname = num, seed, dirname
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0 or not getattr(pl_module, "survivors", None):
+            return
+        import torch
+        from torchvision.utils import save_image
+
+        import diffes_pl as dp
+
+        adapter, hp = pl_module.adapter, pl_module.hparams
+        labels = torch.arange(self.num) % getattr(adapter, "num_classes", self.num)
+        kw = dict(steps=hp.steps, guidance=hp.guidance, seed=self.seed, sampler=hp.sampler)
+        dense = dp.sample(adapter, labels, **kw)
+        with dp.Router(adapter, pl_module.store, pl_module.best_schedule()) as router:
+            pruned = dp.sample(adapter, labels, router=router, **kw)
+        out = Path(trainer.default_root_dir) / self.dirname
+        out.mkdir(parents=True, exist_ok=True)
+        grid = torch.cat([dense, pruned]).float()
+        if grid.shape[-1] < 64:  # upscale tiny images so the grid is readable
+            grid = torch.nn.functional.interpolate(grid, scale_factor=64 // grid.shape[-1], mode="nearest")
+        save_image(grid, out / "samples.png", nrow=self.num, padding=2, pad_value=1.0)

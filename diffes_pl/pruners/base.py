@@ -50,6 +50,7 @@ class Pruner(L.LightningModule):
     name = "base"
     compensated = False
     depth = False
+    passes = 1  # predict epochs per stage; OBS-Diff's sequential calibration uses one per block group
 
     def __init__(self, stat_dtype: str = "float64", store_dtype: str | None = None) -> None:
         """
@@ -69,6 +70,8 @@ class Pruner(L.LightningModule):
         self._stats: dict[str, Statistic] = {}
         self._handles: list[Any] = []
         self._shard_dir: Path | None = None
+        self.part = 0  # which pass of the current stage runs (0 .. passes − 1)
+        self._stage_out: dict[str, Tensor] = {}
 
     # --- settings that identify a store ------------------------------------------------------
     def settings(self) -> dict:
@@ -104,7 +107,7 @@ class Pruner(L.LightningModule):
         if self.depth:
             self._register_block_hooks()
             return
-        for group in adapter.unit_groups():
+        for group in self.part_groups():
             layer = adapter.output_layer(group)
             stat = self.make_statistic(group, layer)
             self._stats[group.name] = stat
@@ -128,12 +131,36 @@ class Pruner(L.LightningModule):
         for stat in self._stats.values():
             for key, buf in stat.buffers.items():
                 stat.buffers[key] = self._all_reduce(buf)
-        if self.global_rank == 0:
+        # Sequential passes need the part's trajectory on every rank (the next pass runs on the
+        # pruned part); a single pass computes it on rank 0 only.
+        if self.global_rank == 0 or self.passes > 1:
             tensors = self.stage_trajectory()
-            self._shard_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(self._shard_dir / shard_name(self.stage)))
+            self._stage_out.update(tensors)
+            if self.passes > 1:
+                self.after_part(tensors)
         self._stats = {}
+        if self.part == self.passes - 1:
+            if self.passes > 1:
+                self.adapter.restore_dense()
+            if self.global_rank == 0:
+                self._shard_dir.mkdir(parents=True, exist_ok=True)
+                save_file({k: v.contiguous().cpu() for k, v in self._stage_out.items()},
+                          str(self._shard_dir / shard_name(self.stage)))
+            self._stage_out = {}
         self.trainer.strategy.barrier("diffes-stage-written")
+
+    def part_groups(self) -> list[UnitGroup]:
+        """The unit groups calibrated in the current pass: all of them, or with `passes` = K > 1
+        the groups of the `part`-th of K contiguous chunks of blocks."""
+        groups = self.adapter.unit_groups()
+        if self.passes == 1:
+            return groups
+        n = len(self.adapter.blocks())
+        bounds = [round(k * n / self.passes) for k in range(self.passes + 1)]
+        return [g for g in groups if bounds[self.part] <= g.block < bounds[self.part + 1]]
+
+    def after_part(self, tensors: dict[str, Tensor]) -> None:
+        """Called on every rank after a pass of a multi-pass stage with that pass's trajectory."""
 
     def _all_reduce(self, tensor: Tensor) -> Tensor:
         if self.trainer.world_size == 1:
@@ -150,7 +177,7 @@ class Pruner(L.LightningModule):
         if self.depth:
             out["blocks.order"] = self.block_order()
             return out
-        for group in self.adapter.unit_groups():
+        for group in self.part_groups():
             layer = self.adapter.output_layer(group)
             order, weights = self.group_trajectory(group, layer.weight.detach(), self._stats[group.name])
             out[f"{group.name}.order"] = order.to(torch.long)
@@ -234,7 +261,9 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
         for stage in range(partition.num_stages):
             datamodule.set_stage(stage)
             pruner.stage = stage
-            trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
+            for part in range(pruner.passes):
+                pruner.part = part
+                trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank == 0:
             store = _seal(shard_dir, path, {
                 "key": make_key(key_fields), "key_fields": key_fields, "pruner": pruner.name,

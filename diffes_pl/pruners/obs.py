@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ..denoisers.base import UnitGroup
+from ..denoisers.base import UnitGroup, keep_from_order
 from .base import Pruner
 from .obs_solver import PruneResult, damp_hessian, prune_groups
 from .stats import HessianStatistic
@@ -35,7 +35,9 @@ class OBSPruner(Pruner):
     compensated = True
 
     def __init__(self, damp: float = 0.01, mode: str = "fast", solver_dtype: str = "float64",
-                 stat_dtype: str = "float64", store_dtype: str | None = None) -> None:
+                 stat_dtype: str = "float64", store_dtype: str | None = None, timestep_weighting: bool = False,
+                 w_min: float = 0.1, w_max: float = 1.0, sequential_groups: int = 1,
+                 sequential_level: int | None = None) -> None:
         """
         Args:
             damp: diagonal damping relative to the mean Hessian diagonal.
@@ -43,16 +45,58 @@ class OBSPruner(Pruner):
             solver_dtype: `float64` (default) or `float32` for the OBS solver.
             stat_dtype: dtype of the accumulated Hessians.
             store_dtype: dtype of stored compensated weights (default: the denoiser's).
+            timestep_weighting: weight every calibration sample's contribution to the Hessian by
+                OBS-Diff's log-decreasing w_t (early, high-noise steps weigh most). Off by default.
+            w_min: smallest weight. w_max: largest weight.
+            sequential_groups: K > 1 calibrates the blocks in K contiguous groups in turn, each
+                group's Hessians gathered with the earlier groups already pruned at
+                `sequential_level` (OBS-Diff's group-wise sequential calibration). 1: all at once.
+            sequential_level: the level the earlier groups are pruned at (the run's target level;
+                required when sequential_groups > 1). Use with `num_stages: 1` and
+                `timestep_weighting: true` for the OBS-Diff baseline (configs/*_obsdiff.yaml).
         """
         super().__init__(stat_dtype=stat_dtype, store_dtype=store_dtype)
         if mode not in ("fast", "exact"):
             raise ValueError(f"OBS mode must be 'fast' or 'exact', got {mode!r}")
         if damp < 0:
             raise ValueError(f"damp must be ≥ 0, got {damp}")
+        if sequential_groups < 1:
+            raise ValueError(f"sequential_groups must be ≥ 1, got {sequential_groups}")
+        if sequential_groups > 1 and (sequential_level is None or sequential_level < 1):
+            raise ValueError("sequential_groups > 1 needs sequential_level ≥ 1: the level at which earlier block "
+                             "groups are pruned while later ones are calibrated (set it to the run's target_level)")
+        self.passes = sequential_groups
         self.save_hyperparameters()
 
     def make_statistic(self, group: UnitGroup, layer: nn.Linear) -> HessianStatistic:
-        return HessianStatistic(group, layer.in_features, self.device, self.stat_dtype)
+        return HessianStatistic(group, layer.in_features, self.device, self.stat_dtype, weights=self._sample_weights)
+
+    def _sample_weights(self) -> Tensor | None:
+        return getattr(self, "_batch_weights", None)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> None:
+        if self.hparams.timestep_weighting:
+            # the native timestep's position along the trajectory: t = 0 at the first sampling step
+            T = float(getattr(self.adapter, "noise_schedule", {}).get("num_train_timesteps", 1000))
+            position = (T - 1 - batch["timesteps"].double().cpu()) / (T - 1) * T
+            self._batch_weights = torch.tensor([timestep_weight(float(p), T, self.hparams.w_min, self.hparams.w_max)
+                                                for p in position], dtype=self.stat_dtype, device=self.device)
+        try:
+            return super().predict_step(batch, batch_idx)
+        finally:
+            self._batch_weights = None
+
+    def after_part(self, tensors: dict[str, Tensor]) -> None:
+        """Installs the pass's groups pruned (and compensated) at `sequential_level`, so that the
+        next block group is calibrated on the inputs the pruned model really produces."""
+        level = min(int(self.hparams.sequential_level), self.levels_max)
+        for group in self.part_groups():
+            removed = group.removed_at(level, self.levels_max)
+            if removed == 0:
+                continue
+            keep = keep_from_order(tensors[f"{group.name}.order"], removed)
+            weight = tensors[f"{group.name}.weight.{level}"].to(self.device, self.adapter.dtype)
+            self.adapter.install(group, self.adapter.sliced_module(group, keep, weight))
 
     def group_trajectory(self, group: UnitGroup, weight: Tensor, stat: HessianStatistic):
         milestones = self.milestones(group)

@@ -12,14 +12,18 @@ from .base import Statistic, as_rows
 class HessianStatistic(Statistic):
     """H = Σ x xᵀ over every token [in, in]; `tokens` is the normaliser."""
 
-    def __init__(self, group: UnitGroup, in_features: int, device, dtype) -> None:
+    def __init__(self, group: UnitGroup, in_features: int, device, dtype, weights=None) -> None:
         super().__init__(group, in_features, device, dtype)
         self.dtype = dtype
+        self.weights = weights  # callable → per-sample weights [B] of the current batch, or None
         self.buffers = {"hessian": torch.zeros(in_features, in_features, device=device, dtype=dtype),
                         "tokens": torch.zeros((), device=device, dtype=dtype)}
 
     def add_batch(self, x: Tensor) -> None:
-        rows = as_rows(x, self.dtype)  # [tokens, in]
+        rows = as_rows(x, self.dtype)  # [B·N, in]
+        w = self.weights() if self.weights is not None else None
+        if w is not None:  # Σ w_b x xᵀ: scale each sample's tokens by √w_b
+            rows = rows * w.sqrt().repeat_interleave(rows.shape[0] // w.shape[0])[:, None]
         self.buffers["hessian"].addmm_(rows.T, rows)
         self.buffers["tokens"] += rows.shape[0]
 

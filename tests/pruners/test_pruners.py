@@ -153,3 +153,26 @@ def test_mismatched_store_is_refused(tiny, stores, tmp_path):
     fields = store_key_fields(tiny, partition, HandNoisedDigits().settings(), OBSPruner(damp=0.1), H)
     with pytest.raises(StoreMismatchError, match="pruner.damp"):
         TrajectoryStore.open(obs.path, key_fields=fields)
+
+
+def test_timestep_weight_formula():
+    from diffes_pl.pruners.obs import timestep_weight
+
+    assert timestep_weight(0, 20, 0.1, 1.0) == pytest.approx(1.0)  # first sampling step weighs most
+    assert timestep_weight(19, 20, 0.1, 1.0) == pytest.approx(0.1)  # ln(1) = 0 → w_min
+    import math
+
+    assert timestep_weight(10, 20, 0.1, 1.0) == pytest.approx(0.1 + 0.9 * math.log(10) / math.log(20))
+
+
+def test_weighted_hessian_equals_hand_sum(tiny):
+    """Σ_b w_b Σ_tokens x xᵀ with per-sample weights, against a direct computation."""
+    from diffes_pl.pruners.stats import HessianStatistic
+
+    g = tiny.unit_groups()[0]
+    x = torch.randn(3, 16, 128, dtype=torch.float64)
+    w = torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    stat = HessianStatistic(g, 128, "cpu", torch.float64, weights=lambda: w)
+    stat.add_batch(x)
+    expected = sum(w[b] * x[b].T @ x[b] for b in range(3))
+    torch.testing.assert_close(stat.buffers["hessian"], expected)

@@ -16,7 +16,7 @@ from diffes_pl.partition import budget_met
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
          "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
-         "--data.nsamples", "4", "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"]
+         "--data.nsamples", "4", "--data.batch_size", "4"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -57,6 +57,8 @@ def test_outputs_budget_and_bounds(straight):
     children = [r for r in records if r["parent"] is not None]
     assert children and sum(r["nfe"] for r in children) < 8 * len(children)
     assert (straight / "checkpoints" / "last.ckpt").exists()
+    for png in ("fitness.png", "schedule.png", "samples.png"):  # the configured callbacks' plots
+        assert (straight / "plots" / png).stat().st_size > 1000
 
 
 def test_kill_and_resume_matches_uninterrupted(straight, tmp_path):
