@@ -13,13 +13,13 @@ from diffes_pl.trajectory import TrajectoryStore, make_key
 H, STEPS, STAGES = 4, 4, 2
 
 
-def _partition(adapter):
-    return StagePartition.from_scheduler(adapter.make_scheduler("ddim"), STEPS, STAGES)
+def _partition(adapter, sampler="ddim"):
+    return StagePartition.from_scheduler(adapter.make_scheduler(sampler), STEPS, STAGES)
 
 
-def _store(adapter, path, compensated=False, depth=False):
+def _store(adapter, path, compensated=False, depth=False, sampler="ddim"):
     g = torch.Generator().manual_seed(0)
-    partition = _partition(adapter)
+    partition = _partition(adapter, sampler)
     fields = {"denoiser": adapter.identity(), "partition": partition.to_dict()}
     stages = []
     for _ in range(STAGES):
@@ -77,25 +77,28 @@ class MaskingListener:
         self.handles = []
 
 
-@pytest.mark.parametrize("kind", ["orders", "compensated", "depth"])
-def test_routed_sampling_equals_masked(tiny, tmp_path, kind):
-    store, partition = _store(tiny, tmp_path / "store", compensated=kind == "compensated", depth=kind == "depth")
+@pytest.mark.parametrize("kind,sampler", [("orders", "ddim"), ("compensated", "ddim"), ("depth", "ddim"),
+                                          ("compensated", "dpm")])
+def test_routed_sampling_equals_masked(tiny, tmp_path, kind, sampler):
+    """DPM-Solver++ (multistep: its state spans stage boundaries) composes with routing as DDIM does."""
+    store, partition = _store(tiny, tmp_path / "store", compensated=kind == "compensated", depth=kind == "depth",
+                              sampler=sampler)
     levels = [3, 1] if kind != "depth" else [2, 0]
     target = sum(levels) / 2
     schedule = Schedule(levels, store.levels_max, target, partition.steps_per_stage, partition=partition.to_dict())
     labels = [0, 3, 7, 9]
-    dense = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, output="latents")
+    dense = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, output="latents")
     masker = MaskingListener(tiny, store, schedule)
-    masked = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, num_stages=STAGES, listeners=[masker],
+    masked = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, num_stages=STAGES, listeners=[masker],
                        output="latents")
     masker.clear()
     router = Router(tiny, store, schedule)
-    routed = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, router=router, output="latents")
+    routed = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, router=router, output="latents")
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-5)
     assert (routed - dense).abs().max() > 1e-3
     router.remove()
     assert tiny.is_dense()
-    torch.testing.assert_close(dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, output="latents"), dense,
+    torch.testing.assert_close(dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, output="latents"), dense,
                                rtol=0, atol=0)
 
 
