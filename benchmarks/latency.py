@@ -7,7 +7,8 @@ A step is one denoiser forward on the CFG batch (2 × batch size). The routed mo
 level-L-of-H schedule through the Router (physically sliced heads and MLP channels; the store's
 orders are random: speed depends on shapes, not on which units go). Times are medians after
 warm-up (CUDA events on a GPU, perf_counter on CPU). Memory: a 10-stage schedule of varying levels
-routed on one denoiser vs 10 stitched pruned copies (parameter bytes, measured on the modules).
+routed on one denoiser (all stages resident, and `resident=False`: one shared buffer per layer) vs 10
+stitched pruned copies (parameter bytes, measured on the modules).
 Writes benchmarks/results/latency_<device>.json.
 """
 from __future__ import annotations
@@ -127,17 +128,23 @@ def main() -> None:
     varied = Schedule([min(args.levels, max(0, args.level + d)) for d in shape], args.levels, args.level,
                       partition.steps_per_stage, partition=partition.to_dict())
     dense_bytes = param_bytes(adapter.denoiser)
-    with Router(adapter, store, varied) as router:
-        routed_bytes = dense_bytes + router.resident_bytes()
-        stitched = 0
-        for stage in range(num_stages):
-            router.install(stage)
-            stitched += param_bytes(adapter.denoiser)
-        router.restore_dense()
-    result["memory"] = {"schedule": varied.levels, "dense_bytes": dense_bytes, "routed_bytes": routed_bytes,
-                        "stitched_bytes": stitched, "routed_over_stitched": routed_bytes / stitched}
-    print(f"memory, 10-stage schedule {varied.levels}: routed {routed_bytes / 2**30:.2f} GiB vs 10 stitched copies "
-          f"{stitched / 2**30:.2f} GiB (ratio {routed_bytes / stitched:.3f})")
+    routed = {}
+    for resident in (True, False):
+        with Router(adapter, store, varied, resident=resident) as router:
+            routed[resident] = dense_bytes + router.resident_bytes()
+            if resident:
+                stitched = 0
+                for stage in range(num_stages):
+                    router.install(stage)
+                    stitched += param_bytes(adapter.denoiser)
+                router.restore_dense()
+    result["memory"] = {"schedule": varied.levels, "dense_bytes": dense_bytes, "routed_bytes": routed[True],
+                        "routed_shared_bytes": routed[False], "stitched_bytes": stitched,
+                        "routed_over_stitched": routed[True] / stitched,
+                        "routed_shared_over_stitched": routed[False] / stitched}
+    print(f"memory, 10-stage schedule {varied.levels}: 10 stitched copies {stitched / 2**30:.2f} GiB; routed "
+          f"{routed[True] / 2**30:.2f} GiB (ratio {routed[True] / stitched:.3f}); routed with shared buffers "
+          f"(resident=False) {routed[False] / 2**30:.2f} GiB (ratio {routed[False] / stitched:.3f})")
     out = Path(args.out or Path(__file__).parent / "results" / f"latency_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

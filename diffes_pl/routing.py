@@ -6,6 +6,12 @@ on the device. At a stage boundary the router swaps them in by reference — a h
 assignments, no copy, gather or host sync per step. The stage comes from the sampling loop's step
 source (`on_step(step, stage)`), never from a tensor. `remove()` (or leaving the `with` block)
 reinstalls the dense modules, bit for bit.
+
+`resident=False` trades a gather per stage BOUNDARY (never per step) for memory: the weights that
+are plain slices of dense layers (q/k/v rows, first-projection rows, uncompensated output columns)
+of all stages become views of ONE buffer per dense layer, refilled in place when a stage starts;
+compensated OBS weights stay resident per stage. Memory is then about one pruned copy on top of the
+dense model instead of S.
 """
 from __future__ import annotations
 
@@ -27,14 +33,29 @@ class Router:
     """Stage-conditioned weights on one denoiser (see module docstring)."""
 
     def __init__(self, adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule,
-                 device: str | torch.device | None = None) -> None:
+                 device: str | torch.device | None = None, resident: bool = True) -> None:
+        """
+        Args:
+            adapter: the denoiser to route (one instance; its dense modules are never modified).
+            store: the trajectory store the schedule was searched on.
+            schedule: per-stage levels (checked against the store before anything is built).
+            device: where the prepared weights live (default: the denoiser's device).
+            resident: True keeps every stage's sliced weights resident (swap by reference);
+                False shares one buffer per dense layer across stages, refilled at stage boundaries.
+        """
         self.adapter = adapter
         self.store = store
         self.schedule = schedule
         self.device = torch.device(device) if device is not None else adapter.device
+        self.resident = resident
         self._check()
         self.partition = StagePartition.from_dict(schedule.partition)
-        self._stages: list[dict] = [self._prepare(s, level) for s, level in enumerate(schedule.levels)]
+        self._stages: list[dict] = []
+        self._refills: list[list[tuple]] = []
+        for stage, level in enumerate(schedule.levels):
+            self._stages.append(self._prepare(stage, level))
+            if not resident:
+                self._refills.append(self._share(self._stages[-1]))
         self._current: int | None = None
 
     # --- validation ----------------------------------------------------------------------------
@@ -77,6 +98,31 @@ class Router:
             groups[group.name] = module.to(self.device)
         return {"blocks": {}, "groups": groups}
 
+    def _share(self, prepared: dict) -> list[tuple]:
+        """Rebinds the stage's gathered weights to views of one buffer per dense layer and axis
+        (grown as needed) and returns what `install` refills: (dense weight, axis, index, linear)."""
+        buffers = self.__dict__.setdefault("_buffers", {})  # (layer id, axis) → (buffer, its users)
+        refills = []
+        for module in prepared["groups"].values():
+            for linear in module.modules():
+                source = getattr(linear, "_gathered_from", None)
+                if source is None:
+                    continue
+                layer, axis, index = source
+                key = (id(layer), axis)
+                buf, users = buffers.get(key, (None, []))
+                if buf is None or buf.shape[0] < len(index):
+                    # rows [k, in]; columns stored transposed [k, out] so that every view is contiguous
+                    buf = torch.empty(len(index), layer.weight.shape[1 - axis], device=self.device,
+                                      dtype=layer.weight.dtype)
+                    for user in users:  # earlier stages' views move to the larger buffer
+                        _bind(user, buf, axis)
+                users.append(linear)
+                buffers[key] = (buf, users)
+                _bind(linear, buf, axis)  # the private copy is freed
+                refills.append((layer.weight, axis, index.to(self.device), linear))
+        return refills
+
     def _skipped(self, index: int) -> nn.Module:
         cache = self.__dict__.setdefault("_skip_cache", {})
         if index not in cache:
@@ -89,6 +135,11 @@ class Router:
         adapter = self.adapter
         prepared = self._stages[stage]
         groups, blocks = prepared["groups"], prepared["blocks"]
+        if not self.resident:
+            with torch.no_grad():
+                for weight, axis, index, linear in self._refills[stage]:
+                    out = linear.weight if axis == 0 else linear.weight.T  # a contiguous view of the buffer
+                    torch.index_select(weight if axis == 0 else weight.T, 0, index, out=out)
         for group in adapter.unit_groups():
             module = groups.get(group.name)
             adapter.install(group, adapter.dense_module(group) if module is None else module)
@@ -108,7 +159,8 @@ class Router:
     def remove(self) -> None:
         """Restores the dense denoiser and frees the prepared modules."""
         self.restore_dense()
-        self._stages = []
+        self._stages, self._refills = [], []
+        self.__dict__.pop("_buffers", None)
 
     def __enter__(self) -> "Router":
         return self
@@ -117,14 +169,22 @@ class Router:
         self.remove()
 
     def resident_bytes(self) -> int:
-        """Bytes of the prepared per-stage parameters not shared with the dense denoiser."""
-        dense = {p.data_ptr() for p in self.adapter.denoiser.parameters()}
+        """Bytes of the prepared per-stage parameters not shared with the dense denoiser (counted
+        by storage, so views of one shared buffer count once)."""
+        dense = {p.untyped_storage().data_ptr() for p in self.adapter.denoiser.parameters()}
         seen: set[int] = set()
         total = 0
         for prepared in self._stages:
             for module in prepared["groups"].values():
                 for p in module.parameters():
-                    if p.data_ptr() not in dense and p.data_ptr() not in seen:
-                        seen.add(p.data_ptr())
-                        total += p.numel() * p.element_size()
+                    storage = p.untyped_storage()
+                    if storage.data_ptr() not in dense and storage.data_ptr() not in seen:
+                        seen.add(storage.data_ptr())
+                        total += storage.nbytes()
         return total
+
+
+def _bind(linear: nn.Linear, buf: torch.Tensor, axis: int) -> None:
+    """Makes `linear.weight` a view of the first k rows of `buf` (k = its kept rows or columns)."""
+    k = linear.weight.shape[axis]
+    linear.weight = nn.Parameter(buf[:k] if axis == 0 else buf[:k].T, requires_grad=False)

@@ -86,6 +86,9 @@ def sliced_linear(layer: nn.Linear, rows: Tensor | None = None, cols: Tensor | N
     new.weight = nn.Parameter(w.detach().contiguous(), requires_grad=False)
     if bias is not None:
         new.bias = bias if rows is None else nn.Parameter(bias.detach().contiguous(), requires_grad=False)
+    if weight is None and (rows is None) != (cols is None):
+        # where the weight was gathered from: lets a Router refill it in place (Router(resident=False))
+        new._gathered_from = (layer, 0 if rows is not None else 1, rows if rows is not None else cols)
     return new
 
 
