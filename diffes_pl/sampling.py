@@ -65,7 +65,8 @@ def rollout(adapter: DenoiserAdapter, scheduler: Any, latents: Tensor, cond: Any
         if on_latents is not None:
             on_latents(step, latents)
         t = timesteps[step].to(latents.device)
-        model_in = scheduler.scale_model_input(latents, t)
+        scale = getattr(scheduler, "scale_model_input", None)  # flow matching has none
+        model_in = latents if scale is None else scale(latents, t)
         eps = guided_noise(adapter, model_in, t.reshape(1), cond, null, guidance)
         kwargs = {"generator": generator} if generator is not None else {}
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
@@ -123,9 +124,9 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
     try:
         for start in range(0, n, batch_size):
             latents = noise[start:start + batch_size].to(device=device, dtype=dtype)
-            latents = latents * scheduler.init_noise_sigma
+            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
             c = cond[start:start + batch_size]
-            c = c.to(device) if isinstance(c, Tensor) else c
+            c = c.to(device) if hasattr(c, "to") else c  # tensors and condition objects (TextCondition)
             scheduler = prepare_scheduler(adapter, sampler, steps)  # fresh multistep state per batch
             latents = rollout(adapter, scheduler, latents, c, guidance=guidance, partition=partition,
                               listeners=listeners, generator=generator)

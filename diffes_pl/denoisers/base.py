@@ -12,8 +12,8 @@ from __future__ import annotations
 import copy
 from abc import ABC, abstractmethod
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, fields
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -186,9 +186,11 @@ class DenoiserAdapter(ABC):
 
     def identity(self) -> dict:
         """What identifies this denoiser in a store key: name, class and architecture config."""
+        from ..trajectory import canonical  # tuples → lists: the form a store manifest holds
+
         config = dict(getattr(self.denoiser, "config", {}))
         return {"name": self.name, "family": self.family, "class": type(self.denoiser).__name__,
-                "config": {k: v for k, v in sorted(config.items()) if not k.startswith("_")}}
+                "config": canonical({k: v for k, v in sorted(config.items()) if not k.startswith("_")})}
 
     @property
     def device(self) -> torch.device:
@@ -257,6 +259,95 @@ class DenoiserAdapter(ABC):
             return args[0] if args else kwargs["hidden_states"]
 
         return self.dense_block(index).register_forward_hook(hook, with_kwargs=True)
+
+
+class BlockSlots:
+    """A flat, writable view of blocks held in several `nn.ModuleList`s, in forward order (the UNet's
+    down/mid/up transformer blocks, FLUX's double- then single-stream blocks): what `blocks()`
+    returns when a denoiser has no single block list."""
+
+    def __init__(self, slots: Sequence[tuple[nn.ModuleList, int]]) -> None:
+        self._slots = list(slots)  # (the list holding the block, its index there)
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        holder, i = self._slots[index]
+        return holder[i]
+
+    def __setitem__(self, index: int, block: nn.Module) -> None:
+        holder, i = self._slots[index]
+        holder[i] = block
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return (holder[i] for holder, i in self._slots)
+
+
+@dataclass
+class TextCondition:
+    """Prompt conditioning of text-to-image denoisers (SDXL, FLUX), batched like a tensor: `len`,
+    slicing `[a:b]`, `.to(device)` and `TextCondition.concat`.
+
+    `prompt_embeds` [B, L, D] (SDXL: [B, 77, 2048]; FLUX: T5 [B, 256, 4096]); `pooled_embeds` [B, P]
+    (SDXL: [B, 1280]; FLUX: CLIP [B, 768]); `time_ids` [B, 6] SDXL micro-conditioning (original
+    size, crop, target size) or None; optional negative embeddings (same shapes) stand for the
+    unconditional half of classifier-free guidance instead of zeros.
+    """
+
+    prompt_embeds: Tensor
+    pooled_embeds: Tensor
+    time_ids: Tensor | None = None
+    negative_prompt_embeds: Tensor | None = None
+    negative_pooled_embeds: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_embeds.ndim != 3 or self.pooled_embeds.ndim != 2:
+            raise ValueError(f"prompt_embeds must be [B, L, D] and pooled_embeds [B, P]; got "
+                             f"{tuple(self.prompt_embeds.shape)} and {tuple(self.pooled_embeds.shape)}")
+        sizes = {f.name: getattr(self, f.name).shape[0] for f in fields(self) if getattr(self, f.name) is not None}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"TextCondition fields disagree on the batch size: {sizes}")
+        if (self.negative_prompt_embeds is None) != (self.negative_pooled_embeds is None):
+            raise ValueError("give both negative_prompt_embeds and negative_pooled_embeds, or neither")
+
+    def map(self, fn: Callable[[Tensor], Tensor]) -> "TextCondition":
+        """A new condition with `fn` applied to every tensor field."""
+        return TextCondition(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                for f in fields(self)})
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def __getitem__(self, index: slice | int) -> "TextCondition":
+        index = slice(index, index + 1) if isinstance(index, int) else index
+        return self.map(lambda t: t[index])
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextCondition":
+        """Every field moved to `device`; floating fields cast to `dtype` (time ids keep theirs)."""
+        return self.map(lambda t: t.to(device=device, dtype=dtype if t.is_floating_point() else None))
+
+    @staticmethod
+    def concat(a: "TextCondition", b: "TextCondition") -> "TextCondition":
+        """Both batches stacked (negatives kept only where both carry them)."""
+        out = {}
+        for f in fields(TextCondition):
+            x, y = getattr(a, f.name), getattr(b, f.name)
+            if (x is None) != (y is None) and not f.name.startswith("negative"):
+                raise ValueError(f"cannot concatenate conditions where only one has {f.name}")
+            out[f.name] = None if x is None or y is None else torch.cat([x, y])
+        return TextCondition(**out)
+
+
+class HandleGroup:
+    """Several hook handles removed together (a masked unit that feeds two output layers)."""
+
+    def __init__(self, handles: Sequence[RemovableHandle]) -> None:
+        self.handles = list(handles)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def keep_from_order(order: Tensor, removed: int) -> Tensor:

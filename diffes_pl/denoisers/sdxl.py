@@ -1,0 +1,168 @@
+"""SDXL adapter: diffusers `UNet2DConditionModel` (SDXL-base-1.0 and tiny configs of it).
+
+Units: in every `BasicTransformerBlock` of the UNet (70 in SDXL: 10 of width 640 with 10 heads, 60
+of width 1280 with 20 heads; head_dim 64), the heads of `attn1` (self-attention) and `attn2`
+(cross-attention) — q/k/v rows, `to_out[0]` input columns, `heads` — and the GEGLU channels of `ff`
+(`net[0].proj` rows c and inner + c, `net[2]` input columns). Depth units are the transformer
+blocks (a skipped block returns its hidden states). Level L of H removes round(L/H · n) units of
+EVERY group, so 10- and 20-head attentions lose the same fraction.
+
+Conditioning is a `TextCondition`: prompt embeddings [B, 77, 2048], pooled text embeddings
+[B, 1280] and time ids [B, 6] (SDXL's `text_embeds` / `time_ids` added conditions). The null
+condition is zero embeddings (SDXL's `force_zeros_for_empty_prompt`) unless negative embeddings
+are given; guidance is ε_u + g · (ε_c − ε_u) as in `StableDiffusionXLPipeline`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
+from torch import Tensor, nn
+
+from .base import BlockSlots, DenoiserAdapter, TextCondition, UnitGroup
+from .dit import feed_forward_linears, slice_attention, slice_feed_forward
+
+# SDXL's training noise schedule (the scheduler config of stabilityai/stable-diffusion-xl-base-1.0).
+SDXL_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
+                       "beta_start": 0.00085, "beta_end": 0.012}
+SDXL_SPACING = {"timestep_spacing": "leading", "steps_offset": 1}
+SDXL_LATENT_SCALE = 0.13025
+
+
+class SkippedTransformerBlock(nn.Module):
+    """A transformer block removed by depth pruning: the hidden states pass through unchanged."""
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return hidden_states
+
+
+def transformer_block_slots(unet: UNet2DConditionModel) -> list[tuple[str, nn.ModuleList, int]]:
+    """(path, holding list, index) of every `BasicTransformerBlock`, in forward order: down, mid, up."""
+    parts = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    if unet.mid_block is not None:
+        parts.append(("mid_block", unet.mid_block))
+    parts += [(f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    slots = []
+    for prefix, part in parts:
+        for a, transformer in enumerate(getattr(part, "attentions", None) or []):
+            for j in range(len(transformer.transformer_blocks)):
+                slots.append((f"{prefix}.attentions.{a}.transformer_blocks.{j}", transformer.transformer_blocks, j))
+    return slots
+
+
+class SDXLAdapter(DenoiserAdapter):
+    """Adapter for diffusers `UNet2DConditionModel` with SDXL's text-time added conditions."""
+
+    family = "sdxl"
+
+    def __init__(self, denoiser: UNet2DConditionModel, name: str, vae: nn.Module | None = None,
+                 noise_schedule: dict | None = None, latent_scale: float = SDXL_LATENT_SCALE,
+                 image_size: int | None = None) -> None:
+        cfg = denoiser.config
+        if cfg.addition_embed_type != "text_time":
+            raise ValueError(f"{name}: SDXLAdapter needs a UNet with addition_embed_type 'text_time' (SDXL); "
+                             f"this one has {cfg.addition_embed_type!r}")
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.name = name
+        self.vae = vae
+        self.noise_schedule = dict(noise_schedule or SDXL_NOISE_SCHEDULE)
+        self.latent_scale = latent_scale
+        self.vae_factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_size = int(image_size or cfg.sample_size * self.vae_factor)  # for the default time ids
+        self.pooled_dim = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
+        slots = transformer_block_slots(denoiser)
+        if not slots:
+            raise ValueError(f"{name}: the UNet has no transformer blocks (no cross-attention down/up blocks)")
+        self._blocks = BlockSlots([(holder, j) for _, holder, j in slots])
+        self._groups = []
+        for i, (path, holder, j) in enumerate(slots):
+            block = holder[j]
+            for attr in ("attn1", "attn2"):
+                attn = getattr(block, attr)
+                if attn is None:
+                    continue
+                head_dim = attn.to_q.out_features // attn.heads
+                self._groups.append(UnitGroup(f"{path}.{attr}", "heads", i, attr, attn.heads, head_dim))
+            _, last, _, _ = feed_forward_linears(block.ff)
+            self._groups.append(UnitGroup(f"{path}.ff", "channels", i, "ff", last.in_features, 1))
+        self.capture_dense()
+
+    # structure
+    def blocks(self) -> BlockSlots:
+        return self._blocks
+
+    def unit_groups(self) -> list[UnitGroup]:
+        return list(self._groups)
+
+    def output_layer(self, group: UnitGroup, module: nn.Module | None = None) -> nn.Linear:
+        module = self.dense_module(group) if module is None else module
+        return module.to_out[0] if group.kind == "heads" else feed_forward_linears(module)[1]
+
+    def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
+        dense = self.dense_module(group)
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        if group.kind == "heads":
+            return slice_attention(dense, group, keep, out_weight)
+        return slice_feed_forward(dense, keep, out_weight)
+
+    def skipped_block(self, index: int) -> nn.Module:
+        return SkippedTransformerBlock()
+
+    # calling
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.denoiser.config
+        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+    def predict_noise(self, latents: Tensor, timesteps: Tensor, cond: TextCondition) -> Tensor:
+        dtype = latents.dtype
+        added = {"text_embeds": cond.pooled_embeds.to(dtype), "time_ids": cond.time_ids.to(dtype)}
+        return self.denoiser(latents, timesteps, encoder_hidden_states=cond.prompt_embeds.to(dtype),
+                             added_cond_kwargs=added).sample  # ε [B, 4, H, W]
+
+    def null_condition(self, cond: TextCondition) -> TextCondition:
+        if cond.negative_prompt_embeds is not None:
+            return TextCondition(cond.negative_prompt_embeds, cond.negative_pooled_embeds, cond.time_ids)
+        return TextCondition(torch.zeros_like(cond.prompt_embeds), torch.zeros_like(cond.pooled_embeds), cond.time_ids)
+
+    def concat_conditions(self, a: TextCondition, b: TextCondition) -> TextCondition:
+        return TextCondition.concat(a, b)
+
+    def default_time_ids(self, batch_size: int, device: torch.device | str = "cpu") -> Tensor:
+        """[B, 6]: original size, crop (0, 0), target size — the pipeline's defaults at `image_size`."""
+        s = float(self.image_size)
+        return torch.tensor([[s, s, 0.0, 0.0, s, s]], device=device).expand(batch_size, 6).clone()
+
+    def example_condition(self, batch_size: int, device: torch.device | str = "cpu") -> TextCondition:
+        cfg = self.denoiser.config
+        return TextCondition(torch.zeros(batch_size, 77, cfg.cross_attention_dim, device=device),
+                             torch.zeros(batch_size, self.pooled_dim, device=device),
+                             self.default_time_ids(batch_size, device))
+
+    def validate_condition(self, cond: Any) -> None:
+        if not isinstance(cond, TextCondition):
+            raise TypeError(f"SDXL conditions are a TextCondition (prompt embeddings, pooled embeddings, time ids); "
+                            f"got {type(cond).__name__}. Encode prompts with the SDXL pipeline's encode_prompt first")
+        dim = self.denoiser.config.cross_attention_dim
+        if cond.prompt_embeds.shape[-1] != dim or cond.pooled_embeds.shape[-1] != self.pooled_dim:
+            raise ValueError(f"SDXL condition widths {cond.prompt_embeds.shape[-1]} / {cond.pooled_embeds.shape[-1]} "
+                             f"do not match the UNet's cross_attention_dim {dim} / pooled dim {self.pooled_dim}")
+        if cond.time_ids is None or tuple(cond.time_ids.shape[1:]) != (6,):
+            raise ValueError("SDXL conditions need time_ids [B, 6] (original size, crop, target size); "
+                             "use adapter.default_time_ids(batch_size)")
+
+    def make_scheduler(self, kind: str = "euler_a") -> Any:
+        if kind in ("euler_a", "euler-ancestral"):
+            return EulerAncestralDiscreteScheduler(**self.noise_schedule, **SDXL_SPACING, prediction_type="epsilon")
+        if kind == "ddim":
+            return DDIMScheduler(**self.noise_schedule, **SDXL_SPACING, clip_sample=False, set_alpha_to_one=False,
+                                 prediction_type="epsilon")
+        raise ValueError(f"unknown sampler {kind!r} for SDXL; choose one of: euler_a (the paper's), ddim")
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:
+            return super().decode(latents)
+        param = next(self.vae.parameters())
+        images = self.vae.decode(latents.to(param.dtype) / self.latent_scale).sample  # [N, 3, 8H, 8W] in [-1, 1]
+        return ((images.float() + 1) / 2).clamp(0, 1)
