@@ -3,6 +3,7 @@
 Nothing in `diffes_pl/` imports this package: a run's required outputs (schedule.json, the store)
 never depend on which callbacks are configured.
 """
+from .evaluate import EvaluateAtFitEnd
 from .plots import SampleGrid, SearchPlots
 
-__all__ = ["SampleGrid", "SearchPlots"]
+__all__ = ["EvaluateAtFitEnd", "SampleGrid", "SearchPlots"]

@@ -2,7 +2,8 @@
 
     diffes-pl fit --config configs/tiny_obs.yaml       calibrate (if no matching store) + search
     diffes-pl predict --config configs/tiny_obs.yaml   calibrate + build the trajectory store
-    diffes-pl test --config configs/tiny_obs.yaml      evaluate the searched schedule
+    diffes-pl test --config configs/tiny_obs.yaml [--schedule runs/tiny_obs/schedule.json]
+                                                       evaluate a schedule (FID, IS, P/R, MACs, latency)
 
 `model:` in a config is the DiffES LightningModule (the denoiser is `model.denoiser`), `data:` the
 calibration datamodule, `trainer:` Lightning's Trainer.
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .data.calibration import CalibrationDataModule
 from .search.module import DiffES
@@ -39,6 +40,20 @@ class DiffESCLI(LightningCLI):
             "test": {"model", "dataloaders", "datamodule"},
         }
 
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        # LightningCLI gives a subcommand the arguments of the Trainer method of that name only;
+        # `test` also takes the schedule and the evaluation settings, passed on to `self.test`.
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "test":
+            from .search.report import EvalConfig
+
+            parser.add_argument("--schedule", type=str | None, default=None,
+                                help="schedule JSON to evaluate (default: <default_root_dir>/schedule.json); "
+                                     "its folder receives eval/ and evaluation.json")
+            parser.add_class_arguments(EvalConfig, "eval", help="what the evaluation measures")
+            self._subcommand_method_arguments[subcommand] += ["schedule", "eval"]
+        return parser
+
     def before_fit(self) -> None:
         # Calibration (when no matching store exists) runs as the pruner's predict epochs on the
         # same trainer (same devices and strategy); the search itself needs no datamodule.
@@ -48,10 +63,17 @@ class DiffESCLI(LightningCLI):
     def predict(self, model: DiffES, datamodule: CalibrationDataModule | None = None, **_: Any) -> None:
         model.ensure_store(self.trainer, datamodule, log=self._log)
 
-    def test(self, model: DiffES, datamodule: CalibrationDataModule | None = None, **_: Any) -> None:
+    def test(self, model: DiffES, datamodule: CalibrationDataModule | None = None, schedule: str | None = None,
+             eval: Any = None, **_: Any) -> None:
+        from lightning.pytorch.cli import SaveConfigCallback
+
         from .search.report import evaluate_run
 
-        evaluate_run(model, self.trainer, log=self._log)
+        # sampling runs under trainer.predict, whose setup would overwrite the fit's config.yaml
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, SaveConfigCallback):
+                callback.already_saved = True
+        evaluate_run(model, self.trainer, schedule=schedule, config=eval, log=self._log)
 
     def _log(self, message: str) -> None:
         if self.trainer.global_rank == 0:

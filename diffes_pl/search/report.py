@@ -1,11 +1,19 @@
-"""`diffes-pl test`: evaluates the run's searched schedule against the dense model and the uniform
-schedule at the same budget, on probes the search never saw (another seed)."""
+"""`diffes-pl test`: samples N images with the searched schedule (routed), the uniform schedule at
+the same budget and the dense model, then reports FID, IS, precision/recall, SSIM vs dense (same
+seeds), MACs and latency per image. Writes <run>/evaluation.json atomically and prints a table.
+
+Images are sampled resumably under <run>/eval/ (see `evaluation.generate`); the dense model's images
+do not depend on the schedule and are reused by every later evaluation with the same settings.
+Feature network: the digits classifier for the built-in model (reference: the held-out real
+digits), torch-fidelity's Inception otherwise (reference: `reference`, a tensor file or a folder).
+"""
 from __future__ import annotations
 
-import json
+import hashlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from ..evaluation.macs import count_macs
@@ -15,6 +23,8 @@ from ..partition import Schedule
 from ..routing import Router
 from ..trajectory import TrajectoryStore
 from .rollouts import Probes, RolloutEngine
+
+METRICS = ("fid", "is", "precision_recall", "ssim", "class_accuracy", "clip")
 
 
 def schedule_macs(adapter, router: Router | None, partition) -> int:
@@ -29,10 +39,216 @@ def schedule_macs(adapter, router: Router | None, partition) -> int:
     return total
 
 
+@dataclass
+class EvalConfig:
+    """What `diffes-pl test`, the EvaluateAtFitEnd callback and benchmarks/compare.py measure.
+
+    Args:
+        num_images: images sampled per schedule (and for the dense model).
+        batch_size: images per sampling batch (one file per batch under <run>/eval/).
+        seed: seeds the evaluation noise (batch b: seed·1_000_003 + b); not the search's probes.
+        metrics: any of fid, is, precision_recall, ssim, class_accuracy (digits only), clip (prompts only).
+        latency_batch_size: batch size latency per image is measured at (0: skip latency).
+        latency_repeats: timed sampling runs (median), after one warm-up.
+        reference: real images: `digits-test`, a tensor file or an image folder (default: digits-test
+            for the built-in model; required otherwise).
+        feature_network: `digits` or `inception` (default: digits for the built-in model).
+        cache_dir: where real-image features are cached (default <run>/eval/reference).
+        prompts: text file, one prompt per line (text-to-image models; CLIP score).
+        uniform: also evaluate the uniform schedule at the same budget (integer targets only).
+    """
+
+    num_images: int = 1000
+    batch_size: int = 100
+    seed: int = 2024
+    metrics: list[str] = field(default_factory=lambda: ["fid", "is", "precision_recall", "ssim", "class_accuracy"])
+    latency_batch_size: int = 16
+    latency_repeats: int = 3
+    reference: str | None = None
+    feature_network: str | None = None
+    cache_dir: str | None = None
+    prompts: str | None = None
+    uniform: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown:
+            raise ValueError(f"unknown evaluation metrics {unknown}; choose from {list(METRICS)}")
+        if self.num_images < 2 or self.batch_size < 1:
+            raise ValueError(f"num_images must be ≥ 2 and batch_size ≥ 1 (got {self.num_images}, {self.batch_size})")
+
+
+def _fingerprint(adapter) -> str:
+    """Identity + a hash of the first and last parameter (cheap): cached images are keyed to the weights."""
+    params = list(adapter.denoiser.parameters())
+    h = hashlib.sha256(repr(adapter.identity()).encode())
+    for p in (params[0], params[-1]):
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: EvalConfig, run: str | Path,
+             log: Callable[[str], None] = print, launched: bool = False) -> dict:
+    """Rows {name: {levels, sparsity, macs, mac_ratio, latency_s, speedup, fid, is, …}} for the dense
+    model (name `dense`, always included) and each schedule. Sampling is split across the trainer's
+    ranks (`launched`: the ranks already run, e.g. inside fit; see `ensure_images`); metrics are
+    computed on rank 0 (other ranks return {})."""
+    from ..evaluation.generate import ImageSet, ensure_images, latency_per_image
+
+    run = Path(run)
+    device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+    module._root_dir = str(run)
+    adapter = module.load(device)
+    adapter.denoiser.to(device)
+    hp, partition = module.hparams, module.partition
+    routed = {n: s for n, s in schedules.items() if s is not None}
+    store = TrajectoryStore.open(module.store_path) if routed else None
+    prompts = Path(config.prompts).read_text().splitlines() if config.prompts else None
+    if prompts is None and not hasattr(adapter, "num_classes"):
+        raise ValueError("this denoiser is prompt-conditioned: give prompts (a text file, one per line)")
+    kw = dict(sampler=hp.sampler, steps=hp.steps, guidance=hp.guidance)
+    base = {**kw, "seed": config.seed, "batch_size": config.batch_size, "denoiser": _fingerprint(adapter),
+            "dtype": hp.dtype, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None}
+    sets = {}
+    for name, schedule in {"dense": None, **routed}.items():
+        settings = base if schedule is None else {**base, "store": store.key, "partition": schedule.partition}
+        sets[name] = ImageSet(run / "eval", name, None if schedule is None else schedule.levels, settings,
+                              config.num_images, prompts)
+        sampled = ensure_images(sets[name], adapter, store, schedule, trainer=trainer, launched=launched, **kw)
+        log(f"evaluation images {name}: {sampled} batches sampled now, "
+            f"{sets[name].num_batches - sampled} already on disk → {sets[name].folder}")
+    if trainer is not None and trainer.global_rank != 0:
+        return {}
+    images = {name: s.load() for name, s in sets.items()}
+    metrics = _image_metrics(adapter, images, sets["dense"], config, run, prompts, log)
+    rows = {}
+    for name, schedule in {"dense": None, **routed}.items():
+        router = Router(adapter, store, schedule) if schedule is not None else None
+        try:
+            macs = schedule_macs(adapter, router, partition)
+            latency = latency_per_image(adapter, router, batch_size=config.latency_batch_size,
+                                        repeats=config.latency_repeats, **kw) if config.latency_batch_size else None
+        finally:
+            if router is not None:
+                router.remove()
+        rows[name] = {"levels": None if schedule is None else schedule.levels,
+                      "sparsity": 0.0 if schedule is None else schedule.sparsity,
+                      "macs": macs, "latency_s": latency, **metrics[name]}
+    for row in rows.values():
+        row["mac_ratio"] = rows["dense"]["macs"] / row["macs"]
+        row["speedup"] = rows["dense"]["latency_s"] / row["latency_s"] if row["latency_s"] else None
+    return rows
+
+
+def _image_metrics(adapter, images: dict, dense_set, config: EvalConfig, run: Path, prompts, log) -> dict:
+    from ..evaluation import metrics as M
+
+    want = set(config.metrics)
+    digits = getattr(adapter, "name", "") == "tiny-digits"
+    out = {name: {} for name in images}
+    if want & {"fid", "is", "precision_recall"}:
+        from ..evaluation.features import feature_network, real_features
+
+        net = feature_network(config.feature_network or ("digits" if digits else "inception"))
+        reference = config.reference or ("digits-test" if digits else None)
+        if reference is None:
+            raise ValueError("FID/precision-recall need real reference images: set the reference (a tensor file "
+                             "of images [N, C, H, W] in [0, 1] or an image folder), or drop fid/precision_recall")
+        real = real_features(reference, images["dense"].shape[-1], net, config.cache_dir or run / "eval" / "reference",
+                             log=log)
+        for name, x in images.items():
+            fake = net.extract(x)
+            if "fid" in want:
+                out[name]["fid"] = M.fid_from_features(real["features"], fake["features"])
+            if "is" in want:
+                out[name]["is"], out[name]["is_std"] = M.inception_score(fake["logits"])
+            if "precision_recall" in want:
+                out[name]["precision"], out[name]["recall"] = M.precision_recall(real["features"], fake["features"])
+    if "ssim" in want:
+        for name, x in images.items():
+            out[name]["ssim"] = M.ssim(x, images["dense"])
+    if "class_accuracy" in want and digits:
+        from ..evaluation.digits_features import class_accuracy
+
+        labels = torch.cat([dense_set.conditions(b, adapter.num_classes) for b in range(dense_set.num_batches)])
+        for name, x in images.items():
+            out[name]["class_accuracy"] = class_accuracy(x, labels[:len(x)])
+    if "clip" in want and prompts is not None:
+        from ..evaluation.clip import CLIPScoreAdapter
+
+        clip = CLIPScoreAdapter()
+        for name, x in images.items():
+            out[name]["clip"] = clip(x, [prompts[i % len(prompts)] for i in range(len(x))])
+    return out
+
+
+COLUMNS = [("sparsity", "sparsity", "{:.1%}"), ("macs", "MACs", None), ("latency_s", "latency/img", "{:.4f}s"),
+           ("speedup", "speedup", "{:.2f}×"), ("is", "IS", "{:.2f}"), ("fid", "FID", "{:.3f}"),
+           ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("ssim", "SSIM", "{:.4f}"),
+           ("class_accuracy", "class acc", "{:.1%}"), ("clip", "CLIP", "{:.2f}")]
+
+
+def _macs(n: int) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if n >= scale:
+            return f"{n / scale:.3f} {unit}"
+    return str(n)
+
+
+def print_table(rows: dict, title: str = "evaluation") -> None:
+    """A rich table, one row per schedule, columns shaped like the paper's Table 1."""
+    from rich.console import Console
+    from rich.table import Table
+
+    present = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows.values())]
+    table = Table(title=title)
+    table.add_column("schedule")
+    table.add_column("levels")
+    for _, header, _ in present:
+        table.add_column(header, justify="right")
+    for name, row in rows.items():
+        cells = []
+        for key, _, fmt in present:
+            value = row.get(key)
+            cells.append("" if value is None else _macs(value) if key == "macs" else fmt.format(value))
+        levels = "dense" if row.get("levels") is None else " ".join(map(str, row["levels"]))
+        table.add_row(name, levels, *cells)
+    Console(width=200).print(table)
+
+
+def evaluate_schedule(module, trainer, searched: Schedule, config: EvalConfig, run: str | Path,
+                      log: Callable[[str], None] = print, launched: bool = False, source: str = "") -> dict:
+    """The schedule, the uniform schedule at its budget (`config.uniform`) and the dense model;
+    writes <run>/evaluation.json atomically and prints the table (rank 0). Returns the JSON content."""
+    run = Path(run)
+    schedules: dict[str, Schedule | None] = {"searched": searched}
+    if config.uniform and float(searched.target_level).is_integer():
+        schedules["uniform"] = Schedule.uniform(int(searched.target_level), searched.levels_max,
+                                                searched.steps_per_stage, partition=searched.partition)
+    rows = evaluate(module, trainer, schedules, config, run, log=log, launched=launched)
+    if not rows:
+        return rows
+    result = {"schedule": source or searched.levels, "config": asdict(config), "results": rows}
+    write_json(run / "evaluation.json", result)
+    print_table(rows, title=f"{source or 'searched schedule'} — {config.num_images} images per row")
+    log(f"wrote {run / 'evaluation.json'}")
+    return result
+
+
+def evaluate_run(module, trainer, schedule: str | Path | None = None, config: EvalConfig | None = None,
+                 log: Callable[[str], None] = print) -> dict:
+    """`diffes-pl test`: the schedule file (default <default_root_dir>/schedule.json); its folder is the
+    run folder (eval/ and evaluation.json go there)."""
+    path = Path(schedule) if schedule else Path(trainer.default_root_dir) / "schedule.json"
+    return evaluate_schedule(module, trainer, Schedule.load(path), config or EvalConfig(), path.parent, log=log,
+                             source=str(path))
+
+
 @torch.no_grad()
 def evaluate_schedules(module, schedules: dict[str, Schedule], num_probes: int = 256, probe_seed: int = 99991,
                        metrics=("ssim", "psnr")) -> dict:
-    """Metrics of each schedule (and the dense model) on fresh probes."""
+    """Fitness-style metrics of each schedule (and the dense model) on fresh probes (used by
+    benchmarks/compare_baselines.py)."""
     adapter = module.load()
     store = TrajectoryStore.open(module.store_path)
     probes = Probes.make(adapter, num_probes, probe_seed)
@@ -59,18 +275,4 @@ def evaluate_schedules(module, schedules: dict[str, Schedule], num_probes: int =
                "mac_ratio": dense_macs / macs}
         row.update({n: float(get_metric(n)(inputs)) for n in names})
         results[label] = row
-    return results
-
-
-def evaluate_run(module, trainer: L.Trainer, log=print) -> dict:
-    run = Path(trainer.default_root_dir)
-    schedule = Schedule.load(run / "schedule.json")
-    hp = module.hparams
-    module.load()
-    uniform = Schedule.uniform(int(hp.target_level), module.levels_max, module.partition.steps_per_stage,
-                               partition=module.partition.to_dict()) if float(hp.target_level).is_integer() else None
-    schedules = {"searched": schedule, **({"uniform": uniform} if uniform else {})}
-    results = evaluate_schedules(module, schedules)
-    write_json(run / "evaluation.json", results)
-    log(json.dumps(results, indent=1))
     return results

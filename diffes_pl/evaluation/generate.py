@@ -1,0 +1,189 @@
+"""Resumable, rank-split sampling of evaluation images, and per-image latency.
+
+An `ImageSet` is N images sampled in fixed batches from seeded noise; batch b is saved as
+`<folder>/batch_<b>.safetensors` (images [B, C, H, W] uint8) the moment it is done, so a run that
+is interrupted, or asked for more images later, regenerates nothing already on disk. The folder
+name carries a hash of everything that decides the pixels (denoiser, store, levels, sampler, steps,
+guidance, seed, batch size): images made under other settings are never reused silently.
+
+Batch b draws its noise from seed·1_000_003 + b and conditions from a fixed rule (class labels
+b·B … b·B+B−1 mod K, or prompts cycled), so it is the same whichever rank or run makes it. Under
+DDP, `trainer.predict` over the batch indices hands rank r the batches r, r + W, r + 2W, …
+(Lightning's DistributedSampler, no shuffle).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from ..sampling import sample, seeded_noise
+
+
+@dataclass
+class ImageSet:
+    """Where and how one schedule's (or the dense model's) evaluation images are sampled."""
+
+    root: Path  # <run>/eval
+    name: str  # dense, searched, uniform, …
+    levels: list[int] | None  # None: the dense denoiser
+    settings: dict  # sampler, steps, guidance, seed, batch_size, denoiser, store key, partition
+    num_images: int
+    prompts: Sequence[str] | None = None
+
+    @property
+    def folder(self) -> Path:
+        key = json.dumps({"levels": self.levels, **self.settings}, sort_keys=True, default=str)
+        return self.root / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.settings["batch_size"])
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.num_images // self.batch_size)
+
+    def batch_path(self, b: int) -> Path:
+        return self.folder / f"batch_{b:05d}.safetensors"
+
+    def missing(self) -> list[int]:
+        return [b for b in range(self.num_batches) if not self.batch_path(b).is_file()]
+
+    def conditions(self, b: int, num_classes: int | None) -> Any:
+        idx = range(b * self.batch_size, (b + 1) * self.batch_size)
+        if self.prompts is not None:
+            return [self.prompts[i % len(self.prompts)] for i in idx]
+        return torch.tensor(list(idx)) % num_classes
+
+    def noise(self, b: int, latent_shape: Sequence[int]) -> Tensor:
+        return seeded_noise((self.batch_size, *latent_shape), int(self.settings["seed"]) * 1_000_003 + b)
+
+    def load(self) -> Tensor:
+        """The first num_images images [N, C, H, W] float in [0, 1]."""
+        from safetensors.torch import load_file
+
+        missing = self.missing()
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} batches of {self.folder} are missing (first: {missing[0]}); "
+                                    "sample them first")
+        batches = [load_file(str(self.batch_path(b)))["images"] for b in range(self.num_batches)]
+        return torch.cat(batches)[:self.num_images].float() / 255
+
+    def save(self, b: int, images: Tensor) -> None:
+        from safetensors.torch import save_file
+
+        from ..io import atomic_path
+
+        pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+        with atomic_path(self.batch_path(b)) as tmp:
+            save_file({"images": pixels}, str(tmp))
+
+
+def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float) -> Tensor:
+    """Images [B, C, H, W] in [0, 1] of batch b (module-level so that tests can count calls)."""
+    cond = image_set.conditions(b, getattr(adapter, "num_classes", None))
+    return sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler,
+                  noise=image_set.noise(b, adapter.latent_shape))
+
+
+class SamplingModule(L.LightningModule):
+    """`trainer.predict` over batch indices: samples and saves every batch not yet on disk."""
+
+    def __init__(self, image_set: ImageSet, adapter, store=None, schedule=None, *, sampler: str, steps: int,
+                 guidance: float) -> None:
+        super().__init__()
+        self.image_set, self.store, self.schedule = image_set, store, schedule
+        object.__setattr__(self, "adapter", adapter)  # the denoiser is not this module's state
+        self.kw = dict(sampler=sampler, steps=steps, guidance=guidance)
+        self.router = None
+        self.sampled = 0
+
+    def on_predict_start(self) -> None:
+        if self._trainer is not None:  # under trainer.predict: this rank's device
+            self.adapter.denoiser.to(self.device)
+        if self.schedule is not None:
+            from ..routing import Router
+
+            self.router = Router(self.adapter, self.store, self.schedule)  # weights prepared once
+
+    def on_predict_end(self) -> None:
+        if self.router is not None:
+            self.router.remove()
+            self.router = None
+
+    def predict_step(self, batch: Tensor, batch_idx: int) -> None:
+        for b in batch.tolist():
+            if not self.image_set.batch_path(b).is_file():  # a padded duplicate may already exist
+                self.image_set.save(b, sample_batch(self.image_set, b, self.adapter, self.router, **self.kw))
+                self.sampled += 1
+
+    def predict_dataloader(self):
+        return torch.utils.data.DataLoader(self.image_set.missing(), batch_size=1)
+
+
+def ensure_images(image_set: ImageSet, adapter, store=None, schedule=None, *, sampler: str, steps: int,
+                  guidance: float, trainer: L.Trainer | None = None, launched: bool = False) -> int:
+    """Samples the batches not yet on disk; returns how many this rank sampled.
+
+    - no trainer: this process samples them all;
+    - `launched=False`: `trainer.predict` launches the trainer's ranks (e.g. `diffes-pl test` under
+      DDP) and its DistributedSampler gives rank r the missing batches r, r + W, …;
+    - `launched=True`: the ranks already run (a callback inside fit): rank r takes missing[r::W]
+      itself, then all ranks meet at a barrier.
+    """
+    kw = dict(sampler=sampler, steps=steps, guidance=guidance)
+    world = trainer.world_size if trainer is not None else 1
+    # every rank must judge "missing" on the same files: none may still be writing
+    if trainer is not None and world > 1:
+        trainer.strategy.barrier("diffes-eval-start")  # a no-op before the ranks are launched
+    missing = image_set.missing()
+    if not missing:
+        return 0
+    module = SamplingModule(image_set, adapter, store, schedule, **kw)
+    if trainer is None or launched:
+        mine = missing[trainer.global_rank::world] if trainer is not None else missing
+        module.on_predict_start()
+        try:
+            for b in mine:
+                module.predict_step(torch.tensor([b]), b)
+        finally:
+            module.on_predict_end()
+    else:
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*predict returned None.*")  # the files are the product
+        trainer.predict(module, return_predictions=False)
+    if trainer is not None and trainer.world_size > 1:
+        trainer.strategy.barrier("diffes-eval-sampled")
+    return module.sampled
+
+
+@torch.no_grad()
+def latency_per_image(adapter, router, *, batch_size: int, sampler: str, steps: int, guidance: float,
+                      repeats: int = 3, warmup: int = 1) -> float:
+    """Median seconds per image of a full sampling run (all steps + decode) at `batch_size`."""
+    cond = (torch.arange(batch_size) % adapter.num_classes) if hasattr(adapter, "num_classes") else \
+        [""] * batch_size
+    noise = seeded_noise((batch_size, *adapter.latent_shape), 0)
+    cuda = adapter.device.type == "cuda"
+    times = []
+    for i in range(warmup + repeats):
+        if cuda:
+            torch.cuda.synchronize(adapter.device)
+        start = time.perf_counter()
+        sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler, noise=noise)
+        if cuda:
+            torch.cuda.synchronize(adapter.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) / batch_size
