@@ -26,6 +26,13 @@ def seeded_noise(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.flo
     return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
 
 
+def step_generators(noise_seeds: Sequence[int], step: int) -> list[torch.Generator]:
+    """One CPU generator per sample for a stochastic sampler's noise at `step` (Euler ancestral),
+    seeded by (the sample's seed, step): the noise is a pure function of sample and step, so it does
+    not depend on the batch size, nor on where a rollout starts (resumed mid-trajectory)."""
+    return [torch.Generator().manual_seed(int(s) * 1_000_003 + step) for s in noise_seeds]
+
+
 def as_conditions(adapter: DenoiserAdapter, conditions: Any) -> Any:
     """Class labels as a LongTensor; other condition types pass through."""
     if isinstance(conditions, (list, tuple)) and all(isinstance(c, int) for c in conditions):
@@ -50,11 +57,12 @@ def guided_noise(adapter: DenoiserAdapter, latents: Tensor, t: Tensor, cond: Any
 @torch.no_grad()
 def rollout(adapter: DenoiserAdapter, scheduler: Any, latents: Tensor, cond: Any, *, guidance: float,
             partition: StagePartition, steps: Iterable[int] | None = None,
-            listeners: Sequence[StepListener] = (), generator: torch.Generator | None = None,
+            listeners: Sequence[StepListener] = (), noise_seeds: Sequence[int] | None = None,
             on_latents: Callable[[int, Tensor], None] | None = None) -> Tensor:
     """Runs sampling steps `steps` (default: all) from `latents` [B, C, H, W]; returns the latents
     after the last one. `scheduler.set_timesteps` must already have been called. `on_latents(step,
-    x)` receives the latents entering each step (for caching intermediate states)."""
+    x)` receives the latents entering each step (for caching intermediate states). `noise_seeds`
+    (one per sample) seed a stochastic sampler's per-step noise (see `step_generators`)."""
     null = adapter.null_condition(cond)
     timesteps = scheduler.timesteps
     step_to_stage = partition.step_to_stage
@@ -68,7 +76,7 @@ def rollout(adapter: DenoiserAdapter, scheduler: Any, latents: Tensor, cond: Any
         scale = getattr(scheduler, "scale_model_input", None)  # flow matching has none
         model_in = latents if scale is None else scale(latents, t)
         eps = guided_noise(adapter, model_in, t.reshape(1), cond, null, guidance)
-        kwargs = {"generator": generator} if generator is not None else {}
+        kwargs = {"generator": step_generators(noise_seeds, step)} if noise_seeds is not None else {}
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
     return latents
 
@@ -119,7 +127,8 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
         partition = StagePartition(tuple(float(t) for t in scheduler.timesteps), num_stages or 1,
                                    int(scheduler.config.num_train_timesteps))
     batch_size = batch_size or n
-    generator = torch.Generator(device="cpu").manual_seed(seed + 1) if sampler == "euler_a" else None
+    # Euler ancestral draws noise every step: per-sample seeds keep it independent of batch_size
+    noise_seeds = [seed * 65_537 + i for i in range(n)] if sampler == "euler_a" else None
     outs = []
     try:
         for start in range(0, n, batch_size):
@@ -129,7 +138,8 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
             c = c.to(device) if hasattr(c, "to") else c  # tensors and condition objects (TextCondition)
             scheduler = prepare_scheduler(adapter, sampler, steps)  # fresh multistep state per batch
             latents = rollout(adapter, scheduler, latents, c, guidance=guidance, partition=partition,
-                              listeners=listeners, generator=generator)
+                              listeners=listeners,
+                              noise_seeds=None if noise_seeds is None else noise_seeds[start:start + batch_size])
             outs.append(latents if output == "latents" else adapter.decode(latents))
     finally:
         if router is not None:

@@ -192,7 +192,7 @@ class DiffES(L.LightningModule):
         if levels in self.fitness:
             return self.fitness[levels], 0
         start = 0
-        cached = self.entries.get(parent) if parent is not None else None
+        cached = self.entries.get(parent) if parent is not None and self.engine.resumable else None
         if cached is not None:
             start = pop.first_changed_stage(parent, levels)
         before = self.engine.nfe

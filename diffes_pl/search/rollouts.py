@@ -1,6 +1,8 @@
 """Fitness rollouts on fixed probes, with work saved: a child differs from its parent only from its
-first changed stage on, so the parent's latents entering that stage are reused (identical results:
-DDIM is deterministic and stateless between steps)."""
+first changed stage on, so the parent's latents entering that stage are reused. Results are
+identical because DDIM, flow-match Euler and Euler ancestral carry no state between steps but the
+latents (Euler ancestral's noise is a pure function of probe and step: `sampling.step_generators`).
+DPM-Solver++ multistep keeps earlier model outputs, so its rollouts always start at step 0."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,6 +24,12 @@ class Probes:
 
     noise: Tensor
     conditions: Any
+    seed: int = 0
+
+    @property
+    def noise_seeds(self) -> list[int]:
+        """Per-probe seeds of a stochastic sampler's step noise."""
+        return [self.seed * 65_537 + i for i in range(len(self.noise))]
 
     @classmethod
     def make(cls, adapter: DenoiserAdapter, num_probes: int, seed: int) -> "Probes":
@@ -30,7 +38,7 @@ class Probes:
         noise = seeded_noise((num_probes, *adapter.latent_shape), seed)
         g = torch.Generator().manual_seed(seed + 7919)
         labels = torch.randperm(num_probes, generator=g) % adapter.num_classes
-        return cls(noise, labels)
+        return cls(noise, labels, seed)
 
 
 class RolloutEngine:
@@ -49,6 +57,11 @@ class RolloutEngine:
         self.levels_max = levels_max
         self.target_level = target_level
         self.nfe = 0  # sampling steps run over the probe set (full rollout = partition.num_steps)
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a rollout may start from cached stage-entry latents (no multistep history)."""
+        return self.sampler not in ("dpm", "dpmsolver", "dpm-solver")
 
     def _schedule(self, levels) -> Schedule:
         return Schedule(list(levels), self.levels_max, self.target_level, self.partition.steps_per_stage,
@@ -82,7 +95,9 @@ class RolloutEngine:
                     if step in stage_starts and stage_starts[step] >= start_stage:
                         seen.append(lat.detach().cpu())
 
+                seeds = self.probes.noise_seeds[b:b + self.batch_size] if self.sampler == "euler_a" else None
                 latents = rollout(adapter, scheduler, latents, cond, guidance=self.guidance, partition=partition,
+                                  noise_seeds=seeds,
                                   steps=range(first_step, partition.num_steps),
                                   listeners=[router] if router is not None else [], on_latents=keep)
                 finals.append(latents.cpu())

@@ -113,3 +113,32 @@ def test_two_processes_equal_one(straight, tmp_path):
     assert json.loads((run / "schedule.json").read_text()) | {"store": None} == \
         json.loads((straight / "schedule.json").read_text()) | {"store": None}
     assert [(r["levels"], r["fitness"]) for r in lines(run)] == [(r["levels"], r["fitness"]) for r in lines(straight)]
+
+
+@pytest.mark.parametrize("sampler", ["euler_a", "dpm"])
+def test_reuse_equals_full_rollout_for_other_samplers(tiny, tmp_path, sampler):
+    """Euler ancestral (noise a pure function of probe and step) reuses stage-entry latents with
+    results identical to a full rollout; DPM-Solver++ (multistep history) never starts mid-way."""
+    from diffes_pl.partition import StagePartition
+    from diffes_pl.search.rollouts import Probes, RolloutEngine
+    from diffes_pl.trajectory import TrajectoryStore, make_key
+
+    partition = StagePartition.from_scheduler(tiny.make_scheduler(sampler), 6, 3)
+    g = torch.Generator().manual_seed(0)
+    stages = [{f"{grp.name}.order": torch.randperm(grp.size, generator=g) for grp in tiny.unit_groups()}
+              for _ in range(3)]
+    fields = {"denoiser": tiny.identity()}
+    store = TrajectoryStore.write(tmp_path / "store", {"key": make_key(fields), "key_fields": fields,
+                                                       "pruner": "test", "levels_max": 8, "num_stages": 3}, stages)
+    engine = RolloutEngine(tiny, store, partition, Probes.make(tiny, 3, 5), sampler=sampler, guidance=2.0,
+                           batch_size=2, levels_max=8, target_level=2)
+    parent, child = (2, 2, 2), (2, 4, 0)
+    _, entries = engine.run(parent)
+    full, _ = engine.run(child)
+    resumed, _ = engine.run(child, 1, entries)
+    assert engine.resumable == (sampler != "dpm")
+    if engine.resumable:
+        torch.testing.assert_close(resumed, full, rtol=0, atol=0)
+    small = RolloutEngine(tiny, store, partition, Probes.make(tiny, 3, 5), sampler=sampler, guidance=2.0,
+                          batch_size=1, levels_max=8, target_level=2)
+    torch.testing.assert_close(small.run(child)[0], full, rtol=1e-5, atol=1e-5)  # batch size does not matter
