@@ -40,7 +40,7 @@ def main() -> None:
               "--trainer.max_epochs", str(args.generations)]
     if not (run / "schedule.json").exists() or not json.loads((run / "schedule.json").read_text())["extra"]["finished"]:
         subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common], check=True)
-    cli = DiffESCLI(args=["fit", *common], run=False)
+    cli = DiffESCLI(args=common, run=False)  # run=False: no subcommand
     module, trainer = cli.model, cli.trainer
     module.ensure_store(trainer, cli.datamodule, log=lambda *_: None)
     module.trainer = trainer
