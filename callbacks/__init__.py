@@ -5,5 +5,6 @@ never depend on which callbacks are configured.
 """
 from .evaluate import EvaluateAtFitEnd
 from .plots import SampleGrid, SearchPlots
+from .progress import SearchProgress
 
-__all__ = ["EvaluateAtFitEnd", "SampleGrid", "SearchPlots"]
+__all__ = ["EvaluateAtFitEnd", "SampleGrid", "SearchPlots", "SearchProgress"]

@@ -37,7 +37,8 @@ def lines(run: Path):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     run = tmp_path_factory.mktemp("straight") / "run"
-    fit(run, 6)
+    out = fit(run, 6)
+    (run / "stdout.txt").write_text(out.stdout)
     return run
 
 
@@ -57,6 +58,10 @@ def test_outputs_budget_and_bounds(straight):
     children = [r for r in records if r["parent"] is not None]
     assert children and sum(r["nfe"] for r in children) < 8 * len(children)
     assert (straight / "checkpoints" / "last.ckpt").exists()
+    # the configured SearchProgress: calibration per stage, then generations with the best fitness
+    shown = (straight / "stdout.txt").read_text()
+    assert "calibration, stage 3" in shown and "search, generation" in shown and "6/6" in shown
+    assert f"best ssim {max(r['fitness'] for r in records):.4f}" in shown
     for png in ("fitness.png", "schedule.png", "samples.png"):  # the configured callbacks' plots
         assert (straight / "plots" / png).stat().st_size > 1000
 
