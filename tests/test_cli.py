@@ -152,6 +152,7 @@ BAD = {
     "missing-folder": (["--model.denoiser", "./missing-folder"], ["missing-folder", "does not exist"]),
     "target-above-H": (["--model.target_level", "9"], ["target_level", "H = 8"]),
     "unknown-metric": (["--model.metric", "foo"], ["unknown fitness metric", "foo"]),
+    "infeasible-budget": (["--model.target_level", "4.33"], ["no schedule meets target level 4.33", "1/20"]),
     "no-probes": (["--model.num_probes", "0"], ["num_probes"]),
     "no-samples": (["--data.nsamples", "0"], ["nsamples"]),
 }
