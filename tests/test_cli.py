@@ -95,7 +95,7 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
     assert text.splitlines()[0] == f"# diffes-pl fit --config configs/{path.name}"
     raw = yaml.safe_load(text)
     model_name, _, pruner_name = path.stem.partition("_")
-    assert model_name in ("tiny", "dit") and pruner_name
+    assert model_name in ("tiny", "dit", "sdxl", "flux") and pruner_name
 
     args = ["--config", str(path), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'run'}"]
     metric = raw["model"].get("metric", "ssim")
@@ -130,7 +130,10 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
     if model_name == "tiny":
         assert hp.denoiser == "tiny-digits" and dm.source == "digits"
     else:
-        assert "DiT" in hp.denoiser and dm.source != "digits"
+        family = {"dit": "DiT", "sdxl": "stable-diffusion-xl", "flux": "FLUX"}[model_name]
+        assert family in hp.denoiser and dm.source != "digits"
+    if model_name in ("sdxl", "flux"):  # text-conditioned: captions and probe prompts, no labels
+        assert dm.caption_column and dm.label_column is None and hp.prompts
     for key, value in (raw.get("data") or {}).items():
         assert getattr(dm, key) == value, key
     assert cli.trainer.max_epochs == raw["trainer"]["max_epochs"]

@@ -16,6 +16,11 @@ to [-1, 1] and, for latent denoisers, encoded by the VAE (posterior mean) and sc
 `adapter.latent_scale` exactly once. The same clean images serve every stage (only the noise level
 differs, which is what makes stages comparable); timesteps and ε of stage s come from a generator
 seeded by (seed, s), so each stage is reproducible on its own.
+
+Text-conditioned denoisers (SDXL, FLUX) calibrate on captions: `caption_column` names a column of
+strings (or lists of strings: the first is used, as COCO-captions rows hold five); the captions of
+the chosen rows are encoded ONCE by `adapter.encode_prompts` into a `TextCondition` and cached with
+the clean latents (in memory, and on disk with `cache_dir`).
 """
 from __future__ import annotations
 
@@ -31,13 +36,16 @@ from typing import Any, Iterator
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
-from .sources import (DIGITS_COLUMNS, SourceError, SourceSpec, check_columns, labels_tensor, open_source,
-                      preprocess_image, resolve_source, select_indices)
+from ..denoisers.base import TextCondition
+
+from .sources import (DIGITS_COLUMNS, SourceError, SourceSpec, caption_texts, check_columns, labels_tensor,
+                      open_source, preprocess_image, resolve_source, select_indices)
 
 # Bump when the noising or preprocessing changes: it is part of `settings()` (the store key).
 CALIBRATION_VERSION = 1
+CACHE_VERSION = 2  # caches of caption runs also hold the encoded captions
 
 
 # --- noise schedules ---------------------------------------------------------------------------
@@ -140,10 +148,11 @@ class ShardSampler(DistributedSampler):
 
 class StageDataset(Dataset):
     """One stage's samples, in memory. Item i: `latents` [C, H, W] float32 (noisy x_t), `timesteps`
-    [] int64 (float32 for flow matching), `stage` [] int64, `cond` [] int64 class label, `index` []
-    int64 (i, for checking shards)."""
+    [] int64 (float32 for flow matching), `stage` [] int64, `cond` [] int64 class label (or a
+    one-row `TextCondition` for text-conditioned denoisers), `index` [] int64 (i, for checking
+    shards). `collate_samples` batches items (TextCondition rows are concatenated)."""
 
-    def __init__(self, latents: Tensor, timesteps: Tensor, stage: int, cond: Tensor) -> None:
+    def __init__(self, latents: Tensor, timesteps: Tensor, stage: int, cond: Tensor | TextCondition) -> None:
         self.latents, self.timesteps, self.cond = latents, timesteps, cond
         self.stage = int(stage)
 
@@ -156,12 +165,30 @@ class StageDataset(Dataset):
                 "index": torch.tensor(int(i), dtype=torch.int64)}
 
 
+def cat_conditions(conds: list[TextCondition]) -> TextCondition:
+    """TextConditions stacked along the batch axis (one concatenation per field)."""
+    from dataclasses import fields
+
+    values = {f.name: [getattr(c, f.name) for c in conds] for f in fields(TextCondition)}
+    return TextCondition(**{k: None if any(v is None for v in vs) else torch.cat(vs) for k, vs in values.items()})
+
+
+def collate_samples(items: list[dict]) -> dict:
+    """A batch of `StageDataset` items: tensors stacked, TextCondition rows concatenated."""
+    if not isinstance(items[0]["cond"], TextCondition):
+        return default_collate(items)
+    batch = default_collate([{k: v for k, v in item.items() if k != "cond"} for item in items])
+    batch["cond"] = cat_conditions([item["cond"] for item in items])
+    return batch
+
+
 @dataclass
 class CleanSet:
-    """The cached clean latents x0 [N, C, H, W] float32 (cpu) and their conditions [N] int64."""
+    """The cached clean latents x0 [N, C, H, W] float32 (cpu) and their conditions: class labels [N]
+    int64, or a TextCondition of N rows (text-conditioned denoisers)."""
 
     latents: Tensor
-    cond: Tensor
+    cond: Tensor | TextCondition
 
 
 def vae_scale_factor(vae: Any) -> int:
@@ -190,8 +217,9 @@ class CalibrationDataModule(L.LightningDataModule):
     Call `attach(adapter, partition)` first, then `set_stage(s)`; `predict_dataloader()` serves the
     `nsamples` samples of stage s in batches of dicts: `latents` [B, C, H, W] float (noisy x_t),
     `timesteps` [B] int64 native training timesteps (float σ·1000 for flow matching), `stage` [B]
-    int64 (all s), `cond` [B] int64 class labels (the null class when `label_column` is null), and
-    `index` [B] int64 (sample index within the stage).
+    int64 (all s), `cond` [B] int64 class labels (the null class when `label_column` is null) or,
+    for text-conditioned denoisers, a TextCondition of B rows (the captions' embeddings, or the null
+    condition), and `index` [B] int64 (sample index within the stage).
 
     The clean images are the same for every stage (chosen once by `seed`, encoded once and cached);
     only the timesteps and the noise differ, drawn from a generator seeded by (seed, stage). Under
@@ -219,8 +247,10 @@ class CalibrationDataModule(L.LightningDataModule):
             image_column: column holding the images.
             label_column: column holding integer class labels; null calibrates unconditionally
                 (the denoiser's null class).
-            caption_column: column holding captions (text-conditioned denoisers; comes with the
-                SDXL/FLUX adapters).
+            caption_column: column holding captions (text-conditioned denoisers: SDXL, FLUX): strings,
+                or lists of strings (the first is used). Needs label_column null. The captions are
+                encoded once with the adapter's text encoders. With both columns null a
+                text-conditioned denoiser is calibrated unconditionally (its null condition).
             resolution: pixel size of the square center crop; default latent size × VAE
                 downsampling factor for latent denoisers, the latent size for pixel denoisers.
             num_workers: DataLoader worker processes (samples are in memory: 0 is usually best).
@@ -239,14 +269,13 @@ class CalibrationDataModule(L.LightningDataModule):
             raise ValueError(f"seed must be an integer; got {seed!r}")
         if not image_column:
             raise ValueError("image_column must name the column holding the images")
-        if caption_column is not None:
-            raise NotImplementedError(
-                f"caption_column={caption_column!r}: text conditioning (prompt embeddings) comes with the SDXL/FLUX "
-                "adapters, which this version does not have; for class-conditional denoisers (DiT) set "
-                "caption_column to null and label_column to the class-label column")
+        if caption_column is not None and label_column is not None:
+            raise ValueError(f"give label_column (class-conditional denoisers: DiT) or caption_column (text-conditioned: "
+                             f"SDXL, FLUX), not both (got {label_column!r} and {caption_column!r}): for captions set "
+                             "label_column to null")
         self.spec: SourceSpec = resolve_source(source)  # a missing local path is refused here
         if self.spec.kind == "digits":
-            check_columns(DIGITS_COLUMNS, source, image_column, label_column, None)
+            check_columns(DIGITS_COLUMNS, source, image_column, label_column, caption_column)
         self.source = source
         self.nsamples = nsamples
         self.batch_size = batch_size
@@ -263,6 +292,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.stage = 0
         self._rows: Any = None  # the selected rows of a datasets.Dataset (not decoded yet)
         self._labels: Tensor | None = None
+        self._captions: list[str] | None = None
         self._clean: CleanSet | None = None
         self._stage_cache: tuple[int, StageDataset] | None = None
 
@@ -283,6 +313,7 @@ class CalibrationDataModule(L.LightningDataModule):
         if int(partition.num_train_timesteps) != T:
             raise ValueError(f"the partition counts {partition.num_train_timesteps} training timesteps but the "
                              f"denoiser was trained with {T}; build the partition from adapter.make_scheduler()")
+        self._check_conditioning(adapter)
         self._abar = None if is_flow(schedule) else alphas_cumprod(schedule)
         self._schedule = schedule
         if self.adapter is not adapter:
@@ -315,6 +346,18 @@ class CalibrationDataModule(L.LightningDataModule):
                 raise SourceError(f"label column {self.label_column!r} of {self.source} does not fit "
                                   f"{adapter.name}: {err}") from err
 
+    def _check_conditioning(self, adapter: Any) -> None:
+        """Captions go with text-conditioned denoisers (those with `encode_prompts`), labels with the rest."""
+        text = hasattr(adapter, "encode_prompts")
+        if self.caption_column is not None and not text:
+            raise SourceError(f"caption_column={self.caption_column!r} needs a text-conditioned denoiser (SDXL, FLUX); "
+                              f"{adapter.name} is class-conditional: set caption_column to null and label_column "
+                              "to the class-label column")
+        if text and self.label_column is not None:
+            raise SourceError(f"{adapter.name} is text-conditioned: set caption_column to the column holding the "
+                              f"captions and label_column to null (got label_column={self.label_column!r}); both "
+                              "null calibrates unconditionally")
+
     def _prepare_digits(self) -> None:
         from .digits import load_digits_split
 
@@ -329,12 +372,14 @@ class CalibrationDataModule(L.LightningDataModule):
         if self._rows is not None:
             return
         ds = open_source(self.spec, self.split)
-        check_columns(ds.column_names, self.source, self.image_column, self.label_column, None)
+        check_columns(ds.column_names, self.source, self.image_column, self.label_column, self.caption_column)
         idx, repeated = select_indices(len(ds), self.nsamples, self.seed)
         self._warn_repeated(repeated, len(ds))
         rows = ds.select(idx.tolist())
         self._labels = (labels_tensor(rows[self.label_column], self.source, self.label_column)
                         if self.label_column is not None else None)
+        self._captions = (caption_texts(rows[self.caption_column], self.source, self.caption_column)
+                          if self.caption_column is not None else None)
         self._rows = rows
         self._num_source_rows = len(ds)
 
@@ -356,6 +401,7 @@ class CalibrationDataModule(L.LightningDataModule):
         if self._clean is not None:
             return self._clean
         adapter = self.adapter
+        text: TextCondition | None = None
         if self.spec.kind == "digits":
             latents = self._rows.float().clone()
         else:
@@ -363,22 +409,32 @@ class CalibrationDataModule(L.LightningDataModule):
             if path is not None and path.exists():
                 from safetensors.torch import load_file
 
-                latents = load_file(str(path))["latents"]
+                cached = load_file(str(path))
+                latents = cached.pop("latents")
+                text = TextCondition(**{k.split(".", 1)[1]: v for k, v in cached.items()}) if cached else None
             else:
                 latents = self._encode_rows()
+                text = self._encode_captions()
                 if path is not None:
                     from safetensors.torch import save_file
 
                     from ..io import atomic_path
 
+                    tensors = {"latents": latents}
+                    if text is not None:
+                        tensors.update({f"cond.{k}": v for k, v in vars(text).items() if v is not None})
                     with atomic_path(path) as tmp:
-                        save_file({"latents": latents.contiguous()}, str(tmp))
+                        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         expected = tuple(int(x) for x in adapter.latent_shape)
         if self.resolution is None and tuple(latents.shape[1:]) != expected:
             raise SourceError(f"calibration latents have shape {tuple(latents.shape[1:])} but {adapter.name} expects "
                               f"{expected}; check the VAE and the resolution ({self._pixel_resolution})")
-        if self._labels is not None:
+        if text is not None:
+            cond = text
+        elif self._labels is not None:
             cond = self._labels.clone()
+        elif hasattr(adapter, "encode_prompts"):  # text-conditioned, no captions: the null condition
+            cond = adapter.null_condition(adapter.example_condition(self.nsamples)).to("cpu", torch.float32)
         else:
             cond = adapter.null_condition(torch.zeros(self.nsamples, dtype=torch.int64))
         self._clean = CleanSet(latents, cond)
@@ -393,6 +449,17 @@ class CalibrationDataModule(L.LightningDataModule):
             out.append(encode_images(self.adapter, images))
         return torch.cat(out)
 
+    def _encode_captions(self) -> TextCondition | None:
+        """The chosen rows' captions → one TextCondition [N rows] (float32, CPU), or None."""
+        if self._captions is None:
+            return None
+        return self.adapter.encode_prompts(self._captions, batch_size=self.batch_size).to("cpu", torch.float32)
+
+    def captions(self) -> list[str] | None:
+        """The captions of the chosen rows, in sample order (None without caption_column)."""
+        self._require_attached()
+        return None if self._captions is None else list(self._captions)
+
     def _cache_path(self) -> Path | None:
         if self.cache_dir is None:
             return None
@@ -404,6 +471,8 @@ class CalibrationDataModule(L.LightningDataModule):
                "vae": None if vae is None else [type(vae).__name__, dict(vae.config)],
                "latent_scale": getattr(adapter, "latent_scale", None),
                "latent_shift": getattr(adapter, "latent_shift", None)}
+        if self.caption_column is not None:  # the file also holds the encoded captions
+            key.update({"cache_version": CACHE_VERSION, "text_encoders": adapter.text_identity()})
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]
         return Path(self.cache_dir).expanduser() / f"calibration-{digest}.safetensors"
 
@@ -455,4 +524,4 @@ class CalibrationDataModule(L.LightningDataModule):
         """The current stage's samples in order, `batch_size` per batch; this process's shard under DDP."""
         dataset = self.stage_dataset(self.stage)
         return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, sampler=self.shard_sampler(dataset),
-                          num_workers=self.num_workers, drop_last=False)
+                          num_workers=self.num_workers, drop_last=False, collate_fn=collate_samples)

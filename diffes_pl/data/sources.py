@@ -217,6 +217,21 @@ def preprocess_image(value: Any, resolution: int, channels: int) -> Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1) / 127.5 - 1.0
 
 
+def caption_texts(values: Sequence[Any], given: str, caption_column: str) -> list[str]:
+    """One caption per row from a caption column: a string, or a list of strings (the first is taken:
+    COCO-captions rows hold five)."""
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, (list, tuple)):
+            value = value[0] if len(value) else None
+        if not isinstance(value, str) or not value.strip():
+            raise SourceError(f"caption column {caption_column!r} of {given} holds {value!r} in a chosen row ({i}); "
+                              "captions must be non-empty strings or lists of strings: fix the data or pick "
+                              "another caption_column")
+        out.append(value)
+    return out
+
+
 def labels_tensor(values: Sequence[Any], given: str, label_column: str) -> Tensor:
     """Class ids [N] int64 from a label column (ClassLabel or integer values)."""
     bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, np.integer))]

@@ -252,6 +252,11 @@ class DenoiserAdapter(ABC):
 
         return layer.register_forward_pre_hook(hook)
 
+    def block_streams(self, args: tuple, kwargs: dict, output: Any) -> list[tuple[Tensor, Tensor]]:
+        """(input, output) pairs [B, N, D] of the residual streams of one block call, from a forward
+        hook's arguments: the hidden states in and out (FLUX overrides: image and text streams)."""
+        return [(args[0] if args else kwargs["hidden_states"], output)]
+
     def mask_block(self, index: int) -> RemovableHandle:
         """Makes block `index` return its input hidden states (the dense block still runs)."""
 

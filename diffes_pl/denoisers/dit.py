@@ -75,7 +75,7 @@ class DiTAdapter(DenoiserAdapter):
                  noise_schedule: dict | None = None, latent_scale: float = 0.18215) -> None:
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.name = name
-        self.vae = vae
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
         self.noise_schedule = dict(noise_schedule or DIT_NOISE_SCHEDULE)
         self.latent_scale = latent_scale
         cfg = denoiser.config

@@ -17,7 +17,8 @@ Depth units: the 19 double then 38 single blocks (a skipped block passes both st
 
 Sampling is rectified flow: `FlowMatchEulerDiscreteScheduler` with the FLUX pipeline's sigmas
 linspace(1, 1/n, n) (schnell: 4 steps, shift 1, no CFG). `predict_noise` takes and returns
-unpacked latents [B, 16, H, W]; packing into 2×2 patches (tokens of 64) happens inside.
+unpacked latents [B, 16, H, W]; packing into 2×2 patches (tokens of 64) happens inside. Prompts are
+encoded by `encode_prompts` with the pipeline's CLIP (pooled) and T5 (`text_len` tokens) encoders.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from torch.utils.hooks import RemovableHandle
 from .base import (BlockSlots, ConstantOutput, DenoiserAdapter, HandleGroup, TextCondition, UnitGroup, sliced_linear,
                    with_children)
 from .dit import feed_forward_linears, slice_feed_forward
+from .text import TextConditioned, TextEncoders, encode_flux
 
 # FLUX.1-schnell's scheduler config; `flow` tells calibration to noise as x_σ = (1 − σ) x0 + σ ε.
 FLUX_NOISE_SCHEDULE = {"flow": True, "num_train_timesteps": 1000, "shift": 1.0}
@@ -192,26 +194,31 @@ def slice_flux_attention(attn: nn.Module, group: UnitGroup, keep: Tensor, out_we
     return with_children(attn, children, heads=len(keep), inner_dim=len(rows))
 
 
-class FluxAdapter(DenoiserAdapter):
+class FluxAdapter(TextConditioned, DenoiserAdapter):
     """Adapter for diffusers `FluxTransformer2DModel` (rectified flow, T5 + CLIP conditioning)."""
 
     family = "flux"
 
     def __init__(self, denoiser: FluxTransformer2DModel, name: str, vae: nn.Module | None = None,
-                 image_size: int = 1024, text_len: int = 256, guidance: float = 3.5,
-                 noise_schedule: dict | None = None) -> None:
+                 image_size: int | None = None, text_len: int = 256, guidance: float = 3.5,
+                 noise_schedule: dict | None = None, text_encoders: TextEncoders | None = None) -> None:
+        """`image_size` defaults to the VAE's sample_size (FLUX: 1024) or 1024; the latent side is
+        image_size / the VAE's downsampling (8 for FLUX's VAE). `text_len`: T5 tokens (schnell 256)."""
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.name = name
-        self.vae = vae
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
         self.noise_schedule = dict(noise_schedule or FLUX_NOISE_SCHEDULE)
         self.latent_scale, self.latent_shift = FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT
         if vae is not None:
             self.latent_scale = float(vae.config.scaling_factor)
             self.latent_shift = float(vae.config.shift_factor or 0.0)
-        self.latent_size = image_size // 8
+        factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+        image_size = int(image_size or (vae.config.sample_size if vae is not None else 1024))
+        self.latent_size = image_size // factor
         if self.latent_size % 2:
-            raise ValueError(f"image_size {image_size} gives an odd latent size; use a multiple of 16")
+            raise ValueError(f"image_size {image_size} gives an odd latent size; use a multiple of {2 * factor}")
         self.text_len = text_len
+        self.set_text_encoders(text_encoders)
         self.guidance = guidance  # embedded guidance, read only by guidance-distilled models (FLUX.1-dev)
         doubles, singles = denoiser.transformer_blocks, denoiser.single_transformer_blocks
         self.num_double = len(doubles)
@@ -372,6 +379,16 @@ class FluxAdapter(DenoiserAdapter):
             raise ValueError(f"FLUX condition widths {cond.prompt_embeds.shape[-1]} / {cond.pooled_embeds.shape[-1]} "
                              f"do not match joint_attention_dim {cfg.joint_attention_dim} / pooled_projection_dim "
                              f"{cfg.pooled_projection_dim}")
+
+    def _encode_batch(self, encoders: TextEncoders, prompts: list[str]) -> TextCondition:
+        embeds, pooled = encode_flux(encoders, prompts)  # [B, text_len, 4096], [B, 768]
+        return TextCondition(embeds, pooled)
+
+    def block_streams(self, args: tuple, kwargs: dict, output: Any) -> list[tuple[Tensor, Tensor]]:
+        """(input, output) of both streams of a double- or single-stream block: image, then text."""
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+        return [(hidden, output[1]), (text, output[0])]
 
     def make_scheduler(self, kind: str = "flow_euler") -> Any:
         if kind in ("flow_euler", "flow", "euler"):

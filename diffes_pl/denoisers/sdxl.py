@@ -10,7 +10,9 @@ EVERY group, so 10- and 20-head attentions lose the same fraction.
 Conditioning is a `TextCondition`: prompt embeddings [B, 77, 2048], pooled text embeddings
 [B, 1280] and time ids [B, 6] (SDXL's `text_embeds` / `time_ids` added conditions). The null
 condition is zero embeddings (SDXL's `force_zeros_for_empty_prompt`) unless negative embeddings
-are given; guidance is ε_u + g · (ε_c − ε_u) as in `StableDiffusionXLPipeline`.
+are given; guidance is ε_u + g · (ε_c − ε_u) as in `StableDiffusionXLPipeline`. Prompts are encoded
+by `encode_prompts` with the pipeline's two CLIP text encoders (`text.py`); their time ids are the
+pipeline's defaults at `image_size` (original = target size, crop (0, 0)).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from torch import Tensor, nn
 
 from .base import BlockSlots, DenoiserAdapter, TextCondition, UnitGroup
 from .dit import feed_forward_linears, slice_attention, slice_feed_forward
+from .text import TextConditioned, TextEncoders, encode_sdxl
 
 # SDXL's training noise schedule (the scheduler config of stabilityai/stable-diffusion-xl-base-1.0).
 SDXL_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
@@ -51,23 +54,28 @@ def transformer_block_slots(unet: UNet2DConditionModel) -> list[tuple[str, nn.Mo
     return slots
 
 
-class SDXLAdapter(DenoiserAdapter):
+class SDXLAdapter(TextConditioned, DenoiserAdapter):
     """Adapter for diffusers `UNet2DConditionModel` with SDXL's text-time added conditions."""
 
     family = "sdxl"
 
     def __init__(self, denoiser: UNet2DConditionModel, name: str, vae: nn.Module | None = None,
-                 noise_schedule: dict | None = None, latent_scale: float = SDXL_LATENT_SCALE,
-                 image_size: int | None = None) -> None:
+                 noise_schedule: dict | None = None, latent_scale: float | None = None,
+                 image_size: int | None = None, text_encoders: TextEncoders | None = None) -> None:
+        """`latent_scale` defaults to the VAE's `scaling_factor` (SDXL: 0.13025); `text_encoders`
+        (optional) encode prompts; loaders attach them lazily with `set_text_encoders`."""
         cfg = denoiser.config
         if cfg.addition_embed_type != "text_time":
             raise ValueError(f"{name}: SDXLAdapter needs a UNet with addition_embed_type 'text_time' (SDXL); "
                              f"this one has {cfg.addition_embed_type!r}")
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.name = name
-        self.vae = vae
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
         self.noise_schedule = dict(noise_schedule or SDXL_NOISE_SCHEDULE)
+        if latent_scale is None:
+            latent_scale = float(vae.config.scaling_factor) if vae is not None else SDXL_LATENT_SCALE
         self.latent_scale = latent_scale
+        self.set_text_encoders(text_encoders)
         self.vae_factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(image_size or cfg.sample_size * self.vae_factor)  # for the default time ids
         self.pooled_dim = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
@@ -151,6 +159,10 @@ class SDXLAdapter(DenoiserAdapter):
         if cond.time_ids is None or tuple(cond.time_ids.shape[1:]) != (6,):
             raise ValueError("SDXL conditions need time_ids [B, 6] (original size, crop, target size); "
                              "use adapter.default_time_ids(batch_size)")
+
+    def _encode_batch(self, encoders: TextEncoders, prompts: list[str]) -> TextCondition:
+        embeds, pooled = encode_sdxl(encoders, prompts)  # [B, 77, 2048], [B, 1280]
+        return TextCondition(embeds, pooled, self.default_time_ids(len(prompts)))
 
     def make_scheduler(self, kind: str = "euler_a") -> Any:
         if kind in ("euler_a", "euler-ancestral"):

@@ -2,7 +2,9 @@
 
 Per stage, a block's redundancy is 1 − cos(block input, block output), averaged over tokens and
 calibration samples; the most identity-like blocks (highest cosine) go first. This is pruning of a
-trained denoiser, not the LayerDrop training regulariser.
+trained denoiser, not the LayerDrop training regulariser. Blocks with several residual streams
+(FLUX: image and text, returned as a tuple) count every token of every stream
+(`adapter.block_streams`): a skipped block passes all of them through.
 """
 from __future__ import annotations
 
@@ -34,10 +36,10 @@ class DepthPruner(Pruner):
 
         def hook(index):
             def fn(_module, args, kwargs, output):
-                x = args[0] if args else kwargs["hidden_states"]
-                cos = F.cosine_similarity(x.to(self.stat_dtype), output.to(self.stat_dtype), dim=-1)  # [B, N]
-                self._cos[index] += cos.sum()
-                self._tokens[index] += cos.numel()
+                for x, y in self.adapter.block_streams(args, kwargs, output):  # [B, N, D] in and out
+                    cos = F.cosine_similarity(x.to(self.stat_dtype), y.to(self.stat_dtype), dim=-1)  # [B, N]
+                    self._cos[index] += cos.sum()
+                    self._tokens[index] += cos.numel()
             return fn
 
         for i in range(n):

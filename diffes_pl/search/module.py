@@ -58,6 +58,7 @@ class DiffES(L.LightningModule):
         probe_batch_size: int | None = None,
         search_seed: int = 0,
         dtype: str = "float32",
+        prompts: list[str] | None = None,
     ) -> None:
         """
         Args:
@@ -80,6 +81,10 @@ class DiffES(L.LightningModule):
             probe_seed: seed of the probes. probe_batch_size: probes per denoiser call.
             search_seed: seed of the search's own generator (population, mutation).
             dtype: inference dtype of the denoiser (float32, float16, bfloat16).
+            prompts: probe prompts of text-conditioned denoisers (SDXL, FLUX; required there, refused
+                elsewhere): probe i is prompts[i % len(prompts)] with its own seeded latent, encoded
+                once by the denoiser's text encoders; CFG's unconditional half is the adapter's null
+                condition.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pruner"])
@@ -116,7 +121,17 @@ class DiffES(L.LightningModule):
         if problems:
             raise ValueError("; ".join(problems))
         self.metric = get_metric(hp.metric)  # unknown metric → ValueError now
-        check_name(hp.denoiser)  # unknown model / missing folder → error now
+        kind = check_name(hp.denoiser)  # unknown model / missing folder → error now
+        text = kind.startswith(("sdxl", "flux"))
+        if hp.prompts is not None and (not isinstance(hp.prompts, (list, tuple)) or
+                                       not all(isinstance(p, str) and p.strip() for p in hp.prompts)):
+            raise ValueError(f"prompts must be a list of non-empty strings (got {hp.prompts!r})")
+        if text and not hp.prompts:
+            raise ValueError(f"{hp.denoiser} is text-conditioned: set model.prompts to the probe prompts "
+                             "(a list of strings; the paper uses 4)")
+        if not text and hp.prompts:
+            raise ValueError(f"{hp.denoiser} is class-conditional: model.prompts is for text-conditioned denoisers "
+                             "(SDXL, FLUX); remove it")
 
     # --- preparation (CLI: before fit / predict / test) --------------------------------------
     @property
@@ -168,7 +183,7 @@ class DiffES(L.LightningModule):
                                 f"{self.store.num_stages} stages; this run needs H = {self.levels_max} and "
                                 f"{self.partition.num_stages} stages")
         hp = self.hparams
-        self.probes = Probes.make(adapter, hp.num_probes, hp.probe_seed)
+        self.probes = Probes.make(adapter, hp.num_probes, hp.probe_seed, prompts=hp.prompts)
         self.engine = RolloutEngine(adapter, self.store, self.partition, self.probes, sampler=hp.sampler,
                                     guidance=hp.guidance, batch_size=hp.probe_batch_size,
                                     levels_max=self.levels_max, target_level=hp.target_level)

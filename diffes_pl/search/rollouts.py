@@ -20,11 +20,13 @@ from ..trajectory import TrajectoryStore
 
 @dataclass
 class Probes:
-    """Seeded initial noise [P, C, H, W] and conditions (labels) the fitness is measured on."""
+    """Seeded initial noise [P, C, H, W] and the conditions the fitness is measured on: class labels
+    [P] int64, or for text-conditioned denoisers the TextCondition [P rows] of `prompts`."""
 
     noise: Tensor
     conditions: Any
     seed: int = 0
+    prompts: list[str] | None = None
 
     @property
     def noise_seeds(self) -> list[int]:
@@ -32,10 +34,21 @@ class Probes:
         return [self.seed * 65_537 + i for i in range(len(self.noise))]
 
     @classmethod
-    def make(cls, adapter: DenoiserAdapter, num_probes: int, seed: int) -> "Probes":
+    def make(cls, adapter: DenoiserAdapter, num_probes: int, seed: int, prompts: list[str] | None = None) -> "Probes":
+        """`num_probes` seeded latents; text-conditioned denoisers pair probe i with prompts[i % len(prompts)]
+        (encoded once by the adapter's text encoders), the others with seeded class labels."""
         if num_probes < 1:
             raise ValueError(f"num_probes must be ≥ 1 (got {num_probes}): the fitness needs images to score")
         noise = seeded_noise((num_probes, *adapter.latent_shape), seed)
+        if hasattr(adapter, "encode_prompts"):
+            if not prompts:
+                raise ValueError(f"{adapter.name} is text-conditioned: give the probe prompts (model.prompts: a list "
+                                 "of strings; probe i uses prompts[i % len(prompts)])")
+            chosen = [prompts[i % len(prompts)] for i in range(num_probes)]
+            return cls(noise, adapter.encode_prompts(chosen), seed, chosen)
+        if prompts:
+            raise ValueError(f"{adapter.name} is class-conditional: prompts are for text-conditioned denoisers "
+                             "(SDXL, FLUX); remove model.prompts")
         g = torch.Generator().manual_seed(seed + 7919)
         labels = torch.randperm(num_probes, generator=g) % adapter.num_classes
         return cls(noise, labels, seed)
@@ -87,7 +100,7 @@ class RolloutEngine:
                 scheduler = prepare_scheduler(adapter, self.sampler, partition.num_steps)
                 latents = x[b:b + self.batch_size].to(adapter.device, adapter.dtype)
                 if start_stage == 0:
-                    latents = latents * scheduler.init_noise_sigma
+                    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
                 cond = self.probes.conditions[b:b + self.batch_size].to(adapter.device)
                 seen: list[Tensor] = []
 

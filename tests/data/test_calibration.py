@@ -333,8 +333,10 @@ def test_errors_name_cause_and_fix(pixel_adapter, ddim_partition, random_dit, tm
         CalibrationDataModule(nsamples=0)
     with pytest.raises(ValueError, match="batch_size must be an integer ≥ 1"):
         CalibrationDataModule(batch_size=0)
-    with pytest.raises(NotImplementedError, match="SDXL/FLUX adapters"):
-        CalibrationDataModule(caption_column="text")
+    with pytest.raises(ValueError, match="not both.*set label_column to null"):
+        CalibrationDataModule(caption_column="text")  # label_column defaults to "label"
+    with pytest.raises(SourceError, match="no column 'text' \\(caption_column\\)"):
+        CalibrationDataModule(caption_column="text", label_column=None)  # digits hold no captions
     with pytest.raises(SourceError, match="no column 'digit'"):
         CalibrationDataModule(label_column="digit")
     (tmp_path / "empty").mkdir()
