@@ -34,9 +34,15 @@ def step_generators(noise_seeds: Sequence[int], step: int) -> list[torch.Generat
 
 
 def as_conditions(adapter: DenoiserAdapter, conditions: Any) -> Any:
-    """Class labels as a LongTensor; other condition types pass through."""
+    """Class labels as a LongTensor; prompt strings encoded by a text-conditioned adapter's text
+    encoders (SDXL, FLUX); other condition types (a `TextCondition`) pass through."""
     if isinstance(conditions, (list, tuple)) and all(isinstance(c, int) for c in conditions):
         conditions = torch.tensor(conditions, dtype=torch.long)
+    elif isinstance(conditions, (list, tuple)) and conditions and all(isinstance(c, str) for c in conditions):
+        encode = getattr(adapter, "encode_prompts", None)
+        if encode is None:
+            raise ValueError(f"{adapter.name} is class-conditional: pass class labels, not prompts")
+        conditions = encode(list(conditions))
     validate = getattr(adapter, "validate_condition", None)
     if validate is not None:
         validate(conditions)

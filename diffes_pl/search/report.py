@@ -103,7 +103,7 @@ def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: Eva
     hp, partition = module.hparams, module.partition
     routed = {n: s for n, s in schedules.items() if s is not None}
     store = TrajectoryStore.open(module.store_path) if routed else None
-    prompts = Path(config.prompts).read_text().splitlines() if config.prompts else None
+    prompts = Path(config.prompts).read_text().splitlines() if config.prompts else (list(hp.prompts or []) or None)
     if prompts is None and not hasattr(adapter, "num_classes"):
         raise ValueError("this denoiser is prompt-conditioned: give prompts (a text file, one per line)")
     kw = dict(sampler=hp.sampler, steps=hp.steps, guidance=hp.guidance)
@@ -251,7 +251,7 @@ def evaluate_schedules(module, schedules: dict[str, Schedule], num_probes: int =
     benchmarks/compare_baselines.py)."""
     adapter = module.load()
     store = TrajectoryStore.open(module.store_path)
-    probes = Probes.make(adapter, num_probes, probe_seed)
+    probes = Probes.make(adapter, num_probes, probe_seed, prompts=module.hparams.prompts)
     hp = module.hparams
     engine = RolloutEngine(adapter, store, module.partition, probes, sampler=hp.sampler, guidance=hp.guidance,
                            batch_size=hp.probe_batch_size, levels_max=module.levels_max, target_level=hp.target_level)

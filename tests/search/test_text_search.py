@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+import diffes_pl as dp
 from diffes_pl.partition import budget_met
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +154,29 @@ def test_local_folders_are_recognised(setup, text_models, tmp_path):
     # the hub loader, offline and without a cached pipeline, names what is missing and how to get it
     with pytest.raises(MissingTextEncodersError, match="huggingface-cli download nobody/no-sdxl"):
         load_text_encoders("nobody/no-sdxl", "sdxl", "cpu", None)
+
+
+def test_cli_test_evaluates_with_the_search_prompts(setup, straight):
+    """`diffes-pl test` on the SDXL run: prompts come from model.prompts; SSIM vs dense only (the
+    Inception and CLIP weights are not on this machine)."""
+    tmp, config, _ = setup
+    cmd = [sys.executable, "-m", "diffes_pl.cli", "test", "--config", str(config), "--trainer.default_root_dir",
+           str(straight), "--eval.metrics", "[ssim]", "--eval.num_images", "4", "--eval.batch_size", "2",
+           "--eval.latency_batch_size", "0"]
+    out = subprocess.run(cmd, env={**ENV, "HF_DATASETS_CACHE": str(tmp / "hf-cache")}, capture_output=True, text=True,
+                         timeout=300, cwd=tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads((straight / "evaluation.json").read_text())
+    rows = result.get("results", result)
+    assert set(rows) >= {"dense", "searched", "uniform"}, rows
+    assert rows["dense"]["ssim"] == pytest.approx(1.0)
+    assert 0 < rows["searched"]["ssim"] < 1 and 0 < rows["uniform"]["ssim"] < 1
+
+
+def test_sample_accepts_prompt_strings(text_models):
+    adapter = text_models.build_tiny_sdxl()
+    kw = dict(steps=2, guidance=3.0, seed=0, sampler="euler_a", output="latents")
+    torch.testing.assert_close(dp.sample(adapter, PROMPTS, **kw), dp.sample(adapter, adapter.encode_prompts(PROMPTS), **kw),
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="class-conditional"):
+        dp.sample(dp.load_denoiser("tiny-digits"), ["a cat"], steps=2)
