@@ -2,13 +2,11 @@
 denoiser, for heads, channels (with compensated weights) and depth; removal restores dense."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import diffes_pl as dp
-from diffes_pl.denoisers import keep_from_order
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router, RoutingError
-from diffes_pl.trajectory import TrajectoryStore, make_key
+from routing_reference import MaskingListener, random_store
 
 H, STEPS, STAGES = 4, 4, 2
 
@@ -18,63 +16,9 @@ def _partition(adapter, sampler="ddim"):
 
 
 def _store(adapter, path, compensated=False, depth=False, sampler="ddim"):
-    g = torch.Generator().manual_seed(0)
     partition = _partition(adapter, sampler)
-    fields = {"denoiser": adapter.identity(), "partition": partition.to_dict()}
-    stages = []
-    for _ in range(STAGES):
-        tensors = {}
-        if depth:
-            tensors["blocks.order"] = torch.randperm(len(adapter.blocks()), generator=g)
-        for group in ([] if depth else adapter.unit_groups()):
-            tensors[f"{group.name}.order"] = torch.randperm(group.size, generator=g)
-            if compensated:
-                out = adapter.output_layer(group).out_features
-                for level in range(1, H + 1):
-                    kept = group.size - group.removed_at(level, H)
-                    tensors[f"{group.name}.weight.{level}"] = 0.1 * torch.randn(out, kept * group.unit_width, generator=g)
-        stages.append(tensors)
-    manifest = {"key": make_key(fields), "key_fields": fields, "pruner": "test", "levels_max": H if not depth else len(adapter.blocks()),
-                "num_stages": STAGES, "compensated": compensated, "depth": depth}
-    return TrajectoryStore.write(path, manifest, stages), partition
-
-
-class MaskingListener:
-    """The reference: per stage, hooks on the DENSE modules that zero removed units (or skip blocks,
-    or apply the stored compensated weight on the kept columns)."""
-
-    def __init__(self, adapter, store, schedule):
-        self.adapter, self.store, self.schedule = adapter, store, schedule
-        self.handles, self.stage = [], None
-
-    def on_step(self, step, stage):
-        if stage == self.stage:
-            return
-        self.clear()
-        self.stage = stage
-        level = self.schedule.levels[stage]
-        if self.store.depth:
-            for i in self.store.block_order(stage)[:level].tolist():
-                self.handles.append(self.adapter.mask_block(i))
-            return
-        for group in self.adapter.unit_groups():
-            removed = group.removed_at(level, self.store.levels_max)
-            if removed == 0:
-                continue
-            keep = keep_from_order(self.store.order(stage, group.name), removed)
-            weight = self.store.weight(stage, group.name, level)
-            if weight is None:
-                self.handles.append(self.adapter.mask_units(group, keep))
-            else:
-                layer = self.adapter.output_layer(group)
-                cols = group.columns(keep)
-                self.handles.append(layer.register_forward_hook(
-                    lambda m, args, out, c=cols, w=weight: F.linear(args[0][..., c], w.to(args[0].dtype), m.bias)))
-
-    def clear(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+    levels_max = len(adapter.blocks()) if depth else H
+    return random_store(adapter, path, levels_max, partition, compensated=compensated, depth=depth), partition
 
 
 @pytest.mark.parametrize("kind,sampler", [("orders", "ddim"), ("compensated", "ddim"), ("depth", "ddim"),

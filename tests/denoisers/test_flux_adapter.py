@@ -7,11 +7,11 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl.data.calibration import is_flow
-from diffes_pl.denoisers import TextCondition, keep_from_order
+from diffes_pl.denoisers import TextCondition
 from diffes_pl.denoisers.flux import FluxAdapter, JointProjOut, pack_latents, unpack_latents
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
-from diffes_pl.trajectory import TrajectoryStore, make_key
+from routing_reference import MaskingListener, random_store
 
 STEPS, STAGES = 4, 2
 
@@ -143,42 +143,8 @@ def test_skipped_blocks_equal_masked(flux):
 
 
 def _store(adapter, path, levels_max, depth=False):
-    g = torch.Generator().manual_seed(0)
     partition = StagePartition.from_scheduler(adapter.make_scheduler(), STEPS, STAGES)
-    if depth:
-        stages = [{"blocks.order": torch.randperm(len(adapter.blocks()), generator=g)} for _ in range(STAGES)]
-    else:
-        stages = [{f"{grp.name}.order": torch.randperm(grp.size, generator=g) for grp in adapter.unit_groups()}
-                  for _ in range(STAGES)]
-    fields = {"denoiser": adapter.identity(), "partition": partition.to_dict()}
-    manifest = {"key": make_key(fields), "key_fields": fields, "pruner": "test", "levels_max": levels_max,
-                "num_stages": STAGES, "depth": depth}
-    return TrajectoryStore.write(path, manifest, stages), partition
-
-
-class MaskingListener:
-    """Per stage, the removed units of the dense denoiser zeroed (or its skipped blocks masked)."""
-
-    def __init__(self, adapter, store, schedule):
-        self.adapter, self.store, self.schedule, self.handles, self.stage = adapter, store, schedule, [], None
-
-    def on_step(self, step, stage):
-        if stage == self.stage:
-            return
-        self.clear()
-        self.stage, level, store = stage, self.schedule.levels[stage], self.store
-        if store.depth:
-            self.handles = [self.adapter.mask_block(i) for i in store.block_order(stage)[:level].tolist()]
-            return
-        for g in self.adapter.unit_groups():
-            if g.removed_at(level, store.levels_max):
-                keep = keep_from_order(store.order(stage, g.name), g.removed_at(level, store.levels_max))
-                self.handles.append(self.adapter.mask_units(g, keep))
-
-    def clear(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+    return random_store(adapter, path, levels_max, partition, depth=depth), partition
 
 
 @pytest.mark.parametrize("depth", [False, True])

@@ -3,14 +3,13 @@ attn2, GEGLU channels, blocks), routed sampling equals masked sampling, level 0 
 shipped config builds the real SDXL UNet on the meta device."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import diffes_pl as dp
 from diffes_pl.denoisers import ConstantOutput, TextCondition, keep_from_order
 from diffes_pl.denoisers.sdxl import SDXLAdapter
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
-from diffes_pl.trajectory import TrajectoryStore, make_key
+from routing_reference import MaskingListener, random_store
 
 STEPS, STAGES = 4, 2
 
@@ -111,56 +110,8 @@ def test_skipped_blocks_equal_masked(sdxl):
 
 
 def _store(adapter, path, levels_max, compensated=False, depth=False):
-    g = torch.Generator().manual_seed(0)
     partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a"), STEPS, STAGES)
-    stages = []
-    for _ in range(STAGES):
-        tensors = {"blocks.order": torch.randperm(len(adapter.blocks()), generator=g)} if depth else {}
-        for group in [] if depth else adapter.unit_groups():
-            tensors[f"{group.name}.order"] = torch.randperm(group.size, generator=g)
-            for level in range(1, levels_max + 1) if compensated else []:
-                kept = group.size - group.removed_at(level, levels_max)
-                out = adapter.output_layer(group).out_features
-                tensors[f"{group.name}.weight.{level}"] = 0.1 * torch.randn(out, kept * group.unit_width, generator=g)
-        stages.append(tensors)
-    fields = {"denoiser": adapter.identity(), "partition": partition.to_dict()}
-    manifest = {"key": make_key(fields), "key_fields": fields, "pruner": "test", "levels_max": levels_max,
-                "num_stages": STAGES, "compensated": compensated, "depth": depth}
-    return TrajectoryStore.write(path, manifest, stages), partition
-
-
-class MaskingListener:
-    """Per stage, hooks on the dense modules: removed units zeroed (or compensated weights applied on
-    the kept columns), skipped blocks masked."""
-
-    def __init__(self, adapter, store, schedule):
-        self.adapter, self.store, self.schedule, self.handles, self.stage = adapter, store, schedule, [], None
-
-    def on_step(self, step, stage):
-        if stage == self.stage:
-            return
-        self.clear()
-        self.stage, level, store = stage, self.schedule.levels[stage], self.store
-        if store.depth:
-            self.handles = [self.adapter.mask_block(i) for i in store.block_order(stage)[:level].tolist()]
-            return
-        for group in self.adapter.unit_groups():
-            removed = group.removed_at(level, store.levels_max)
-            if removed == 0:
-                continue
-            keep = keep_from_order(store.order(stage, group.name), removed)
-            weight = store.weight(stage, group.name, level)
-            if weight is None:
-                self.handles.append(self.adapter.mask_units(group, keep))
-            else:
-                cols = group.columns(keep)
-                self.handles.append(self.adapter.output_layer(group).register_forward_hook(
-                    lambda m, args, out, c=cols, w=weight: F.linear(args[0][..., c], w, m.bias)))
-
-    def clear(self):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+    return random_store(adapter, path, levels_max, partition, compensated=compensated, depth=depth), partition
 
 
 @pytest.mark.parametrize("kind", ["orders", "compensated", "depth"])
