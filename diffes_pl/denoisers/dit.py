@@ -66,7 +66,33 @@ def slice_feed_forward(ff: nn.Module, keep: Tensor, out_weight: Tensor | None) -
                               last_path: sliced_linear(last, cols=keep, weight=out_weight)})
 
 
-class DiTAdapter(DenoiserAdapter):
+class TransformerBlockUnits:
+    """Units of denoisers built from diffusers `BasicTransformerBlock`s (DiT, the SDXL UNet): the
+    heads of each `Attention` (`to_out[0]` input columns) and the channels of each `FeedForward`
+    (last projection's input columns). Subclasses fill `_blocks` and `_groups`."""
+
+    _blocks: Any
+    _groups: list[UnitGroup]
+
+    def blocks(self) -> Any:
+        return self._blocks
+
+    def unit_groups(self) -> list[UnitGroup]:
+        return list(self._groups)
+
+    def output_layer(self, group: UnitGroup, module: nn.Module | None = None) -> nn.Linear:
+        module = self.dense_module(group) if module is None else module
+        return module.to_out[0] if group.kind == "heads" else feed_forward_linears(module)[1]
+
+    def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
+        dense = self.dense_module(group)
+        keep = torch.as_tensor(keep, dtype=torch.long)
+        if group.kind == "heads":
+            return slice_attention(dense, group, keep, out_weight)
+        return slice_feed_forward(dense, keep, out_weight)
+
+
+class DiTAdapter(TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `DiTTransformer2DModel` (class-conditional, CFG with a null class)."""
 
     family = "dit"
@@ -91,24 +117,7 @@ class DiTAdapter(DenoiserAdapter):
             self._groups.append(UnitGroup(f"blocks.{i}.ff", "channels", i, "ff", last.in_features, 1))
         self.capture_dense()
 
-    # structure
-    def blocks(self) -> nn.ModuleList:
-        return self._blocks
-
-    def unit_groups(self) -> list[UnitGroup]:
-        return list(self._groups)
-
-    def output_layer(self, group: UnitGroup, module: nn.Module | None = None) -> nn.Linear:
-        module = self.dense_module(group) if module is None else module
-        return module.to_out[0] if group.kind == "heads" else feed_forward_linears(module)[1]
-
-    def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
-        dense = self.dense_module(group)
-        keep = torch.as_tensor(keep, dtype=torch.long)
-        if group.kind == "heads":
-            return slice_attention(dense, group, keep, out_weight)
-        return slice_feed_forward(dense, keep, out_weight)
-
+    # structure (blocks, unit_groups, output_layer, sliced_module: TransformerBlockUnits)
     def skipped_block(self, index: int) -> nn.Module:
         return SkippedBlock(self.dense_block(index).norm1)
 

@@ -23,7 +23,7 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DCond
 from torch import Tensor, nn
 
 from .base import BlockSlots, DenoiserAdapter, TextCondition, UnitGroup
-from .dit import feed_forward_linears, slice_attention, slice_feed_forward
+from .dit import TransformerBlockUnits, feed_forward_linears
 from .text import TextConditioned, TextEncoders, encode_sdxl
 
 # SDXL's training noise schedule (the scheduler config of stabilityai/stable-diffusion-xl-base-1.0).
@@ -54,7 +54,7 @@ def transformer_block_slots(unet: UNet2DConditionModel) -> list[tuple[str, nn.Mo
     return slots
 
 
-class SDXLAdapter(TextConditioned, DenoiserAdapter):
+class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `UNet2DConditionModel` with SDXL's text-time added conditions."""
 
     family = "sdxl"
@@ -96,24 +96,7 @@ class SDXLAdapter(TextConditioned, DenoiserAdapter):
             self._groups.append(UnitGroup(f"{path}.ff", "channels", i, "ff", last.in_features, 1))
         self.capture_dense()
 
-    # structure
-    def blocks(self) -> BlockSlots:
-        return self._blocks
-
-    def unit_groups(self) -> list[UnitGroup]:
-        return list(self._groups)
-
-    def output_layer(self, group: UnitGroup, module: nn.Module | None = None) -> nn.Linear:
-        module = self.dense_module(group) if module is None else module
-        return module.to_out[0] if group.kind == "heads" else feed_forward_linears(module)[1]
-
-    def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
-        dense = self.dense_module(group)
-        keep = torch.as_tensor(keep, dtype=torch.long)
-        if group.kind == "heads":
-            return slice_attention(dense, group, keep, out_weight)
-        return slice_feed_forward(dense, keep, out_weight)
-
+    # structure (blocks, unit_groups, output_layer, sliced_module: TransformerBlockUnits)
     def skipped_block(self, index: int) -> nn.Module:
         return SkippedTransformerBlock()
 

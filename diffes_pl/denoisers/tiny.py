@@ -10,7 +10,6 @@ import json
 from importlib import resources
 from pathlib import Path
 
-import torch
 from diffusers import DiTTransformer2DModel
 
 NAME = "tiny-digits"
