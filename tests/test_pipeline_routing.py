@@ -1,0 +1,63 @@
+"""A routed UNet dropped into diffusers' own StableDiffusionXLPipeline (tiny random components,
+Euler ancestral): the router's step callback gives the same latents as the masked dense UNet driven
+the same way, and refuses a pipeline that runs other timesteps."""
+import pytest
+import torch
+
+from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.routing import Router, RoutingError
+from routing_reference import MaskingListener, random_store
+
+PROMPTS = ["a red cat sits on the table", "a dog runs in the street"]
+STEPS, STAGES, H = 4, 2, 4
+
+
+@pytest.fixture(scope="module")
+def pipe_and_adapter(text_models):
+    from diffusers import StableDiffusionXLPipeline
+
+    adapter = text_models.build_tiny_sdxl()
+    enc = adapter.text_encoders()
+    pipe = StableDiffusionXLPipeline(vae=adapter.vae, text_encoder=enc.encoders[0], text_encoder_2=enc.encoders[1],
+                                     tokenizer=enc.tokenizers[0], tokenizer_2=enc.tokenizers[1], unet=adapter.denoiser,
+                                     scheduler=adapter.make_scheduler("euler_a"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter
+
+
+def _run(pipe, callback, steps=STEPS):
+    return pipe(prompt=PROMPTS, num_inference_steps=steps, guidance_scale=3.0, output_type="latent",
+                generator=torch.Generator().manual_seed(0), callback_on_step_end=callback).images
+
+
+def test_routed_unet_in_sdxl_pipeline_equals_masked(pipe_and_adapter, tmp_path):
+    pipe, adapter = pipe_and_adapter
+    partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a"), STEPS, STAGES)
+    store = random_store(adapter, tmp_path / "store", H, partition, compensated=True)
+    schedule = Schedule([3, 1], H, 2, partition.steps_per_stage, partition=partition.to_dict())
+    dense = _run(pipe, None)
+    masker = MaskingListener(adapter, store, schedule)
+    masker.on_step(0, 0)
+
+    def masked_callback(_pipe, step, _t, _kw):
+        if step + 1 < STEPS:
+            masker.on_step(step + 1, partition.step_to_stage[step + 1])
+        return {}
+
+    masked = _run(pipe, masked_callback)
+    masker.clear()
+    with Router(adapter, store, schedule) as router:
+        routed = _run(pipe, router.pipeline_callback())
+    assert adapter.is_dense()
+    torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
+    assert (routed - dense).abs().max() > 1e-3
+
+
+def test_pipeline_with_other_timesteps_is_refused(pipe_and_adapter, tmp_path):
+    pipe, adapter = pipe_and_adapter
+    partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a"), STEPS, STAGES)
+    store = random_store(adapter, tmp_path / "store", H, partition)
+    schedule = Schedule([3, 1], H, 2, partition.steps_per_stage, partition=partition.to_dict())
+    with Router(adapter, store, schedule) as router, pytest.raises(RoutingError, match="timesteps"):
+        _run(pipe, router.pipeline_callback(), steps=STEPS + 2)
+    assert adapter.is_dense()
