@@ -31,3 +31,23 @@ def test_load_refuses_other_folders(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="not a diffes-pl export"):
         export.load(tmp_path)
+
+
+def test_sdxl_export_with_text_encoders_samples_identically(text_models, tmp_path):
+    """A text-to-image export carries the VAE, tokenizers and text encoders: prompts in, same images out."""
+    from diffes_pl.partition import StagePartition
+    from routing_reference import random_store
+
+    adapter = text_models.build_tiny_sdxl()
+    partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a"), STEPS, STAGES)
+    store = random_store(adapter, tmp_path / "store", 4, partition, compensated=True)
+    schedule = Schedule([3, 1], 4, 2, partition.steps_per_stage, partition=partition.to_dict())
+    prompts = ["a red cat sits on the table", "a dog runs in the street"]
+    kw = dict(steps=STEPS, guidance=3.0, seed=1, sampler="euler_a")
+    with dp.Router(adapter, store, schedule) as router:
+        routed = dp.sample(adapter, prompts, router=router, **kw)
+    export.save(adapter, store, schedule, tmp_path / "exported")
+    shutil.rmtree(tmp_path / "store")
+    loaded, router = export.load(tmp_path / "exported")
+    assert loaded.family == "sdxl" and loaded.vae is not None
+    torch.testing.assert_close(dp.sample(loaded, prompts, router=router, **kw), routed, rtol=0, atol=0)
