@@ -17,9 +17,9 @@ def __getattr__(name: str):
     if name == "Router":
         from .routing import Router
         return Router
-    if name == "pruners":
+    if name in ("pruners", "export"):
         import importlib
-        return importlib.import_module(".pruners", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'diffes_pl' has no attribute {name!r}")
 
 

@@ -24,3 +24,13 @@ def test_package_does_not_import_callbacks():
     offenders = [p for p in (ROOT / "diffes_pl").rglob("*.py") if "diffes_pl.callbacks" in p.read_text()
                  or "from ..callbacks" in p.read_text()]
     assert offenders == []
+
+
+def test_public_api_names():
+    """The names DESIGN.md promises users (and the README uses)."""
+    import diffes_pl as dp
+
+    for name in ("load_denoiser", "count_macs", "sample", "Schedule", "StagePartition", "TrajectoryStore", "Router"):
+        assert callable(getattr(dp, name)), name
+    assert callable(dp.pruners.obs.prune_groups)
+    assert callable(dp.export.save) and callable(dp.export.load)
