@@ -72,7 +72,7 @@ def tiny_vae(scaling_factor: float, shift_factor: float | None = None, force_upc
                          shift_factor=shift_factor, force_upcast=force_upcast).eval()
 
 
-def build_tiny_sdxl(vae: bool = True, text: bool = True):
+def build_tiny_sdxl(vae: bool = True, text: bool = True, std: float = 0.1):
     """SDXLAdapter on a tiny random UNet2DConditionModel (latent 4×8×8, 11 transformer blocks, attention
     of 2 and 4 heads of 16, cross-attention 32, pooled 16), a tiny VAE (16×16 images, scaling 0.13025)
     and two tiny CLIP text encoders (hidden 16 + 16 = 32, projected pooled 16, 8 tokens)."""
@@ -91,11 +91,12 @@ def build_tiny_sdxl(vae: bool = True, text: bool = True):
         norm_num_groups=8)
     with torch.no_grad():  # zero-initialised output layers would hide pruning differences
         for p in unet.parameters():
-            p.normal_(0, 0.1)
+            p.normal_(0, std)
     encoders = None
     if text:
         encoders = TextEncoders([tiny_tokenizer(8), tiny_tokenizer(8)], [_clip(16), _clip(16, projection=16)], [8, 8])
-    return SDXLAdapter(unet, "tiny-sdxl", vae=tiny_vae(0.13025) if vae else None, text_encoders=encoders)
+    return SDXLAdapter(unet, "tiny-sdxl", vae=tiny_vae(0.13025) if vae else None, text_encoders=encoders,
+                       image_size=None if vae else 64)
 
 
 def build_tiny_flux(vae: bool = True, text: bool = True):

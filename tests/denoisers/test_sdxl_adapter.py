@@ -6,7 +6,6 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl.denoisers import ConstantOutput, TextCondition, keep_from_order
-from diffes_pl.denoisers.sdxl import SDXLAdapter
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
 from routing_reference import MaskingListener, random_store
@@ -15,22 +14,10 @@ STEPS, STAGES = 4, 2
 
 
 @pytest.fixture
-def sdxl():
-    """Latent 4×8×8; attention of width 32 (2 heads of 16) and 64 (4 heads of 16); 11 blocks."""
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4),
-        transformer_layers_per_block=(1, 2), cross_attention_dim=32, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 16, use_linear_projection=True,
-        norm_num_groups=8)
-    with torch.no_grad():  # zero-initialised output layers would hide slicing bugs
-        for p in unet.parameters():
-            p.normal_(0, 0.2)
-    return SDXLAdapter(unet, "tiny-sdxl", image_size=64)
+def sdxl(text_models):
+    """Latent 4×8×8; attention of width 32 (2 heads of 16) and 64 (4 heads of 16); 11 blocks; no
+    VAE or text encoders (conditions are given as embeddings)."""
+    return text_models.build_tiny_sdxl(vae=False, text=False, std=0.2)
 
 
 def _cond(adapter, batch=3, seed=0):

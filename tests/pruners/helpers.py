@@ -35,3 +35,27 @@ class HandNoisedDigits(L.LightningDataModule):
 
     def predict_dataloader(self):
         return torch.utils.data.DataLoader(self.items(self.stage), batch_size=self.batch_size)
+
+
+def hand_hessians(adapter, groups, run):
+    """Σ x xᵀ / tokens [in, in] (float64) of each group's dense output-layer inputs, gathered by hand
+    while `run()` calls the denoiser: the reference the pruners' statistics are checked against."""
+    sums, handles = {}, []
+    for g in groups:
+        def hook(_m, args, name=g.name):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            h, n = sums.get(name, (0, 0))
+            sums[name] = (h + x.T @ x, n + x.shape[0])
+        handles.append(adapter.output_layer(g).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: h / n for k, (h, n) in sums.items()}
+
+
+def run_items(adapter, items):
+    """A `run` for `hand_hessians`: the denoiser on each calibration item alone."""
+    return lambda: [adapter.predict_noise(b["latents"][None], b["timesteps"][None], b["cond"][None]) for b in items]

@@ -9,7 +9,7 @@ from diffes_pl.denoisers.base import keep_from_order
 from diffes_pl.partition import StagePartition
 from diffes_pl.pruners import OBSPruner, build_store, prune_groups
 
-from .helpers import HandNoisedDigits
+from .helpers import HandNoisedDigits, hand_hessians, run_items
 
 H, LEVEL = 8, 4
 
@@ -23,22 +23,9 @@ def _build(tiny, tmp_path, pruner, name):
 
 
 def _hessians(tiny, partition, groups):
-    """Σ x xᵀ / tokens of the groups' dense output layers, on the hand-noised digits."""
     dm = HandNoisedDigits()
     dm.attach(tiny, partition)
-    sums, handles = {}, []
-    for g in groups:
-        def hook(_m, args, name=g.name):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            h, n = sums.get(name, (0, 0))
-            sums[name] = (h + x.T @ x, n + x.shape[0])
-        handles.append(tiny.output_layer(g).register_forward_pre_hook(hook))
-    with torch.no_grad():
-        for batch in dm.items(0):
-            tiny.predict_noise(batch["latents"][None], batch["timesteps"][None], batch["cond"][None])
-    for h in handles:
-        h.remove()
-    return {k: h / n for k, (h, n) in sums.items()}
+    return hand_hessians(tiny, groups, run_items(tiny, dm.items(0)))
 
 
 def test_sequential_groups_see_earlier_groups_pruned(tiny, tmp_path):

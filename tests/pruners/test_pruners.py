@@ -10,7 +10,7 @@ from diffes_pl.pruners import (ActivationPruner, DepthPruner, MagnitudePruner, O
 from diffes_pl.pruners.base import store_key_fields
 from diffes_pl.trajectory import StoreMismatchError, TrajectoryStore
 
-from .helpers import HandNoisedDigits
+from .helpers import HandNoisedDigits, hand_hessians, run_items
 
 H, STAGES = 8, 2
 
@@ -37,23 +37,7 @@ def _stage_hessians(tiny, partition):
     """Σ x xᵀ / tokens of every output layer's inputs, per stage, gathered by hand."""
     dm = HandNoisedDigits()
     dm.attach(tiny, partition)
-    result = []
-    for stage in range(STAGES):
-        sums = {}
-        handles = []
-        for g in tiny.unit_groups():
-            def hook(_m, args, name=g.name):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                h, n = sums.get(name, (0, 0))
-                sums[name] = (h + x.T @ x, n + x.shape[0])
-            handles.append(tiny.output_layer(g).register_forward_pre_hook(hook))
-        with torch.no_grad():
-            for batch in dm.items(stage):
-                tiny.predict_noise(batch["latents"][None], batch["timesteps"][None], batch["cond"][None])
-        for h in handles:
-            h.remove()
-        result.append({k: h / n for k, (h, n) in sums.items()})
-    return result
+    return [hand_hessians(tiny, tiny.unit_groups(), run_items(tiny, dm.items(stage))) for stage in range(STAGES)]
 
 
 def _error(weight, pruned, hessian):

@@ -12,6 +12,8 @@ from diffes_pl.data.calibration import CalibrationDataModule
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.pruners import DepthPruner, OBSPruner, WandaPruner, build_store
 
+from .helpers import hand_hessians
+
 H, STAGES = 4, 2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,19 +38,9 @@ def _stage_hessians(adapter, dm):
     """Σ x xᵀ / tokens of every output layer's inputs per stage, over the datamodule's own samples."""
     result = []
     for stage in range(STAGES):
-        sums, handles = {}, []
-        for g in adapter.unit_groups():
-            def hook(_m, args, name=g.name):
-                x = args[0].reshape(-1, args[0].shape[-1]).double()
-                h, n = sums.get(name, (0, 0))
-                sums[name] = (h + x.T @ x, n + x.shape[0])
-            handles.append(adapter.output_layer(g).register_forward_pre_hook(hook))
         ds = dm.stage_dataset(stage)
-        with torch.no_grad():
-            adapter.predict_noise(ds.latents, ds.timesteps, ds.cond)
-        for h in handles:
-            h.remove()
-        result.append({k: h / n for k, (h, n) in sums.items()})
+        result.append(hand_hessians(adapter, adapter.unit_groups(),
+                                    lambda: adapter.predict_noise(ds.latents, ds.timesteps, ds.cond)))
     return result
 
 
