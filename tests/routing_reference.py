@@ -38,6 +38,7 @@ class MaskingListener:
     def on_step(self, step, stage):
         if stage == self.stage:
             return
+        assert 0 <= stage < self.store.num_stages, f"step {step} maps to stage {stage}, outside the store"
         self.clear()
         self.stage, level, store = stage, self.schedule.levels[stage], self.store
         if store.depth:

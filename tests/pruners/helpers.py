@@ -53,6 +53,7 @@ def hand_hessians(adapter, groups, run):
     finally:
         for h in handles:
             h.remove()
+    assert set(sums) == {g.name for g in groups}, "run() never reached some groups' output layers"
     return {k: h / n for k, (h, n) in sums.items()}
 
 
