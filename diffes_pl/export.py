@@ -71,7 +71,9 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
         schedule.save(tmp / "schedule.json")
         write_json(tmp / "export.json", {"format": FORMAT, "name": adapter.name, "family": adapter.family,
                                          "noise_schedule": getattr(adapter, "noise_schedule", None),
-                                         "text_encoders": text_encoders})
+                                         "text_encoders": text_encoders,
+                                         # what a pipeline folder does not say: FLUX's T5 token count
+                                         "text_len": getattr(adapter, "text_len", None)})
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -119,5 +121,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[D
     if info.get("noise_schedule") is not None:
         adapter.noise_schedule = dict(info["noise_schedule"])  # the schedule it was trained (and routed) with
     adapter.name = info["name"]
+    if info.get("text_len") is not None:
+        adapter.text_len = int(info["text_len"])  # read when the text encoders load (first prompt)
     store = TrajectoryStore.open(path / "routes")
     return adapter, Router(adapter, store, Schedule.load(path / "schedule.json"), device=device)

@@ -1,6 +1,7 @@
 """Export → load → sample reproduces the routed samples exactly, without the original store."""
 import shutil
 
+import pytest
 import torch
 
 import diffes_pl as dp
@@ -27,27 +28,30 @@ def test_export_load_sample_identical(tiny, tmp_path):
 
 
 def test_load_refuses_other_folders(tmp_path):
-    import pytest
-
     with pytest.raises(FileNotFoundError, match="not a diffes-pl export"):
         export.load(tmp_path)
 
 
-def test_sdxl_export_with_text_encoders_samples_identically(text_models, tmp_path):
-    """A text-to-image export carries the VAE, tokenizers and text encoders: prompts in, same images out."""
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_text_to_image_export_samples_identically(text_models, tmp_path, family):
+    """A text-to-image export carries the VAE, tokenizers and text encoders (and FLUX's T5 length):
+    prompts in, the same images out, without the store."""
     from diffes_pl.partition import StagePartition
     from routing_reference import random_store
 
-    adapter = text_models.build_tiny_sdxl()
-    partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a"), STEPS, STAGES)
+    if family == "sdxl":
+        adapter, sampler, guidance = text_models.build_tiny_sdxl(), "euler_a", 3.0
+    else:
+        adapter, sampler, guidance = text_models.build_tiny_flux(), "flow_euler", 1.0
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(sampler), STEPS, STAGES)
     store = random_store(adapter, tmp_path / "store", 4, partition, compensated=True)
     schedule = Schedule([3, 1], 4, 2, partition.steps_per_stage, partition=partition.to_dict())
     prompts = ["a red cat sits on the table", "a dog runs in the street"]
-    kw = dict(steps=STEPS, guidance=3.0, seed=1, sampler="euler_a")
+    kw = dict(steps=STEPS, guidance=guidance, seed=1, sampler=sampler)
     with dp.Router(adapter, store, schedule) as router:
         routed = dp.sample(adapter, prompts, router=router, **kw)
     export.save(adapter, store, schedule, tmp_path / "exported")
     shutil.rmtree(tmp_path / "store")
     loaded, router = export.load(tmp_path / "exported")
-    assert loaded.family == "sdxl" and loaded.vae is not None
+    assert loaded.family == family and loaded.vae is not None
     torch.testing.assert_close(dp.sample(loaded, prompts, router=router, **kw), routed, rtol=0, atol=0)
