@@ -58,6 +58,7 @@ class DiffES(L.LightningModule):
         probe_batch_size: int | None = None,
         search_seed: int = 0,
         dtype: str = "float32",
+        resident_routing: bool = True,
         prompts: list[str] | None = None,
     ) -> None:
         """
@@ -81,6 +82,9 @@ class DiffES(L.LightningModule):
             probe_seed: seed of the probes. probe_batch_size: probes per denoiser call.
             search_seed: seed of the search's own generator (population, mutation).
             dtype: inference dtype of the denoiser (float32, float16, bfloat16).
+            resident_routing: keep every stage's sliced weights of a candidate resident (fastest);
+                false shares one buffer per layer, refilled at stage boundaries (the search's peak
+                memory drops to about one pruned copy on top of the dense model; same fitness).
             prompts: probe prompts of text-conditioned denoisers (SDXL, FLUX; required there, refused
                 elsewhere): probe i is prompts[i % len(prompts)] with its own seeded latent, encoded
                 once by the denoiser's text encoders; CFG's unconditional half is the adapter's null
@@ -186,7 +190,8 @@ class DiffES(L.LightningModule):
         self.probes = Probes.make(adapter, hp.num_probes, hp.probe_seed, prompts=hp.prompts)
         self.engine = RolloutEngine(adapter, self.store, self.partition, self.probes, sampler=hp.sampler,
                                     guidance=hp.guidance, batch_size=hp.probe_batch_size,
-                                    levels_max=self.levels_max, target_level=hp.target_level)
+                                    levels_max=self.levels_max, target_level=hp.target_level,
+                                    resident=hp.resident_routing)
         self.reference_latents, _ = self.engine.run(None)
         self.reference_images = adapter.decode(self.reference_latents.to(self.device)).cpu()
         self.engine.nfe = 0

@@ -59,7 +59,7 @@ class RolloutEngine:
 
     def __init__(self, adapter: DenoiserAdapter, store: TrajectoryStore | None, partition: StagePartition,
                  probes: Probes, *, sampler: str, guidance: float, batch_size: int | None = None,
-                 levels_max: int = 0, target_level: float = 0) -> None:
+                 levels_max: int = 0, target_level: float = 0, resident: bool = True) -> None:
         self.adapter = adapter
         self.store = store
         self.partition = partition
@@ -69,6 +69,7 @@ class RolloutEngine:
         self.batch_size = batch_size or len(probes.noise)
         self.levels_max = levels_max
         self.target_level = target_level
+        self.resident = resident  # Router(resident=False): one shared buffer per layer, far less memory
         self.nfe = 0  # sampling steps run over the probe set (full rollout = partition.num_steps)
 
     @property
@@ -88,7 +89,7 @@ class RolloutEngine:
         `levels=None` runs the dense denoiser. With `start_stage > 0`, `start_latents` (the
         parent's stage-entry latents) supply the state entering that stage."""
         adapter, partition = self.adapter, self.partition
-        router = None if levels is None else Router(adapter, self.store, self._schedule(levels))
+        router = None if levels is None else Router(adapter, self.store, self._schedule(levels), resident=self.resident)
         first_step = partition.steps_of_stage(start_stage).start if start_stage < partition.num_stages else partition.num_steps
         x = (self.probes.noise if start_stage == 0 else start_latents[start_stage]) if start_stage < partition.num_stages else start_latents[-1]
         entries: list[Tensor] = list(start_latents[:start_stage]) if start_stage else []

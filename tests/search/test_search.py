@@ -147,3 +147,22 @@ def test_reuse_equals_full_rollout_for_other_samplers(tiny, tmp_path, sampler):
     small = RolloutEngine(tiny, store, partition, Probes.make(tiny, 3, 5), sampler=sampler, guidance=2.0,
                           batch_size=1, levels_max=8, target_level=2)
     torch.testing.assert_close(small.run(child)[0], full, rtol=1e-5, atol=1e-5)  # batch size does not matter
+
+
+def test_shared_buffer_routing_gives_the_same_fitness_rollouts(tiny, tmp_path):
+    """resident_routing=False (the search's low-memory mode) rolls out what resident routing does,
+    including a child resumed from its parent's stage-entry latents."""
+    from diffes_pl.partition import StagePartition
+    from diffes_pl.search.rollouts import Probes, RolloutEngine
+    from routing_reference import random_store
+
+    partition = StagePartition.from_scheduler(tiny.make_scheduler("ddim"), 6, 3)
+    store = random_store(tiny, tmp_path / "store", 8, partition, compensated=True)
+    engines = [RolloutEngine(tiny, store, partition, Probes.make(tiny, 5, 3), sampler="ddim", guidance=2.0,
+                             batch_size=2, levels_max=8, target_level=3, resident=resident) for resident in (True, False)]
+    parent, child = (3, 3, 3), (3, 6, 0)
+    (full, entries), (shared, shared_entries) = (e.run(parent) for e in engines)
+    torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
+    resumed = [e.run(child, 1, entries)[0] for e in engines]
+    torch.testing.assert_close(resumed[1], resumed[0], rtol=1e-5, atol=1e-6)
+    assert tiny.is_dense()
