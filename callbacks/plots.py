@@ -58,7 +58,7 @@ class SearchPlots(L.Callback):
 
 class SampleGrid(L.Callback):
     """Saves `samples.png` at the end of fit: dense (top row) vs the best schedule (bottom row) on
-    the same seeds and labels."""
+    the same seeds and labels (or, for text-to-image models, the run's probe prompts in turn)."""
 
     def __init__(self, num: int = 10, seed: int = 0, dirname: str = "plots") -> None:
         """
@@ -76,11 +76,15 @@ class SampleGrid(L.Callback):
         import diffes_pl as dp
 
         adapter, hp = pl_module.adapter, pl_module.hparams
-        labels = torch.arange(self.num) % getattr(adapter, "num_classes", self.num)
+        prompts = getattr(hp, "prompts", None)
+        if prompts:
+            conditions = [prompts[i % len(prompts)] for i in range(self.num)]
+        else:
+            conditions = torch.arange(self.num) % getattr(adapter, "num_classes", self.num)
         kw = dict(steps=hp.steps, guidance=hp.guidance, seed=self.seed, sampler=hp.sampler)
-        dense = dp.sample(adapter, labels, **kw)
+        dense = dp.sample(adapter, conditions, **kw)
         with dp.Router(adapter, pl_module.store, pl_module.best_schedule()) as router:
-            pruned = dp.sample(adapter, labels, router=router, **kw)
+            pruned = dp.sample(adapter, conditions, router=router, **kw)
         out = Path(trainer.default_root_dir) / self.dirname
         out.mkdir(parents=True, exist_ok=True)
         grid = torch.cat([dense, pruned]).float()

@@ -31,7 +31,8 @@ def setup(tmp_path_factory, text_models):
     images = text_models.write_caption_folder(tmp / "coco", text_models.CAPTIONS)
     config = {
         "seed_everything": 0,
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 4, "enable_progress_bar": False},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 4, "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "diffes_pl.callbacks.SampleGrid", "init_args": {"num": 2}}]},
         "model": {"denoiser": str(folder), "pruner": {"class_path": "diffes_pl.pruners.WandaPruner"},
                   "target_level": TARGET, "levels": H, "num_stages": STAGES, "steps": STEPS, "sampler": "euler_a",
                   "guidance": 3.0, "offspring": 4, "survivors": 2, "max_move": 2, "metric": "ssim", "num_probes": 3,
@@ -66,6 +67,7 @@ def straight(setup):
 
 
 def test_search_runs_on_captions_and_prompts(straight):
+    assert (straight / "plots" / "samples.png").stat().st_size > 200  # dense vs pruned, on the probe prompts
     schedule = json.loads((straight / "schedule.json").read_text())
     assert schedule["extra"]["finished"] is True and schedule["pruner"] == "wanda"
     assert schedule["levels_max"] == H and schedule["partition"]["steps_per_stage"] == [2] * STAGES
