@@ -207,14 +207,22 @@ class DiffES(L.LightningModule):
     def train_dataloader(self):
         return torch.utils.data.DataLoader([0], batch_size=1)  # one tick per generation
 
-    def evaluate(self, levels: tuple[int, ...], parent: tuple[int, ...] | None) -> tuple[float, int]:
-        """Fitness of a schedule (cached) and the denoiser steps it cost."""
+    def evaluate(self, levels: tuple[int, ...], parent: tuple[int, ...] | None = None) -> tuple[float, int]:
+        """Fitness of a schedule (cached) and the denoiser steps it cost.
+
+        The rollout starts from the longest stage prefix shared with any schedule whose stage-entry
+        latents are cached (the survivors and this generation's evaluated schedules — the parent
+        among them): the latents entering stage k depend only on the levels of stages < k, so the
+        result is identical to a full rollout. `parent` is kept for the archive; it needs no special
+        treatment here."""
         if levels in self.fitness:
             return self.fitness[levels], 0
-        start = 0
-        cached = self.entries.get(parent) if parent is not None and self.engine.resumable else None
-        if cached is not None:
-            start = pop.first_changed_stage(parent, levels)
+        start, cached = 0, None
+        if self.engine.resumable:
+            for source, entries in self.entries.items():
+                shared = pop.first_changed_stage(source, levels)
+                if shared > start:
+                    start, cached = shared, entries
         before = self.engine.nfe
         latents, entries = self.engine.run(levels, start, cached if start else None)
         images = self.adapter.decode(latents.to(self.device)).cpu()

@@ -109,6 +109,14 @@ def test_reuse_equals_full_rollout(tmp_path):
     full = module.metric(FitnessInputs(images, latents, module.reference_images, module.reference_latents,
                                        module.probes.conditions))
     assert cached == full
+    # another cached schedule sharing a longer prefix than the parent serves it instead
+    other, grandchild = (6, 2, 4, 4), (6, 2, 2, 6)
+    module.evaluate(other)
+    value, nfe = module.evaluate(grandchild, parent)
+    assert nfe == 4  # from `other`'s latents entering stage 2, not the parent's (stage 0)
+    latents, _ = module.engine.run(grandchild)
+    assert value == module.metric(FitnessInputs(module.adapter.decode(latents), latents, module.reference_images,
+                                                module.reference_latents, module.probes.conditions))
 
 
 def test_two_processes_equal_one(straight, tmp_path):
