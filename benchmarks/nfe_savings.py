@@ -1,6 +1,7 @@
-"""Denoiser steps saved by reusing the parent's rollout up to the child's first changed stage.
+"""Denoiser steps saved by starting each rollout from the longest stage prefix it shares with a
+cached schedule (the parent's, or any survivor's or this generation's).
 
-    python benchmarks/nfe_savings.py          # 100-generation default search (16 + 4, 10 stages), ~5 min
+    python benchmarks/nfe_savings.py          # 100-generation default search (16 + 4, 10 stages), ~3 min
 
 Runs `diffes-pl fit` on the built-in model with the default population settings for 100 generations
 (few probes: the saving does not depend on the probe count), then compares the denoiser steps
