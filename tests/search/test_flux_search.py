@@ -1,4 +1,4 @@
-"""Diff-ES end to end on a tiny FLUX saved as a local pipeline folder (transformer, VAE, CLIP + T5
+"""Diff-ES end to end (and stopped + resumed) on a tiny FLUX saved as a local pipeline folder (transformer, VAE, CLIP + T5
 text encoders and tokenizers): `diffes-pl fit` with depth pruning (two-stream blocks), calibration
 on captions with flow-matching noise, and a search with flow-match Euler (4 steps, 4 stages, no
 CFG) on prompt probes."""
@@ -54,3 +54,13 @@ def test_flux_depth_search_end_to_end(tmp_path, text_models):
     assert any(r["fitness"] < 1 for r in records)  # skipping blocks changes the samples
     manifest = json.loads((run / "store" / "manifest.json").read_text())
     assert manifest["depth"] and manifest["key_fields"]["denoiser"]["family"] == "flux"
+
+    # stopped after 2 generations and resumed from its checkpoint: the uninterrupted run's result
+    resumed = tmp_path / "resumed"
+    for extra in (["--trainer.max_epochs", "2"], ["--ckpt_path", "last"]):
+        out = subprocess.run(cmd[:-1] + [str(resumed), *extra], env={**ENV, "HF_DATASETS_CACHE": str(tmp_path / "hf-cache")},
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads((resumed / "schedule.json").read_text()) | {"store": None} == schedule | {"store": None}
+    again = [json.loads(l) for l in (resumed / "evaluations.jsonl").read_text().splitlines()]
+    assert [(r["levels"], r["fitness"], r["nfe"]) for r in again] == [(r["levels"], r["fitness"], r["nfe"]) for r in records]
