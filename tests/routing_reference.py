@@ -61,3 +61,21 @@ class MaskingListener:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def dense_masked_routed(adapter, store, schedule, conditions, **sample_kw):
+    """Latents of the dense denoiser, of the schedule applied by masking the dense denoiser, and of the
+    schedule routed (router removed afterwards): the three samples every routing test compares."""
+    import diffes_pl as dp
+    from diffes_pl.routing import Router
+
+    dense = dp.sample(adapter, conditions, output="latents", **sample_kw)
+    masker = MaskingListener(adapter, store, schedule)
+    try:
+        masked = dp.sample(adapter, conditions, num_stages=store.num_stages, listeners=[masker], output="latents",
+                           **sample_kw)
+    finally:
+        masker.clear()
+    with Router(adapter, store, schedule) as router:
+        routed = dp.sample(adapter, conditions, router=router, output="latents", **sample_kw)
+    return dense, masked, routed

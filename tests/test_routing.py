@@ -6,7 +6,7 @@ import torch
 import diffes_pl as dp
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router, RoutingError
-from routing_reference import MaskingListener, random_store
+from routing_reference import dense_masked_routed, random_store
 
 H, STEPS, STAGES = 4, 4, 2
 
@@ -31,16 +31,10 @@ def test_routed_sampling_equals_masked(tiny, tmp_path, kind, sampler):
     target = sum(levels) / 2
     schedule = Schedule(levels, store.levels_max, target, partition.steps_per_stage, partition=partition.to_dict())
     labels = [0, 3, 7, 9]
-    dense = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, output="latents")
-    masker = MaskingListener(tiny, store, schedule)
-    masked = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, num_stages=STAGES, listeners=[masker],
-                       output="latents")
-    masker.clear()
-    router = Router(tiny, store, schedule)
-    routed = dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, router=router, output="latents")
+    dense, masked, routed = dense_masked_routed(tiny, store, schedule, labels, steps=STEPS, guidance=2.0, seed=0,
+                                                sampler=sampler)
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-5)
     assert (routed - dense).abs().max() > 1e-3
-    router.remove()
     assert tiny.is_dense()
     torch.testing.assert_close(dp.sample(tiny, labels, steps=STEPS, guidance=2.0, seed=0, sampler=sampler, output="latents"), dense,
                                rtol=0, atol=0)

@@ -11,7 +11,7 @@ from diffes_pl.denoisers import TextCondition
 from diffes_pl.denoisers.flux import FluxAdapter, JointProjOut, pack_latents, unpack_latents
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
-from routing_reference import MaskingListener, random_store
+from routing_reference import dense_masked_routed, random_store
 
 STEPS, STAGES = 4, 2
 
@@ -154,12 +154,8 @@ def test_flow_matching_routed_sampling_equals_masked(flux, tmp_path, depth):
     assert partition.timesteps == (1000.0, 750.0, 500.0, 250.0) and is_flow(flux.noise_schedule)
     schedule = Schedule([3, 1], H, 2, partition.steps_per_stage, partition=partition.to_dict())
     cond = _cond(2)
-    kw = dict(steps=STEPS, guidance=1.0, seed=0, sampler="flow_euler", output="latents")
-    dense = dp.sample(flux, cond, **kw)
-    masker = MaskingListener(flux, store, schedule)
-    masked = dp.sample(flux, cond, num_stages=STAGES, listeners=[masker], **kw)
-    masker.clear()
-    routed = dp.sample(flux, cond, router=Router(flux, store, schedule), **kw)
+    dense, masked, routed = dense_masked_routed(flux, store, schedule, cond, steps=STEPS, guidance=1.0, seed=0,
+                                                sampler="flow_euler")
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
     assert (routed - dense).abs().max() > 1e-3
     assert flux.is_dense()

@@ -8,7 +8,7 @@ import diffes_pl as dp
 from diffes_pl.denoisers import ConstantOutput, TextCondition, keep_from_order
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
-from routing_reference import MaskingListener, random_store
+from routing_reference import dense_masked_routed, random_store
 
 STEPS, STAGES = 4, 2
 
@@ -110,12 +110,8 @@ def test_routed_sampling_equals_masked(sdxl, tmp_path, kind):
     levels = [3, 1]
     schedule = Schedule(levels, H, 2, partition.steps_per_stage, partition=partition.to_dict())
     cond = _cond(sdxl, 2)
-    kw = dict(steps=STEPS, guidance=3.0, seed=0, sampler="euler_a", output="latents")
-    dense = dp.sample(sdxl, cond, **kw)
-    masker = MaskingListener(sdxl, store, schedule)
-    masked = dp.sample(sdxl, cond, num_stages=STAGES, listeners=[masker], **kw)
-    masker.clear()
-    routed = dp.sample(sdxl, cond, router=Router(sdxl, store, schedule), **kw)
+    dense, masked, routed = dense_masked_routed(sdxl, store, schedule, cond, steps=STEPS, guidance=3.0, seed=0,
+                                                sampler="euler_a")
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
     assert (routed - dense).abs().max() > 1e-3
     assert sdxl.is_dense()
