@@ -1,6 +1,12 @@
 """diffes-pl: Diff-ES — stage-wise structural pruning of diffusion models by evolutionary search."""
 from __future__ import annotations
 
+import logging
+
+# bitsandbytes (installed with pyiqa) warns on import, through diffusers' quantizers, about an
+# optional CPU 4-bit kernel this toolkit never uses: silence that one logger, nothing else.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 from .denoisers import DenoiserAdapter, UnitGroup, load_denoiser
 from .evaluation.macs import count_macs
 from .partition import Schedule, ScheduleError, StagePartition

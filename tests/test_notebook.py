@@ -1,11 +1,8 @@
 """The walk-through notebook runs end to end (executed, not just stored) with a small budget."""
-import os
 from pathlib import Path
 
-import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+import nbclient  # dev dependencies: a missing one fails the test, never skips it
+import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ import torch
 
 from .base import ConstantOutput, DenoiserAdapter, TextCondition, UnitGroup, keep_from_order
 from .dit import DiTAdapter
+from .footprint import building_dtype as _building_dtype, check_denoiser_memory, loading_kwargs as _loading_kwargs
 
 DIT_HUB_NAMES = {"facebook/DiT-XL-2-256": "dit_xl_2_256_config.json"}
 SDXL_HUB_NAMES = {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl_base_unet_config.json"}
@@ -83,19 +84,20 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
     from .tiny import NAME as TINY, SCHEDULER_CONFIG, build_tiny_dit
 
     kind = check_name(name)
+    check_denoiser_memory(name, kind, weights, device, dtype)  # before anything is allocated
     if kind == "tiny":
         denoiser = build_tiny_dit(weights=weights)
         adapter = DiTAdapter(denoiser, TINY, vae=None, noise_schedule=SCHEDULER_CONFIG)
     elif kind == "dit-hub" and not weights and name in DIT_HUB_NAMES:
-        adapter = _dit_from_shipped_config(name, device)
+        adapter = _dit_from_shipped_config(name, device, dtype)
     elif kind in ("sdxl-hub", "flux-hub"):
         adapter = _text_to_image(name, kind, weights, device, dtype)
     elif kind in ("sdxl-folder", "flux-folder"):
         adapter = _text_to_image_folder(Path(name), kind, device, dtype)
     elif kind == "dit-folder":
-        adapter = _dit_from_folder(Path(name))
+        adapter = _dit_from_folder(Path(name), dtype)
     else:
-        adapter = _dit_from_hub(name)
+        adapter = _dit_from_hub(name, dtype)
     if str(device) != "meta":
         kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
         adapter.denoiser.to(**kw)
@@ -105,14 +107,14 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
     return adapter
 
 
-def _dit_from_shipped_config(name: str, device) -> DiTAdapter:
+def _dit_from_shipped_config(name: str, device, dtype=None) -> DiTAdapter:
     from diffusers import DiTTransformer2DModel
 
     from .tiny import asset_path
 
     config = json.loads(asset_path(DIT_HUB_NAMES[name]).read_text())
     config.pop("_class_name", None)
-    with torch.device(device):
+    with torch.device(device), _building_dtype(dtype):
         denoiser = DiTTransformer2DModel(**config)
     return DiTAdapter(denoiser, name)
 
@@ -132,15 +134,15 @@ def _text_to_image(name: str, kind: str, weights: bool, device, dtype=None) -> D
                                             (FluxTransformer2DModel, "transformer", FluxAdapter, FLUX_HUB_NAMES))
     if not weights:
         config = json.loads(asset_path(configs[name]).read_text())
-        with torch.device(device):
+        with torch.device(device), _building_dtype(dtype):
             denoiser = cls.from_config(config)
         return adapter_cls(denoiser, name)
     try:
-        denoiser = cls.from_pretrained(name, subfolder=subfolder)
+        denoiser = cls.from_pretrained(name, subfolder=subfolder, **_loading_kwargs(dtype))
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae")
     except OSError as err:
         raise OSError(f"could not load {name!r} from the Hugging Face hub or its cache ({err}); "
-                      f"download it first (`huggingface-cli download {name}`), or pass weights=False for "
+                      f"download it first (`hf download {name}`), or pass weights=False for "
                       "the architecture with random weights") from err
     adapter = adapter_cls(denoiser, name, vae=vae)
     _attach_text_loader(adapter, name, "sdxl" if kind == "sdxl-hub" else "flux", dtype)
@@ -166,7 +168,7 @@ def _text_to_image_folder(path: Path, kind: str, device, dtype) -> DenoiserAdapt
     cls, sub, adapter_cls = ((UNet2DConditionModel, "unet", SDXLAdapter) if sdxl else
                              (FluxTransformer2DModel, "transformer", FluxAdapter))
     root = path / sub if (path / sub).is_dir() else path
-    denoiser = cls.from_pretrained(root)
+    denoiser = cls.from_pretrained(root, **_loading_kwargs(dtype))
     vae = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
     adapter = adapter_cls(denoiser, str(path), vae=vae)
     if (path / "text_encoder").is_dir() or (path / "text_encoder_2").is_dir():
@@ -174,7 +176,7 @@ def _text_to_image_folder(path: Path, kind: str, device, dtype) -> DenoiserAdapt
     return adapter
 
 
-def _dit_from_folder(path: Path) -> DiTAdapter:
+def _dit_from_folder(path: Path, dtype=None) -> DiTAdapter:
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     if not path.exists():
@@ -183,20 +185,20 @@ def _dit_from_folder(path: Path) -> DiTAdapter:
     root = sub if sub.is_dir() else path
     if not (root / "config.json").exists():
         raise FileNotFoundError(f"{root} has no config.json: expected a diffusers DiT folder (transformer/ and vae/)")
-    denoiser = DiTTransformer2DModel.from_pretrained(root)
+    denoiser = DiTTransformer2DModel.from_pretrained(root, **_loading_kwargs(dtype))
     vae = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
     return DiTAdapter(denoiser, str(path), vae=vae)
 
 
-def _dit_from_hub(name: str) -> DiTAdapter:
+def _dit_from_hub(name: str, dtype=None) -> DiTAdapter:
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     try:
-        denoiser = DiTTransformer2DModel.from_pretrained(name, subfolder="transformer")
+        denoiser = DiTTransformer2DModel.from_pretrained(name, subfolder="transformer", **_loading_kwargs(dtype))
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae")
     except OSError as err:
         raise OSError(f"could not load {name!r} from the Hugging Face hub or its cache ({err}); "
-                      f"download it first (`huggingface-cli download {name}`) or pass a local folder") from err
+                      f"download it first (`hf download {name}`) or pass a local folder") from err
     return DiTAdapter(denoiser, name, vae=vae)
 
 

@@ -126,7 +126,7 @@ def load_text_encoders(source: str, family: str, device: Any, dtype: torch.dtype
         raise MissingTextEncodersError(
             f"could not load the text encoders of {source!r} ({err}); a {family.upper()} pipeline needs "
             f"{', '.join(a + '/' for pair in SUBFOLDERS for a in pair)} (diffusers layout): download the full "
-            f"pipeline (`huggingface-cli download {source}`) or put those subfolders in the local folder") from err
+            f"pipeline (`hf download {source}`) or put those subfolders in the local folder") from err
     lengths = [clip_length(tokenizers[0], encoders[0]),
                clip_length(tokenizers[1], encoders[1]) if family == "sdxl" else text_len]
     return TextEncoders(tokenizers, encoders, lengths)

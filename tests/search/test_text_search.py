@@ -154,7 +154,7 @@ def test_local_folders_are_recognised(setup, text_models, tmp_path):
     with pytest.raises(MissingTextEncodersError, match="no text encoders.*tokenizer/, text_encoder/"):
         load_denoiser(str(bare)).encode_prompts(["a cat"])
     # the hub loader, offline and without a cached pipeline, names what is missing and how to get it
-    with pytest.raises(MissingTextEncodersError, match="huggingface-cli download nobody/no-sdxl"):
+    with pytest.raises(MissingTextEncodersError, match="`hf download nobody/no-sdxl`"):
         load_text_encoders("nobody/no-sdxl", "sdxl", "cpu", None)
 
 
