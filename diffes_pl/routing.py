@@ -29,6 +29,45 @@ class RoutingError(ValueError):
     """A schedule the store cannot serve on this denoiser."""
 
 
+def check_store(schedule: Schedule, store: TrajectoryStore) -> None:
+    """Refuses a store other than the one the schedule was searched on: levels index a pruner's
+    removal orders, so the same levels on another pruner's (or calibration's) store route other
+    units, silently. Schedules without `store_key` (older or hand-made) are checked on the pruner only."""
+    recorded = f"the store it was searched on ({schedule.store or 'not recorded'})"
+    if schedule.pruner is not None and schedule.pruner != store.pruner:
+        raise RoutingError(f"the schedule was searched with the {schedule.pruner!r} pruner but the trajectory store at "
+                           f"{store.path} was built by {store.pruner!r}; route it with {recorded}, or search a "
+                           f"schedule on this store")
+    if schedule.store_key is not None and schedule.store_key != store.key:
+        raise RoutingError(f"the schedule was searched on the trajectory store with key {schedule.store_key[:12]}… "
+                           f"but the store at {store.path} has key {store.key[:12]}… (other calibration or pruner "
+                           f"settings); route it with {recorded}, or search a schedule on this store")
+
+
+def estimate_prepared_bytes(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule,
+                            resident: bool = True) -> int:
+    """Bytes a Router prepares for `schedule`: per stage, the sliced modules (the kept share of each
+    dense module). resident=False keeps one buffer per dense layer (the largest stage's share) plus
+    the compensated output weights of every stage. Skipped blocks hold no weights."""
+    if store.depth:
+        return 0
+    H = store.levels_max
+    total = 0
+    for group in adapter.unit_groups():
+        dense = sum(t.numel() * t.element_size() for t in adapter.dense_module(group).parameters())
+        kept = [group.size - group.removed_at(level, H) for level in schedule.levels
+                if group.removed_at(level, H) > 0]
+        if resident or not kept:
+            total += sum(dense * k // group.size for k in kept)
+            continue
+        if store.compensated:  # the output layer's columns: each stage's own compensated copy
+            out = adapter.output_layer(group).weight
+            dense -= out.numel() * out.element_size()
+            total += sum(out.shape[0] * k * group.unit_width for k in kept) * out.element_size()
+        total += dense * max(kept) // group.size
+    return total
+
+
 class Router:
     """Stage-conditioned weights on one denoiser (see module docstring)."""
 
@@ -49,6 +88,7 @@ class Router:
         self.device = torch.device(device) if device is not None else adapter.device
         self.resident = resident
         self._check()
+        self._check_memory()  # before any stage is prepared
         self.partition = StagePartition.from_dict(schedule.partition)
         self._stages: list[dict] = []
         self._refills: list[list[tuple]] = []
@@ -62,6 +102,7 @@ class Router:
     def _check(self) -> None:
         store, schedule = self.store, self.schedule
         schedule.validate()
+        check_store(schedule, store)
         if schedule.num_stages != store.num_stages:
             raise RoutingError(f"the schedule has {schedule.num_stages} stages but the store at {store.path} has "
                                f"{store.num_stages}; search a schedule on this store or build a store for this partition")
@@ -77,6 +118,21 @@ class Router:
         stored_partition = store.manifest.get("key_fields", {}).get("partition")
         if stored_partition is not None and stored_partition.get("steps_per_stage") != list(schedule.steps_per_stage):
             raise RoutingError("the schedule's stage boundaries differ from the store's")
+
+    def _check_memory(self) -> None:
+        from .memory import check_fits, gib
+
+        needed = estimate_prepared_bytes(self.adapter, self.store, self.schedule, self.resident)
+        ways = ([f"pass resident=False (one shared buffer per layer: "
+                 f"{gib(estimate_prepared_bytes(self.adapter, self.store, self.schedule, False))})"]
+                if self.resident else [])
+        ways += ["search with fewer stages"]
+        if self.adapter.dtype not in (torch.float16, torch.bfloat16):
+            ways += ["load the denoiser in a lower dtype (dtype=torch.bfloat16)"]
+        ways[-1] = "or " + ways[-1]
+        check_fits(needed, self.device, f"routing {self.schedule.num_stages} stages "
+                   f"({'resident' if self.resident else 'shared buffers'}, {str(self.adapter.dtype).removeprefix('torch.')})",
+                   ", ".join(ways))
 
     # --- preparation (once) -------------------------------------------------------------------
     def _prepare(self, stage: int, level: int) -> dict:

@@ -7,8 +7,13 @@ Layout of a store folder:
     ...                    layer's compensated weight on the kept columns at level 1..H);
                            for depth pruning `blocks.order`.
 Level 0 is the dense model and is never stored. Shards are read lazily (memory-mapped by
-safetensors). The whole folder is written under a temporary name and renamed, so a store either
-exists complete or not at all.
+safetensors). The shards are written into `.<name>.partial` next to the store, the manifest last,
+and the folder is renamed into place (never copied), so a store either exists complete or not at
+all; `.<name>.lock` is held while it is written (see `locks.py`).
+
+Every shard is verified when first opened: its size and sha256 against the manifest, then its
+contents (every `.order` a permutation, every group's order present, weight widths matching the
+level). A store that fails is refused with one line naming the shard and the fix, never used.
 """
 from __future__ import annotations
 
@@ -16,21 +21,41 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
+import struct
+import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .locks import exclusive
+from .partition import units_removed
+
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+# 2: the manifest holds every shard's size and sha256 ("shards"). Format-1 stores (no checksums)
+# are still read, with a one-line warning: their contents are validated like any store's, and
+# refusing them would throw away calibrations that may have taken hours; rebuilding verifies them.
+FORMAT_VERSION = 2
+
+
+def rebuild(path: Path) -> str:
+    """The fix for a damaged store (a rerun of `predict` or `fit` builds it again once it is gone)."""
+    return f"delete {path} and rebuild it with `diffes-pl predict --config <your config>`"
 
 
 class StoreMismatchError(ValueError):
     """A store built for another denoiser, calibration, partition or pruner."""
+
+
+class StoreCorruptError(StoreMismatchError):
+    """A store whose files changed after it was written (checksum, size) or hold invalid trajectories."""
+
+
+class DiskSpaceError(OSError):
+    """Not enough free space for the store about to be written."""
 
 
 def canonical(obj: Any) -> Any:
@@ -64,6 +89,118 @@ def shard_name(stage: int) -> str:
     return f"stage_{stage:02d}.safetensors"
 
 
+# --- files next to a store: the lock, the folder being written, leftovers of killed writers -------
+def lock_file(path: Path) -> Path:
+    return path.parent / f".{path.name}.lock"
+
+
+def partial_dir(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial"
+
+
+def remove_stale(path: Path) -> list[Path]:
+    """Removes what a killed writer of `path` left behind (`.<name>.partial`, the temporary
+    `.<name>.*.tmp` of older versions). Call only while holding the store's lock: a live writer
+    would hold it, so anything found then is stale."""
+    stale = [p for p in [partial_dir(path), *path.parent.glob(f".{path.name}.*.tmp")] if p.exists()]
+    for p in stale:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return stale
+
+
+def writing(path: Path):
+    """The store's lock, refusing at once while another process writes the same store."""
+    return exclusive(lock_file(path), f"building the trajectory store at {path}",
+                     fix="wait for it, or point `store:` at another folder")
+
+
+def check_free_space(path: Path, needed: int, margin: float = 0.1) -> None:
+    """Refuses (before any calibration) when the disk holding `path` lacks `needed` bytes + margin."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    want = int(needed * (1 + margin)) + 2**20  # headers, manifest, filesystem slack
+    if free < want:
+        raise DiskSpaceError(
+            f"the trajectory store at {path} needs ≈ {want / 2**20:.1f} MiB but {folder} has {free / 2**20:.1f} MiB "
+            f"free; free some space, point `store:` at a folder on another disk, or lower the pruner's `store_dtype`")
+
+
+# --- checksums and validation -------------------------------------------------------------
+_VERIFIED: set[tuple] = set()  # shards hashed in this process: (file, inode, size, mtime, ctime, sha256)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp(path: Path, sha: str) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, sha
+
+
+def tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file, from its header; raises ValueError when the
+    header is unreadable or the file is shorter than the header says (truncated)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"truncated ({size} bytes, not even a header)")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ValueError(f"truncated ({size} bytes; its header alone needs {8 + length})")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise ValueError("its safetensors header is not valid JSON") from None
+    ends = [v["data_offsets"] for k, v in header.items() if k != "__metadata__"]
+    end = max((e for _, e in ends), default=0)
+    if 8 + length + end > size:
+        raise ValueError(f"truncated ({size} of {8 + length + end} bytes)")
+    return sum(e - b for b, e in ends)
+
+
+def trajectory_problems(names: Iterable[str], get: Callable[[str], Tensor], shape: Callable[[str], list[int]],
+                        manifest: dict) -> list[str]:
+    """What is wrong with one stage's tensors (empty when valid): orders that are not permutations
+    of range(n) (n from the manifest's unit groups when it lists them), missing orders, weights whose
+    width is not the kept columns of their level."""
+    names = set(names)
+    groups = {g["name"]: g for g in manifest.get("groups") or []}
+    H = int(manifest.get("levels_max", 0))
+    expected = ["blocks.order"] if manifest.get("depth") else [f"{g}.order" for g in groups]
+    problems = [f"{name} is missing" for name in expected if name not in names]
+    for name in sorted(names):
+        group, _, tail = name.rpartition(".order") if name.endswith(".order") else name.partition(".weight.")
+        info = groups.get(group)
+        if name.endswith(".order"):
+            problems += _order_problems(name, get(name), info["size"] if info else None)
+        elif tail.isdigit() and info is not None:
+            level, width = int(tail), shape(name)[-1]
+            kept = (info["size"] - units_removed(level, H, info["size"])) * info["unit_width"]
+            if not 1 <= level <= H or width != kept:
+                problems.append(f"{name} has {width} columns; level {level} of {H} keeps {kept}")
+    return problems
+
+
+def _order_problems(name: str, order: Tensor, size: int | None) -> list[str]:
+    n = len(order) if size is None else size
+    if order.dim() != 1 or order.is_floating_point() or len(order) != n:
+        return [f"{name} has shape {list(order.shape)} ({order.dtype}); expected {n} integer unit indices"]
+    counts = torch.bincount(order.clamp(0, n), minlength=n + 1)
+    if bool((order < 0).any()) or bool((order >= n).any()) or bool((counts[:n] != 1).any()):
+        repeated = torch.nonzero(counts[:n] > 1).flatten()[:5].tolist()
+        absent = torch.nonzero(counts[:n] == 0).flatten()[:5].tolist()
+        return [f"{name} is not a permutation of 0..{n - 1} (repeated {repeated}, absent {absent})"]
+    return []
+
+
 class TrajectoryStore:
     """Read access to a written store (use `TrajectoryStore.open`)."""
 
@@ -77,28 +214,57 @@ class TrajectoryStore:
     def write(path: str | os.PathLike, manifest: dict, stages: Iterable[dict[str, Tensor]]) -> "TrajectoryStore":
         """Writes a complete store atomically. `stages` yields one dict of tensors per stage."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        os.chmod(tmp, 0o755)
-        try:
-            nbytes = 0
-            count = 0
-            for stage, tensors in enumerate(stages):
-                tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-                save_file(tensors, str(tmp / shard_name(stage)))
-                nbytes += sum(v.numel() * v.element_size() for v in tensors.values())
-                count += 1
-            if count != manifest["num_stages"]:
-                raise ValueError(f"store got {count} stages, manifest says {manifest['num_stages']}")
-            manifest = {**manifest, "format": FORMAT_VERSION, "nbytes": nbytes}
-            (tmp / MANIFEST).write_text(json.dumps(canonical(manifest), indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-        return TrajectoryStore.open(path)
+        with writing(path):
+            remove_stale(path)
+            folder = partial_dir(path)
+            folder.mkdir(parents=True)
+            try:
+                count = 0
+                for stage, tensors in enumerate(stages):
+                    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+                    problems = trajectory_problems(tensors, tensors.__getitem__, lambda k: list(tensors[k].shape),
+                                                   manifest)
+                    if problems:
+                        raise StoreCorruptError(f"stage {stage} given for the trajectory store at {path} is invalid: "
+                                                f"{'; '.join(problems[:3])}; the trajectories were not written")
+                    save_file(tensors, str(folder / shard_name(stage)))
+                    count += 1
+                if count != manifest["num_stages"]:
+                    raise ValueError(f"store got {count} stages, manifest says {manifest['num_stages']}")
+                return TrajectoryStore.seal(folder, path, manifest)
+            finally:
+                if folder.exists():
+                    shutil.rmtree(folder)
+
+    @staticmethod
+    def seal(folder: Path, path: Path, manifest: dict) -> "TrajectoryStore":
+        """The stage shards in `folder` → the store at `path`: each shard is validated and hashed,
+        the manifest (with the checksums) is written last, and the folder is renamed into place, so
+        nothing is copied and no more than the store's size is ever needed. The caller holds the
+        store's lock (`writing`)."""
+        folder, path = Path(folder), Path(path)
+        shards, nbytes = {}, 0
+        for stage in range(manifest["num_stages"]):
+            file = folder / shard_name(stage)
+            try:
+                nbytes += tensor_bytes(file)
+            except ValueError as err:
+                raise StoreCorruptError(f"the shard {file} just written is unreadable: {err}") from None
+            sha = file_sha256(file)
+            shards[file.name] = {"sha256": sha, "bytes": file.stat().st_size}
+            with safe_open(str(file), framework="pt") as f:
+                problems = trajectory_problems(f.keys(), f.get_tensor, lambda k: f.get_slice(k).get_shape(), manifest)
+            if problems:
+                raise StoreCorruptError(f"the shard {file} just written is invalid: {'; '.join(problems[:3])}")
+        manifest = {**manifest, "format": FORMAT_VERSION, "nbytes": nbytes, "shards": shards}
+        (folder / MANIFEST).write_text(json.dumps(canonical(manifest), indent=1))
+        os.chmod(folder, 0o755)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(folder, path)
+        for name, record in shards.items():  # hashed just now: a reopen in this process need not rehash
+            _VERIFIED.add(_stamp(path / name, record["sha256"]))
+        return TrajectoryStore(path, json.loads((path / MANIFEST).read_text()))
 
     # --- reading --------------------------------------------------------------------------
     @classmethod
@@ -112,11 +278,32 @@ class TrajectoryStore:
         if not cls.exists(path):
             raise FileNotFoundError(
                 f"no trajectory store at {path} (no {MANIFEST}); build one with `diffes-pl predict --config …`")
-        manifest = json.loads((path / MANIFEST).read_text())
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except ValueError as err:
+            raise StoreCorruptError(f"the manifest {path / MANIFEST} is not valid JSON ({err}); {rebuild(path)}") from None
         store = cls(path, manifest)
+        store._check_format()
         if key_fields is not None:
             store.check_key(key_fields)
+            # About to be reused for a whole run: verify every shard now (one read of the store; a
+            # store hashed by this process since it was last modified is not read again).
+            store.verify()
         return store
+
+    def _check_format(self) -> None:
+        version = int(self.manifest.get("format", 1))
+        if version > FORMAT_VERSION:
+            raise StoreMismatchError(f"the trajectory store at {self.path} has format {version}, written by a newer "
+                                     f"diffes-pl (this one reads up to {FORMAT_VERSION}); upgrade, or {rebuild(self.path)}")
+        if "shards" not in self.manifest:
+            warnings.warn(f"the trajectory store at {self.path} has no checksums (written by an older diffes-pl): "
+                          f"its shards are validated but cannot be verified; rebuild it to verify them", stacklevel=3)
+
+    def verify(self) -> None:
+        """Verifies every shard now (checksum, size, contents) instead of when first used."""
+        for stage in range(self.num_stages):
+            self._shard(stage)
 
     def check_key(self, key_fields: dict) -> None:
         if make_key(key_fields) == self.manifest["key"]:
@@ -158,8 +345,41 @@ class TrajectoryStore:
         if not 0 <= stage < self.num_stages:
             raise IndexError(f"stage {stage} outside [0, {self.num_stages}) of the store at {self.path}")
         if stage not in self._handles:
-            self._handles[stage] = safe_open(str(self.path / shard_name(stage)), framework="pt")
+            self._handles[stage] = self._open_shard(self.path / shard_name(stage))
         return self._handles[stage]
+
+    def _open_shard(self, file: Path):
+        """Opens one shard after checking its size and sha256 against the manifest and its contents."""
+        if not file.is_file():
+            raise self._corrupt(file, "the file is missing")
+        record = self.manifest.get("shards", {}).get(file.name)
+        if record is not None:
+            size = file.stat().st_size
+            if size < record["bytes"]:
+                raise self._corrupt(file, f"truncated ({size} of {record['bytes']} bytes)")
+            if size != record["bytes"]:
+                raise self._corrupt(file, f"{size} bytes where the manifest says {record['bytes']}")
+            if _stamp(file, record["sha256"]) not in _VERIFIED:
+                if file_sha256(file) != record["sha256"]:
+                    raise self._corrupt(file, "checksum mismatch (its bytes changed after the store was written)")
+                _VERIFIED.add(_stamp(file, record["sha256"]))
+        elif "shards" in self.manifest:
+            raise self._corrupt(file, "the manifest has no checksum for it")
+        try:
+            tensor_bytes(file)  # a clear "truncated" for stores without checksums too
+            handle = safe_open(str(file), framework="pt")
+            problems = trajectory_problems(handle.keys(), handle.get_tensor, lambda k: handle.get_slice(k).get_shape(),
+                                           self.manifest)
+        except ValueError as err:
+            raise self._corrupt(file, str(err)) from None
+        except Exception as err:  # safetensors' own errors on a damaged file
+            raise self._corrupt(file, f"unreadable ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        if problems:
+            raise self._corrupt(file, "; ".join(problems[:3]))
+        return handle
+
+    def _corrupt(self, file: Path, what: str) -> StoreCorruptError:
+        return StoreCorruptError(f"the trajectory store shard {file} is corrupt: {what}; {rebuild(self.path)}")
 
     def keys(self, stage: int) -> list[str]:
         return list(self._shard(stage).keys())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from torch import Tensor, nn
 
 from ..denoisers.base import DenoiserAdapter, UnitGroup
 from ..partition import StagePartition
-from ..trajectory import MANIFEST, TrajectoryStore, canonical, make_key, shard_name
+from ..locks import LockedError
+from ..trajectory import (DiskSpaceError, TrajectoryStore, canonical, check_free_space, make_key, partial_dir,
+                          remove_stale, shard_name, writing)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -227,6 +230,19 @@ def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
     return total
 
 
+def check_stat_memory(adapter: DenoiserAdapter, pruner: Pruner, device: torch.device) -> None:
+    """Refuses (InsufficientMemoryError) before the first predict epoch when one stage's statistics
+    do not fit on the calibration device (OBS: one in×in Hessian per unit group)."""
+    from ..memory import check_fits
+
+    dtype = str(pruner.stat_dtype).removeprefix("torch.")
+    ways = ["set model.pruner.init_args.stat_dtype: float32"] if pruner.stat_dtype == torch.float64 else []
+    ways += ["prune fewer or smaller unit groups", "use a pruner without Hessians (Wanda)",
+             "or calibrate on a device with more memory"]  # every rank holds a whole stage's statistics
+    check_fits(estimate_stat_bytes(adapter, pruner), device,
+               f"calibration statistics of the {pruner.name} pruner (one stage, {dtype})", ", ".join(ways))
+
+
 def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: int, num_stages: int) -> int:
     """Bytes of the store about to be written (compensated weights dominate)."""
     total = 0
@@ -244,7 +260,7 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
                 partition: StagePartition, path: str | Path, levels_max: int, log=print) -> TrajectoryStore:
     """Calibrates every stage (one `trainer.predict` epoch each) and writes the store atomically."""
     path = Path(path)
-    shard_dir = path.parent / f".{path.name}.partial"
+    shard_dir = partial_dir(path)
     key_fields = store_key_fields(adapter, partition, datamodule.settings(), pruner, levels_max)
     pruner.attach(adapter, levels_max, shard_dir)
     datamodule.attach(adapter, partition)
@@ -252,9 +268,37 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
         log(f"calibration: {partition.num_stages} stages, statistics {estimate_stat_bytes(adapter, pruner) / 2**20:.1f} MiB "
             f"per stage; store ≈ {estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages) / 2**20:.1f} MiB "
             f"→ {path}")
-        if shard_dir.exists():
-            shutil.rmtree(shard_dir)
-    trainer.strategy.barrier("diffes-store-start") if trainer.world_size > 1 else None
+    check_stat_memory(adapter, pruner, trainer.strategy.root_device)  # before the first predict epoch
+    with ExitStack() as held:
+        _claim_store(trainer, held, path, estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages), log)
+        _calibrate(trainer, pruner, datamodule, adapter, partition, path, shard_dir, key_fields, levels_max, log)
+    return TrajectoryStore.open(path, key_fields=key_fields)
+
+
+def _claim_store(trainer: L.Trainer, held: ExitStack, path: Path, needed: int, log) -> None:
+    """Before any calibration, on rank 0: the store's lock (another process building the same store
+    refuses this one at once), leftovers of a killed build removed, free space checked. Every rank
+    raises rank 0's refusal, so none waits at a barrier for a rank that stopped."""
+    refusal = None
+    if trainer.global_rank == 0:
+        try:
+            held.enter_context(writing(path))
+            stale = remove_stale(path)
+            if stale:
+                log(f"removed what an interrupted build of {path} left: {', '.join(p.name for p in stale)}")
+            check_free_space(path, needed)
+        except (LockedError, DiskSpaceError) as err:
+            refusal = err
+    if trainer.world_size > 1:
+        refusal = trainer.strategy.broadcast(refusal, src=0)
+        trainer.strategy.barrier("diffes-store-start")
+    if refusal is not None:
+        raise refusal
+
+
+def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: DenoiserAdapter,
+               partition: StagePartition, path: Path, shard_dir: Path, key_fields: dict, levels_max: int, log) -> None:
+    """The S stages' predict epochs (shards into `shard_dir`), then the store sealed by rank 0."""
     # predict_step returns nothing on purpose: the statistics are the product.
     warnings.filterwarnings("ignore", message=".*predict returned None.*")
     try:
@@ -276,16 +320,9 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
             shutil.rmtree(shard_dir)
     if trainer.world_size > 1:
         trainer.strategy.barrier("diffes-store-sealed")
-    return TrajectoryStore.open(path, key_fields=key_fields)
 
 
 def _seal(shard_dir: Path, path: Path, manifest: dict) -> TrajectoryStore:
-    """Shards → a complete store, atomically (manifest written last, folder renamed into place)."""
-    from safetensors import safe_open
-
-    def stages():
-        for stage in range(manifest["num_stages"]):
-            with safe_open(str(shard_dir / shard_name(stage)), framework="pt") as f:
-                yield {k: f.get_tensor(k) for k in f.keys()}
-
-    return TrajectoryStore.write(path, manifest, stages())
+    """Shards → a complete store, atomically: checksums into the manifest, written last, and the
+    shard folder renamed into place (no copy: sealing needs no space beyond the shards)."""
+    return TrajectoryStore.seal(shard_dir, path, manifest)

@@ -20,8 +20,8 @@ from ..evaluation.macs import count_macs
 from ..fitness import FitnessInputs, get_metric
 from ..io import write_json
 from ..partition import Schedule
-from ..routing import Router
-from ..trajectory import TrajectoryStore
+from ..routing import Router, check_store
+from ..trajectory import StoreMismatchError, TrajectoryStore
 from .rollouts import Probes, RolloutEngine
 
 METRICS = ("fid", "is", "precision_recall", "ssim", "class_accuracy", "clip")
@@ -88,7 +88,7 @@ def _fingerprint(adapter) -> str:
 
 
 def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: EvalConfig, run: str | Path,
-             log: Callable[[str], None] = print, launched: bool = False) -> dict:
+             log: Callable[[str], None] = print, launched: bool = False, store: TrajectoryStore | None = None) -> dict:
     """Rows {name: {levels, sparsity, macs, mac_ratio, latency_s, speedup, fid, is, …}} for the dense
     model (name `dense`, always included) and each schedule. Sampling is split across the trainer's
     ranks (`launched`: the ranks already run, e.g. inside fit; see `ensure_images`); metrics are
@@ -102,7 +102,8 @@ def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: Eva
     adapter.denoiser.to(device)
     hp, partition = module.hparams, module.partition
     routed = {n: s for n, s in schedules.items() if s is not None}
-    store = TrajectoryStore.open(module.store_path) if routed else None
+    if store is None and routed:
+        store = TrajectoryStore.open(module.store_path)
     prompts = Path(config.prompts).read_text().splitlines() if config.prompts else (list(hp.prompts or []) or None)
     if prompts is None and not hasattr(adapter, "num_classes"):
         raise ValueError("this denoiser is prompt-conditioned: give prompts (a text file, one per line)")
@@ -120,6 +121,10 @@ def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: Eva
     if trainer is not None and trainer.global_rank != 0:
         return {}
     images = {name: s.load() for name, s in sets.items()}
+    for name, image_set in sets.items():  # for people and other FID tools: PNGs of exactly these images
+        image_set.write_pngs()
+        log(f"evaluation images {name} as PNG: {image_set.png_folder} ({image_set.num_images}), "
+            f"grid {image_set.folder / 'grid.png'}")
     metrics = _image_metrics(adapter, images, sets["dense"], config, run, prompts, log)
     rows = {}
     for name, schedule in {"dense": None, **routed}.items():
@@ -217,22 +222,47 @@ def print_table(rows: dict, title: str = "evaluation") -> None:
 
 
 def evaluate_schedule(module, trainer, searched: Schedule, config: EvalConfig, run: str | Path,
-                      log: Callable[[str], None] = print, launched: bool = False, source: str = "") -> dict:
+                      log: Callable[[str], None] = print, launched: bool = False, source: str = "",
+                      store: TrajectoryStore | None = None) -> dict:
     """The schedule, the uniform schedule at its budget (`config.uniform`) and the dense model;
-    writes <run>/evaluation.json atomically and prints the table (rank 0). Returns the JSON content."""
+    writes <run>/evaluation.json atomically and prints the table (rank 0). Returns the JSON content.
+    `store`: the trajectory store to route with (default: the run's)."""
     run = Path(run)
+    if store is None:
+        module._root_dir = str(run)
+        store = TrajectoryStore.open(module.store_path)
+    check_store(searched, store)  # before any image is sampled
     schedules: dict[str, Schedule | None] = {"searched": searched}
     if config.uniform and float(searched.target_level).is_integer():
         schedules["uniform"] = Schedule.uniform(int(searched.target_level), searched.levels_max,
                                                 searched.steps_per_stage, partition=searched.partition)
-    rows = evaluate(module, trainer, schedules, config, run, log=log, launched=launched)
+    rows = evaluate(module, trainer, schedules, config, run, log=log, launched=launched, store=store)
     if not rows:
         return rows
-    result = {"schedule": source or searched.levels, "config": asdict(config), "results": rows}
+    # what was evaluated: the schedule (file and levels) and the store that routed it
+    result = {"schedule": source or searched.levels, "levels": searched.levels, "store": str(store.path),
+              "store_key": store.key, "pruner": store.pruner, "config": asdict(config), "results": rows}
     write_json(run / "evaluation.json", result)
+    log_to_loggers(trainer, result)
     print_table(rows, title=f"{source or 'searched schedule'} — {config.num_images} images per row")
     log(f"wrote {run / 'evaluation.json'}")
     return result
+
+
+def log_to_loggers(trainer, result: dict) -> None:
+    """evaluation.json's numbers to the trainer's loggers (CSV, TensorBoard, …) as `eval/<row>/<metric>`
+    (e.g. eval/searched/fid), and what was evaluated as hyperparameters."""
+    loggers = list(getattr(trainer, "loggers", None) or [])
+    if not loggers:
+        return
+    metrics = {f"eval/{name}/{key}": float(value) for name, row in result["results"].items()
+               for key, value in row.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    what = {"eval/" + key: str(result.get(key)) for key in ("schedule", "levels", "store", "pruner")}
+    what["eval/num_images"] = result["config"]["num_images"]
+    for logger in loggers:
+        logger.log_hyperparams(what)
+        logger.log_metrics(metrics, step=trainer.global_step)
+        logger.save()
 
 
 def evaluate_run(module, trainer, schedule: str | Path | None = None, config: EvalConfig | None = None,
@@ -240,8 +270,30 @@ def evaluate_run(module, trainer, schedule: str | Path | None = None, config: Ev
     """`diffes-pl test`: the schedule file (default <default_root_dir>/schedule.json); its folder is the
     run folder (eval/ and evaluation.json go there)."""
     path = Path(schedule) if schedule else Path(trainer.default_root_dir) / "schedule.json"
-    return evaluate_schedule(module, trainer, Schedule.load(path), config or EvalConfig(), path.parent, log=log,
-                             source=str(path))
+    loaded = Schedule.load(path)
+    store = schedule_store(module, trainer, loaded, path)
+    log(f"evaluating {path} on the trajectory store {store.path} (pruner {store.pruner})")
+    return evaluate_schedule(module, trainer, loaded, config or EvalConfig(), path.parent, log=log,
+                             source=str(path), store=store)
+
+
+def schedule_store(module, trainer, schedule: Schedule, source: Path) -> TrajectoryStore:
+    """The store a schedule file is evaluated on: the one recorded in it (where it was searched),
+    else the run's configured store, if it is that same store (same key), never another one."""
+    if schedule.store and TrajectoryStore.exists(schedule.store):
+        store = TrajectoryStore.open(schedule.store)
+    else:
+        root = Path(trainer.default_root_dir) if trainer is not None else Path(".")
+        configured = Path(module.hparams.store) if module.hparams.store else root / "store"
+        store = TrajectoryStore.open(configured)
+        if schedule.store_key is not None and schedule.store_key != store.key:
+            raise StoreMismatchError(
+                f"the schedule {source} was searched on the trajectory store {schedule.store} (key "
+                f"{schedule.store_key[:12]}…), which is gone; the configured store {configured} (key {store.key[:12]}…, "
+                f"pruner {store.pruner}) is another one; point `--model.store` at the schedule's store, or rebuild it "
+                f"with the settings of the search")
+    check_store(schedule, store)
+    return store
 
 
 @torch.no_grad()

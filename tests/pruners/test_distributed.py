@@ -99,7 +99,10 @@ def _build_both(tmp_path: Path, config: str, batch_size: int):
 def _compare(one, two, weight_atol_scale: float = 0.0) -> None:
     (m1, shards1), (m2, shards2) = one, two
     assert m1["key"] == m2["key"]  # the process count is not part of the store's identity
-    assert m1 == m2
+    # checksums differ with the weights' last bits (compared with a tolerance below); sizes do not
+    sizes1, sizes2 = ({n: r["bytes"] for n, r in m.pop("shards").items()} for m in (dict(m1), dict(m2)))
+    assert sizes1 == sizes2
+    assert {k: v for k, v in m1.items() if k != "shards"} == {k: v for k, v in m2.items() if k != "shards"}
     for stage, (a, b) in enumerate(zip(shards1, shards2)):
         assert a.keys() == b.keys(), stage
         orders = [k for k in a if k.endswith(".order")]
