@@ -1,9 +1,16 @@
 """Export a routed denoiser and load it back without the trajectory store.
 
 An export folder holds:
-    pipeline/            the dense model as a diffusers pipeline folder: the denoiser (`transformer/`
-                         or `unet/`), its VAE and, for SDXL/FLUX, the text encoders and tokenizers
-                         when the adapter has them (model_index.json names the pipeline class)
+    pipeline/            the dense model as a diffusers pipeline folder, written by the pipeline's own
+                         `save_pretrained` (DiTPipeline, StableDiffusionXLPipeline, FluxPipeline): the
+                         denoiser (`transformer/` or `unet/`), `scheduler/` (the adapter's sampler),
+                         the VAE and, for SDXL/FLUX, the text encoders and tokenizers when the adapter
+                         has them. `diffusers.DiffusionPipeline.from_pretrained(path / "pipeline")` opens
+                         it; components the adapter lacks (the pixel-space built-in model has no VAE,
+                         an SDXL/FLUX adapter may have no text encoders) are recorded as
+                         `[null, null]` and listed in export.json `pipeline_missing`: pass them as
+                         `None` (`from_pretrained(..., vae=None)`). That pipeline samples the DENSE model;
+                         the routed one needs `load` below.
     routes/              a trajectory store cut down to what the schedule uses: per stage, the
                          removal orders and the compensated weights at that stage's level only
     schedule.json        levels, partition, H
@@ -20,6 +27,8 @@ narrower MLP"; such a model is exported in this format instead (a 1-stage schedu
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -35,9 +44,6 @@ from .partition import Schedule
 from .routing import Router
 from .trajectory import TrajectoryStore
 
-# family → (diffusers pipeline class named in model_index.json, the denoiser's subfolder)
-PIPELINES = {"dit": ("DiTPipeline", "transformer"), "sdxl": ("StableDiffusionXLPipeline", "unet"),
-             "flux": ("FluxPipeline", "transformer")}
 FORMAT = "diffes-pl-routed/2"
 
 
@@ -55,8 +61,10 @@ def _routes(store: TrajectoryStore, schedule: Schedule, adapter: DenoiserAdapter
         yield tensors
 
 
-def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, path: str | os.PathLike) -> Path:
-    """Writes the export folder atomically (temporary name, then rename)."""
+def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, path: str | os.PathLike,
+         sampler: str | None = None) -> Path:
+    """Writes the export folder atomically (temporary name, then rename). `sampler` names the
+    scheduler written to `pipeline/scheduler/` (default: the adapter's default sampler)."""
     Router(adapter, store, schedule).remove()  # refuses what the store cannot serve, before writing
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,13 +73,15 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
         was_dense = adapter.is_dense()
         if not was_dense:
             raise RuntimeError("the adapter has a router installed; export from the dense denoiser")
-        text_encoders = _save_pipeline(adapter, tmp / "pipeline")
+        text_encoders, missing = _save_pipeline(adapter, tmp / "pipeline", sampler)
         manifest = {k: v for k, v in store.manifest.items() if k not in ("nbytes", "format")}
         TrajectoryStore.write(tmp / "routes", manifest, _routes(store, schedule, adapter))
         schedule.save(tmp / "schedule.json")
         write_json(tmp / "export.json", {"format": FORMAT, "name": adapter.name, "family": adapter.family,
                                          "noise_schedule": getattr(adapter, "noise_schedule", None),
                                          "text_encoders": text_encoders,
+                                         # pass these as None to DiffusionPipeline.from_pretrained
+                                         "pipeline_missing": missing,
                                          # what a pipeline folder does not say: FLUX's T5 token count
                                          "text_len": getattr(adapter, "text_len", None)})
         if path.exists():
@@ -83,29 +93,64 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
     return path
 
 
-def _save_pipeline(adapter: DenoiserAdapter, folder: Path) -> bool:
-    """The dense model as a diffusers pipeline folder; returns whether text encoders were written."""
-    if adapter.family not in PIPELINES:
-        raise ValueError(f"cannot export a denoiser of the {adapter.family!r} family (known: {sorted(PIPELINES)})")
-    pipeline, sub = PIPELINES[adapter.family]
-    adapter.denoiser.save_pretrained(folder / sub, safe_serialization=True)
-    if getattr(adapter, "vae", None) is not None:
-        adapter.vae.save_pretrained(folder / "vae", safe_serialization=True)
-    encoders = None
-    if hasattr(adapter, "text_encoders"):
-        from .denoisers.text import MissingTextEncodersError
+def _save_pipeline(adapter: DenoiserAdapter, folder: Path, sampler: str | None) -> tuple[bool, list[str]]:
+    """The dense model as a diffusers pipeline folder, written by the pipeline's own `save_pretrained`
+    so that `DiffusionPipeline.from_pretrained` opens it. Returns (whether text encoders were written,
+    the pipeline components the adapter lacks)."""
+    import diffusers
 
-        try:
-            encoders = adapter.text_encoders()
-        except MissingTextEncodersError:
-            encoders = None  # the export samples from prompt embeddings (TextCondition) only
+    if adapter.pipeline_class is None:
+        raise ValueError(f"cannot export a denoiser of the {adapter.family!r} family: its adapter names no "
+                         "diffusers pipeline (pipeline_class)")
+    pipeline_cls = getattr(diffusers, adapter.pipeline_class)
+    scheduler = adapter.make_scheduler() if sampler is None else adapter.make_scheduler(sampler)
+    components = {adapter.denoiser_subfolder: adapter.denoiser, "vae": getattr(adapter, "vae", None),
+                  "scheduler": _diffusers_scheduler(scheduler)}
+    encoders = _text_encoders(adapter)
     if encoders is not None:
-        for (tok_dir, enc_dir), tok, model in zip((("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
-                                                  encoders.tokenizers, encoders.encoders):
-            tok.save_pretrained(folder / tok_dir)
-            model.save_pretrained(folder / enc_dir, safe_serialization=True)
-    write_json(folder / "model_index.json", {"_class_name": pipeline})
-    return encoders is not None
+        for (tok_name, enc_name), tok, model in zip((("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
+                                                    encoders.tokenizers, encoders.encoders):
+            components[tok_name], components[enc_name] = tok, model
+    for name, param in inspect.signature(pipeline_cls.__init__).parameters.items():
+        if name != "self" and param.default is inspect.Parameter.empty:
+            components.setdefault(name, None)  # e.g. text encoders the adapter does not have
+    missing = sorted(name for name, value in components.items() if value is None)
+    with _quiet_diffusers():  # "vae=None … cannot be saved": expected, and recorded in `missing`
+        pipeline_cls(**components).save_pretrained(folder, safe_serialization=True)
+    return encoders is not None, missing
+
+
+def _text_encoders(adapter: DenoiserAdapter):
+    """The adapter's text encoders, or None for a class-conditional adapter or one without them (the
+    export then samples from prompt embeddings, `TextCondition`, only)."""
+    if not hasattr(adapter, "text_encoders"):
+        return None
+    from .denoisers.text import MissingTextEncodersError
+
+    try:
+        return adapter.text_encoders()
+    except MissingTextEncodersError:
+        return None
+
+
+def _diffusers_scheduler(scheduler):
+    """`scheduler` as the diffusers class it derives from, so that `from_pretrained` can import it
+    (FLUX's FluxPipelineScheduler only changes `set_timesteps`' default sigmas, which FluxPipeline
+    passes itself); same config."""
+    base = next(cls for cls in type(scheduler).__mro__ if cls.__module__.startswith("diffusers."))
+    return scheduler if base is type(scheduler) else base.from_config(scheduler.config)
+
+
+@contextlib.contextmanager
+def _quiet_diffusers():
+    from diffusers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DenoiserAdapter, Router]:

@@ -55,3 +55,79 @@ def test_text_to_image_export_samples_identically(text_models, tmp_path, family)
     loaded, router = export.load(tmp_path / "exported")
     assert loaded.family == family and loaded.vae is not None
     torch.testing.assert_close(dp.sample(loaded, prompts, router=router, **kw), routed, rtol=0, atol=0)
+
+
+def _same_weights(module, dense):
+    got, want = module.state_dict(), dense.state_dict()
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert torch.equal(got[key], value), key
+
+
+def _open_with_diffusers(folder, **missing):
+    """The export's pipeline/ through diffusers' own loader, components the export lacks passed as None."""
+    import json
+
+    from diffusers import DiffusionPipeline
+
+    info = json.loads((folder / "export.json").read_text())
+    assert sorted(missing) == info["pipeline_missing"]
+    return DiffusionPipeline.from_pretrained(folder / "pipeline", **missing), json.loads(
+        (folder / "pipeline" / "model_index.json").read_text())
+
+
+def test_dit_export_opens_with_diffusers(random_dit, text_models, tmp_path):
+    """A latent DiT export is a complete DiTPipeline folder: transformer, VAE and the adapter's DDIM."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    random_dit.vae = text_models.tiny_vae(0.18215)
+    store, partition = _store(random_dit, tmp_path / "store", compensated=True)
+    schedule = Schedule([3, 1], store.levels_max, 2, partition.steps_per_stage, partition=partition.to_dict())
+    export.save(random_dit, store, schedule, tmp_path / "exported")
+    pipe, index = _open_with_diffusers(tmp_path / "exported")
+    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert isinstance(pipe, DiTPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(pipe.scheduler.config) == public(random_dit.make_scheduler("ddim").config)
+    _same_weights(pipe.transformer, random_dit.denoiser)
+    _same_weights(pipe.vae, random_dit.vae)
+
+
+def test_pixel_space_export_opens_with_diffusers_without_vae(tiny, tmp_path):
+    """The built-in model has no VAE (pixel space): model_index records vae as [null, null] and
+    export.json says to pass vae=None; transformer and scheduler load with diffusers' loader."""
+    store, partition = _store(tiny, tmp_path / "store")
+    schedule = Schedule([3, 1], store.levels_max, 2, partition.steps_per_stage, partition=partition.to_dict())
+    export.save(tiny, store, schedule, tmp_path / "exported")
+    pipe, index = _open_with_diffusers(tmp_path / "exported", vae=None)
+    assert index["vae"] == [None, None] and pipe.vae is None
+    assert pipe.scheduler.config.beta_schedule == "linear" and pipe.scheduler.config.beta_end == 0.02
+    _same_weights(pipe.transformer, tiny.denoiser)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_text_to_image_export_opens_with_diffusers(text_models, tmp_path, family):
+    """SDXL / FLUX exports hold every component a pipeline needs: denoiser, VAE, scheduler, both text
+    encoders and tokenizers, and they load with DiffusionPipeline.from_pretrained."""
+    from diffusers import (EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           StableDiffusionXLPipeline)
+    from routing_reference import random_store
+    from diffes_pl.partition import StagePartition
+
+    adapter = text_models.build_tiny_sdxl() if family == "sdxl" else text_models.build_tiny_flux()
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(), STEPS, STAGES)
+    store = random_store(adapter, tmp_path / "store", 4, partition, compensated=False)
+    schedule = Schedule([3, 1], 4, 2, partition.steps_per_stage, partition=partition.to_dict())
+    export.save(adapter, store, schedule, tmp_path / "exported")
+    pipe, index = _open_with_diffusers(tmp_path / "exported")
+    cls, scheduler, sub = ((StableDiffusionXLPipeline, EulerAncestralDiscreteScheduler, "unet") if family == "sdxl" else
+                           (FluxPipeline, FlowMatchEulerDiscreteScheduler, "transformer"))
+    assert type(pipe) is cls and type(pipe.scheduler) is scheduler
+    encoders = adapter.text_encoders()
+    assert index["text_encoder"] == ["transformers", type(encoders.encoders[0]).__name__]
+    assert index["text_encoder_2"] == ["transformers", type(encoders.encoders[1]).__name__]
+    _same_weights(getattr(pipe, sub), adapter.denoiser)
+    _same_weights(pipe.text_encoder_2, encoders.encoders[1])
+    ids = pipe.tokenizer("a red cat", padding="max_length", max_length=8).input_ids
+    assert ids == encoders.tokenizers[0]("a red cat", padding="max_length", max_length=8).input_ids

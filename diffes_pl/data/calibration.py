@@ -330,15 +330,12 @@ class CalibrationDataModule(L.LightningDataModule):
                                   f"{'latents of ' if vae is not None else ''}{C}×{H}×{W}"
                                   f"{'' if self.resolution in (None, 8) else f' at resolution {self.resolution}'}: "
                                   "use digits with the built-in model (tiny-digits), an image dataset otherwise")
-            self._pixel_resolution = 8
-            self._prepare_digits()
-        else:
-            if H != W and self.resolution is None:
-                raise SourceError(f"{adapter.name} has non-square latents {H}×{W}; square crops only")
-            self._pixel_resolution = self.resolution or H * factor
-            if self._channels not in (1, 3):
-                raise SourceError(f"{adapter.name} expects {self._channels}-channel images; only 1 (L) or 3 (RGB)")
-            self._prepare_rows()
+        if H != W and self.resolution is None:
+            raise SourceError(f"{adapter.name} has non-square latents {H}×{W}; square crops only")
+        self._pixel_resolution = self.resolution or H * factor
+        if self._channels not in (1, 3):
+            raise SourceError(f"{adapter.name} expects {self._channels}-channel images; only 1 (L) or 3 (RGB)")
+        self._prepare_rows()  # digits too: a datasets.Dataset like any other source
         if self._labels is not None and hasattr(adapter, "validate_condition"):
             try:
                 adapter.validate_condition(self._labels)
@@ -357,16 +354,6 @@ class CalibrationDataModule(L.LightningDataModule):
             raise SourceError(f"{adapter.name} is text-conditioned: set caption_column to the column holding the "
                               f"captions and label_column to null (got label_column={self.label_column!r}); both "
                               "null calibrates unconditionally")
-
-    def _prepare_digits(self) -> None:
-        from .digits import load_digits_split
-
-        if self._rows is None:
-            images, labels = load_digits_split(self.split)
-            idx, repeated = select_indices(len(labels), self.nsamples, self.seed)
-            self._warn_repeated(repeated, len(labels))
-            self._rows = images[idx]
-            self._labels = labels[idx] if self.label_column is not None else None
 
     def _prepare_rows(self) -> None:
         if self._rows is not None:
@@ -402,29 +389,26 @@ class CalibrationDataModule(L.LightningDataModule):
             return self._clean
         adapter = self.adapter
         text: TextCondition | None = None
-        if self.spec.kind == "digits":
-            latents = self._rows.float().clone()
+        path = self._cache_path()
+        if path is not None and path.exists():
+            from safetensors.torch import load_file
+
+            cached = load_file(str(path))
+            latents = cached.pop("latents")
+            text = TextCondition(**{k.split(".", 1)[1]: v for k, v in cached.items()}) if cached else None
         else:
-            path = self._cache_path()
-            if path is not None and path.exists():
-                from safetensors.torch import load_file
+            latents = self._encode_rows()
+            text = self._encode_captions()
+            if path is not None:
+                from safetensors.torch import save_file
 
-                cached = load_file(str(path))
-                latents = cached.pop("latents")
-                text = TextCondition(**{k.split(".", 1)[1]: v for k, v in cached.items()}) if cached else None
-            else:
-                latents = self._encode_rows()
-                text = self._encode_captions()
-                if path is not None:
-                    from safetensors.torch import save_file
+                from ..io import atomic_path
 
-                    from ..io import atomic_path
-
-                    tensors = {"latents": latents}
-                    if text is not None:
-                        tensors.update({f"cond.{k}": v for k, v in vars(text).items() if v is not None})
-                    with atomic_path(path) as tmp:
-                        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+                tensors = {"latents": latents}
+                if text is not None:
+                    tensors.update({f"cond.{k}": v for k, v in vars(text).items() if v is not None})
+                with atomic_path(path) as tmp:
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
         expected = tuple(int(x) for x in adapter.latent_shape)
         if self.resolution is None and tuple(latents.shape[1:]) != expected:
             raise SourceError(f"calibration latents have shape {tuple(latents.shape[1:])} but {adapter.name} expects "

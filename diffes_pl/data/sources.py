@@ -5,7 +5,8 @@ refused when the datamodule is built; the rows are loaded by `datasets` itself (
 which is where missing splits and columns are refused, before any image is decoded or encoded.
 
 Accepted source strings:
-- ``digits``: scikit-learn's 8×8 digits (built in, no download; `load_digits_split`);
+- ``digits``: scikit-learn's 8×8 digits (built in, no download): a `datasets.Dataset` built in
+  memory (`digits_dataset`: an Image and a ClassLabel column), read like every other source;
 - a local folder of images (one subfolder per class gives the labels): ``imagefolder``;
 - a local parquet file, or a folder holding ``*.parquet`` files: ``parquet``;
 - a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``: ``load_from_disk``;
@@ -107,7 +108,12 @@ def open_source(spec: SourceSpec, split: str) -> Any:
     import datasets
 
     if spec.kind == "digits":
-        raise SourceError("the digits source is not a datasets.Dataset; use load_digits_split")
+        from .digits import digits_dataset
+
+        try:
+            return digits_dataset(split)
+        except ValueError as err:
+            raise SourceError(f"calibration source digits: {err}") from err
     try:
         if spec.kind == "imagefolder":
             loaded = datasets.load_dataset("imagefolder", data_dir=spec.location)
@@ -126,7 +132,7 @@ def open_source(spec: SourceSpec, split: str) -> Any:
         hint = ("offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE): download it first with network on, "
                 "e.g. `python -c \"import datasets; datasets.load_dataset('%s', split='%s')\"`" % (spec.location, split)
                 if offline else "check the name, accept its terms on the hub if it is gated, and log in "
-                "(`huggingface-cli login`)")
+                "(`hf auth login`)")
         raise SourceError(f"could not load the Hugging Face dataset {spec.location!r} (split {split!r}): {err}. "
                           f"{hint}; or pass a local folder of images / parquet file. (A local path "
                           f"{Path(spec.location).absolute()} does not exist either.)") from err
@@ -209,7 +215,9 @@ def preprocess_image(value: Any, resolution: int, channels: int) -> Tensor:
     """One image → float32 [channels, resolution, resolution] in [-1, 1] (0 → −1, 255 → +1)."""
     if channels not in (1, 3):
         raise SourceError(f"images can be prepared for 1 (L) or 3 (RGB) channels, not {channels}")
-    image = to_pil(value).convert("L" if channels == 1 else "RGB")
+    image = to_pil(value)
+    if not (channels == 1 and image.mode == "F"):  # float grayscale on 0..255 (the digits) stays exact
+        image = image.convert("L" if channels == 1 else "RGB")
     image = center_crop_arr(image, resolution)
     arr = np.asarray(image, dtype=np.float32)
     if arr.ndim == 2:

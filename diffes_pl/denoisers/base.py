@@ -130,6 +130,8 @@ class DenoiserAdapter(ABC):
     denoiser: nn.Module
     name: str
     family: str = "base"
+    pipeline_class: str | None = None  # diffusers pipeline class an export is written as (None: not exportable)
+    denoiser_subfolder: str = "transformer"
 
     # --- structure -------------------------------------------------------------------------
     @abstractmethod

@@ -96,6 +96,8 @@ class DiTAdapter(TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `DiTTransformer2DModel` (class-conditional, CFG with a null class)."""
 
     family = "dit"
+    # the diffusers pipeline an export folder is written as, and the denoiser's subfolder in it
+    pipeline_class, denoiser_subfolder = "DiTPipeline", "transformer"
 
     def __init__(self, denoiser: DiTTransformer2DModel, name: str, vae: nn.Module | None = None,
                  noise_schedule: dict | None = None, latent_scale: float = 0.18215) -> None:

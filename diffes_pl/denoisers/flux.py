@@ -198,6 +198,8 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
     """Adapter for diffusers `FluxTransformer2DModel` (rectified flow, T5 + CLIP conditioning)."""
 
     family = "flux"
+    # the diffusers pipeline an export folder is written as, and the denoiser's subfolder in it
+    pipeline_class, denoiser_subfolder = "FluxPipeline", "transformer"
 
     def __init__(self, denoiser: FluxTransformer2DModel, name: str, vae: nn.Module | None = None,
                  image_size: int | None = None, text_len: int = 256, guidance: float = 3.5,

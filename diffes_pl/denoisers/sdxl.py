@@ -58,6 +58,8 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `UNet2DConditionModel` with SDXL's text-time added conditions."""
 
     family = "sdxl"
+    # the diffusers pipeline an export folder is written as, and the denoiser's subfolder in it
+    pipeline_class, denoiser_subfolder = "StableDiffusionXLPipeline", "unet"
 
     def __init__(self, denoiser: UNet2DConditionModel, name: str, vae: nn.Module | None = None,
                  noise_schedule: dict | None = None, latent_scale: float | None = None,

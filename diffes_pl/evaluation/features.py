@@ -2,9 +2,10 @@
 
 - `digits`: the committed digits classifier (`DigitsFeatures`): 128-d features, 10 logits. Used for
   the built-in model; no download.
-- `inception`: torch-fidelity's InceptionV3 (the TF-ported network every published FID uses), via
-  torchmetrics: 2048-d pool features, 1008 unbiased logits. Its weights live in the torch hub cache;
-  when they are missing offline the error says where and how to pre-fetch them, at once.
+- `inception`: torch-fidelity's InceptionV3 (the TF-ported network every published FID uses), its
+  public `FeatureExtractorInceptionV3`: 2048-d pool features, 1008 unbiased logits, one pass. Its
+  weights live in the torch hub cache (torch-fidelity downloads them with torch.hub); when they are
+  missing offline the error says where and how to pre-fetch them, at once.
 
 Real-image features are computed once per (dataset, resolution, feature network) and cached as
 safetensors under a cache folder.
@@ -95,18 +96,18 @@ class InceptionNetwork(FeatureNetwork):
                 path = None  # online: torch-fidelity downloads them into the cache
         if problems:
             raise WeightsMissingError("FID/IS/precision-recall need the Inception network: " + "; ".join(problems))
-        from torchmetrics.image.fid import NoTrainInceptionV3
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-        self.net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048", "logits_unbiased"],
-                                      feature_extractor_weights_path=None if path is None else str(path))
+        # with a path it loads that file; with None it downloads into the torch hub cache (online only)
+        self.net = FeatureExtractorInceptionV3(self.name, ["2048", "logits_unbiased"],
+                                               feature_extractor_weights_path=None if path is None else str(path))
 
     def _forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
         x = images.float().clamp(0, 1)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = (x * 255).round().to(torch.uint8)  # the network expects uint8 RGB and resizes to 299 itself
-        # torchmetrics' forward returns the first requested feature only: one pass for both here
-        feats, logits = self.net._torch_fidelity_forward(x)
+        feats, logits = self.net(x.to(next(self.net.parameters()).device))  # one pass, both features
         return feats.reshape(len(x), -1), logits.reshape(len(x), -1)
 
 

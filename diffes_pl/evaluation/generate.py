@@ -6,6 +6,10 @@ is interrupted, or asked for more images later, regenerates nothing already on d
 name carries a hash of everything that decides the pixels (denoiser, store, levels, sampler, steps,
 guidance, seed, batch size): images made under other settings are never reused silently.
 
+For people and for other FID tools, `write_pngs` also writes every image as `<folder>/png/000000.png`,
+… (exactly the first N images, the pixels of the batch files) and a `<folder>/grid.png` overview,
+from the batch files, skipping what exists: e.g. `fidelity --fid --input1 <folder>/png --input2 …`.
+
 Batch b draws its noise from seed·1_000_003 + b and conditions from a fixed rule (class labels
 b·B … b·B+B−1 mod K, or prompts cycled), so it is the same whichever rank or run makes it. Under
 DDP, `trainer.predict` over the batch indices hands rank r the batches r, r + W, r + 2W, …
@@ -79,6 +83,41 @@ class ImageSet:
         batches = [load_file(str(self.batch_path(b)))["images"] for b in range(self.num_batches)]
         return torch.cat(batches)[:self.num_images].float() / 255
 
+    @property
+    def png_folder(self) -> Path:
+        return self.folder / "png"
+
+    def png_path(self, i: int) -> Path:
+        return self.png_folder / f"{i:06d}.png"
+
+    def write_pngs(self, grid_size: int = 64) -> int:
+        """PNGs of the first num_images images (from the batch files, lossless), the missing ones
+        only, and grid.png of the first `grid_size`; PNGs past num_images are removed so that the
+        folder holds exactly the evaluated images. Returns how many PNGs were written."""
+        from safetensors.torch import load_file
+
+        from ..io import atomic_path
+
+        written = 0
+        for b in range(self.num_batches):
+            first = b * self.batch_size
+            rows = range(first, min(first + self.batch_size, self.num_images))
+            todo = [i for i in rows if not self.png_path(i).is_file()]
+            if todo:
+                pixels = load_file(str(self.batch_path(b)))["images"]
+                for i in todo:
+                    with atomic_path(self.png_path(i)) as tmp:
+                        to_pil(pixels[i - first]).save(tmp, format="PNG")
+                written += len(todo)
+        for extra in self.png_folder.glob("*.png"):
+            if extra.stem.isdigit() and int(extra.stem) >= self.num_images:
+                extra.unlink()
+        grid = self.folder / "grid.png"
+        if written or not grid.is_file():
+            with atomic_path(grid) as tmp:
+                to_pil(image_grid(self.load()[:grid_size])).save(tmp, format="PNG")
+        return written
+
     def save(self, b: int, images: Tensor) -> None:
         from safetensors.torch import save_file
 
@@ -87,6 +126,23 @@ class ImageSet:
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
         with atomic_path(self.batch_path(b)) as tmp:
             save_file({"images": pixels}, str(tmp))
+
+
+def to_pil(pixels: Tensor) -> Any:
+    """One uint8 image [C, H, W] (C = 1 or 3) → a PIL image (mode L or RGB), pixels unchanged."""
+    from PIL import Image
+
+    array = pixels.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
+
+
+def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
+    """Images [N, C, H, W] in [0, 1] → one uint8 grid [C, H', W'] (2-pixel white gaps)."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images, nrow=min(per_row, len(images)), padding=2, pad_value=1.0)
+    grid = grid[:1] if images.shape[1] == 1 else grid  # make_grid repeats 1-channel images to RGB
+    return (grid * 255).round().to(torch.uint8)
 
 
 def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float) -> Tensor:

@@ -1,12 +1,13 @@
 """Fitness metrics: a schedule's score from the images (or latents) it generates on fixed probes.
 
 Reference metrics compare with the dense model's output on the same probes (SSIM, PSNR, latent
-MSE: no downloads). No-reference metrics score the images alone (TOPIQ-NR, CLIP-IQA via pyiqa, the
-`iqa` extra). For the built-in model: class accuracy and digits-FID. A user callable is named as
+MSE: no downloads). No-reference metrics score the images alone (TOPIQ-NR, CLIP-IQA via pyiqa; their
+weights must be in pyiqa's cache, see fitness/iqa.py). For the built-in model: class accuracy and digits-FID. A user callable is named as
 `package.module:function` and receives a `FitnessInputs`.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -62,12 +63,18 @@ def _class_accuracy(x: FitnessInputs) -> float:
     return class_accuracy(x.images, x.conditions)
 
 
-def _digits_fid(x: FitnessInputs) -> float:
+@functools.lru_cache(maxsize=1)
+def _train_digits_fid():
+    """digits-FID against the training digits, built once per process (real features extracted once)."""
     from ..data.digits import load_digits_split
-    from ..evaluation.digits_features import digits_fid
+    from ..evaluation.digits_features import DigitsFID
 
     real, _ = load_digits_split("train")
-    return digits_fid(x.images, (real + 1) / 2)
+    return DigitsFID((real + 1) / 2)
+
+
+def _digits_fid(x: FitnessInputs) -> float:
+    return _train_digits_fid()(x.images)
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [

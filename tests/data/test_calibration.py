@@ -163,6 +163,32 @@ def test_digits_source(pixel_adapter, ddim_partition):
     assert dm.settings()["nsamples"] == 10 and dm.settings()["seed"] == 0
 
 
+def test_digits_go_through_datasets_unchanged(pixel_adapter, ddim_partition):
+    """The built-in digits are a datasets.Dataset (Image + ClassLabel columns) read by the same code as
+    ImageNet/COCO, and every stage's samples equal the old tensor path's (load_digits_split, noised by
+    hand) bit for bit — the demo's schedule depends on them."""
+    import datasets
+
+    dm = attached(pixel_adapter, ddim_partition, nsamples=64, batch_size=32, seed=0)
+    assert isinstance(dm._rows, datasets.Dataset)
+    assert isinstance(dm._rows.features["image"], datasets.Image)
+    assert dm._rows.features["label"] == datasets.ClassLabel(names=[str(i) for i in range(10)])
+    from diffes_pl.data.digits import load_digits_split
+
+    images, labels = load_digits_split("train")
+    idx, _ = select_indices(len(labels), 64, 0)
+    x0, abar = images[idx], alphas_cumprod(pixel_adapter.noise_schedule)  # the old path's noising, unchanged
+    for stage in range(ddim_partition.num_stages):
+        g = stage_generator(0, stage)
+        t = draw_timesteps(ddim_partition.stage_interval(stage), 64, g, 1000)
+        xt = noise_ddpm(x0, torch.randn(x0.shape, generator=g, dtype=torch.float32), t, abar)
+        got = dm.stage_dataset(stage)
+        assert torch.equal(got.latents, xt) and torch.equal(got.timesteps, t) and torch.equal(got.cond, labels[idx])
+    test = attached(pixel_adapter, ddim_partition, nsamples=5, split="test")
+    test_images, _ = load_digits_split("test")
+    assert torch.equal(test.clean().latents, test_images[select_indices(297, 5, 0)[0]])
+
+
 # 4 ----------------------------------------------------------------------------------------------
 def tiny_vae() -> AutoencoderKL:
     torch.manual_seed(0)

@@ -40,6 +40,33 @@ def test_fid_of_disjoint_real_halves_is_small(digits):
     assert M.fid_from_features(net.extract(images)["features"], net.extract(noise)["features"]) > 200
 
 
+def test_fitness_digits_fid_extracts_the_real_digits_once(digits, monkeypatch):
+    """The digits_fid fitness keeps the real digits' statistics (reset_real_features=False): each call
+    equals a freshly built FID on the same inputs, calls in a row do not leak into each other, and
+    the real digits are loaded and featurised once per process."""
+    from diffes_pl import fitness
+    from diffes_pl.data import digits as digits_data
+    from diffes_pl.evaluation.digits_features import DigitsFID, digits_fid
+
+    images, _ = digits
+    g = torch.Generator().manual_seed(0)
+    fakes = [images[:64], torch.rand(64, 1, 8, 8, generator=g), images[64:160]]
+    real = (digits_data.load_digits_split("train")[0] + 1) / 2
+    fresh = [digits_fid(f, real) for f in fakes]
+    assert fresh[0] < 30 < 200 < fresh[1]  # real digits vs noise: the values mean something
+    cached = DigitsFID(real)
+    assert [cached(f) for f in fakes] == pytest.approx(fresh, abs=1e-6)
+
+    loads = []
+    real_split = digits_data.load_digits_split
+    monkeypatch.setattr(digits_data, "load_digits_split", lambda split: loads.append(split) or real_split(split))
+    fitness._train_digits_fid.cache_clear()
+    metric = fitness.get_metric("digits_fid")
+    got = [metric(fitness.FitnessInputs(f, None, None, None, None)) for f in fakes]
+    assert got == pytest.approx(fresh, abs=1e-6) and loads == ["train"]
+    fitness._train_digits_fid.cache_clear()
+
+
 # --- Inception Score --------------------------------------------------------------------------------
 
 def test_inception_score_uniform_logits_is_one():
@@ -89,6 +116,24 @@ def test_precision_recall_matches_brute_force_k3():
     bp, br = _brute(real.double(), fake.double(), 3)
     assert (p, r) == (pytest.approx(bp), pytest.approx(br))
     assert (p, r) == (pytest.approx(7 / 9), pytest.approx(9 / 12))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_torch_fidelity(k):
+    """The hand-written improved precision/recall equals torch-fidelity's (both of its variants:
+    full distance matrix and the memory-saving one) on random features with overlapping supports."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g = torch.Generator().manual_seed(k)
+    real = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    fake = 0.8 * torch.randn(200, 16, generator=g, dtype=torch.float64) + 0.5
+    precision, recall = M.precision_recall(real, fake, k=k, chunk=64)
+    assert 0.05 < precision < 0.95 and 0.05 < recall < 0.95  # neither trivially 0 nor 1
+    for save_cpu_ram in (False, True):  # torch-fidelity's convention: input1 is generated, input2 real
+        theirs = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=128,
+                                        save_cpu_ram=save_cpu_ram, verbose=False)
+        assert precision == pytest.approx(theirs["precision"], abs=1e-6)
+        assert recall == pytest.approx(theirs["recall"], abs=1e-6)
 
 
 def test_precision_recall_needs_more_than_k():
@@ -173,6 +218,36 @@ def test_inception_missing_offline_is_refused_fast(tmp_path, monkeypatch):
     message = str(err.value)
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in message and INCEPTION_FILE in message
     assert "load_state_dict_from_url" in message  # the pre-fetch command
+
+
+def test_inception_features_come_from_torch_fidelitys_public_extractor(tmp_path, monkeypatch):
+    """InceptionNetwork is torch-fidelity's FeatureExtractorInceptionV3 (no private torchmetrics
+    method): one pass gives the 2048-d features and unbiased logits that torch-fidelity's and
+    torchmetrics' public forwards give, here with random weights written to a file (no download)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torchmetrics.image.fid import NoTrainInceptionV3
+
+    from diffes_pl.evaluation.features import InceptionNetwork
+
+    with monkeypatch.context() as patch:  # a random-weight network, to write a weights file offline
+        patch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)
+        patch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+        torch.manual_seed(0)
+        random = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    weights = tmp_path / "inception.pth"
+    torch.save(random.state_dict(), weights)
+    net = InceptionNetwork(weights=weights)
+    assert type(net.net) is FeatureExtractorInceptionV3
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    out = net.extract(images)
+    assert out["features"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    pixels = (images * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        feats, logits = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                    feature_extractor_weights_path=str(weights))(pixels)
+        torchmetrics_feats = NoTrainInceptionV3("inception-v3-compat", ["2048"], str(weights))(pixels)
+    assert torch.equal(out["features"], feats.double()) and torch.equal(out["logits"], logits.double())
+    torch.testing.assert_close(out["features"], torchmetrics_feats.double().reshape(2, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_clip_missing_offline_is_refused_fast(monkeypatch):

@@ -116,3 +116,72 @@ def test_rank_split_gives_each_batch_to_one_rank(tmp_path, monkeypatch, tiny):
     assert torch.equal(image_set.conditions(3, 10), torch.tensor([6, 7]))
     assert torch.equal(image_set.noise(3, (1, 8, 8)), generate.ImageSet(start, "x", None, {"seed": 0, "batch_size": 2},
                                                                          13).noise(3, (1, 8, 8)))
+
+
+def test_pngs_hold_exactly_the_evaluated_pixels(tmp_path):
+    """write_pngs: one PNG per image (the first num_images, also from a truncated last batch), decoded
+    by PIL to the batch files' uint8 pixels; later runs write only what is missing and drop PNGs past
+    num_images; grid.png shows the first images."""
+    import numpy as np
+    from PIL import Image
+
+    from diffes_pl.evaluation.generate import ImageSet
+
+    def image_set(n):
+        return ImageSet(tmp_path, "searched", [1, 2], {"seed": 0, "batch_size": 4}, num_images=n)
+
+    g = torch.Generator().manual_seed(0)
+    for channels, name in ((1, "gray"), (3, "rgb")):
+        small = ImageSet(tmp_path / name, "dense", None, {"seed": 0, "batch_size": 4}, num_images=10)
+        for b in range(small.num_batches):  # 3 batches, the last one holds 2 images past num_images
+            small.save(b, torch.rand(4, channels, 8, 8, generator=g))
+        assert small.write_pngs() == 10
+        pngs = sorted(small.png_folder.glob("*.png"))
+        assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(10)]
+        expected = (small.load() * 255).round().to(torch.uint8)
+        for i, p in enumerate(pngs):
+            decoded = np.asarray(Image.open(p))
+            decoded = decoded[:, :, None] if decoded.ndim == 2 else decoded
+            assert np.array_equal(decoded, expected[i].permute(1, 2, 0).numpy()), p
+        assert Image.open(small.folder / "grid.png").size == (8 * 8 + 2 * 9, 2 * 8 + 2 * 3)
+    grow = image_set(6)
+    for b in range(2):
+        grow.save(b, torch.rand(4, 1, 8, 8, generator=g))
+    assert grow.write_pngs() == 6 and image_set(8).write_pngs() == 2 and image_set(8).write_pngs() == 0
+    assert image_set(5).write_pngs() == 0 and len(list(grow.png_folder.glob("*.png"))) == 5
+
+
+def test_cli_logs_evaluation_to_the_trainers_logger(run):
+    """`diffes-pl test --trainer.logger CSVLogger`: metrics.csv holds every number of evaluation.json
+    (eval/<row>/<metric>); the evaluated images are PNG files equal to the stored batches."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    cli("test", "--config", str(ROOT / "configs/tiny_obs.yaml"), *SMALL, "--trainer.default_root_dir", str(run),
+        "--schedule", str(run / "schedule.json"), "--eval.num_images", "40", "--eval.batch_size", "10",
+        "--eval.latency_batch_size", "4", "--eval.latency_repeats", "1",
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run / "logs"),
+        cwd=run.parent)
+    result = json.loads((run / "evaluation.json").read_text())
+    (metrics_csv,) = (run / "logs").glob("**/metrics.csv")
+    logged = {}
+    for line in csv.DictReader(metrics_csv.open()):
+        logged.update({k: float(v) for k, v in line.items() if v not in ("", None) and k != "step"})
+    expected = {f"eval/{name}/{key}": value for name, row in result["results"].items() for key, value in row.items()
+                if isinstance(value, (int, float))}
+    assert {"eval/searched/fid", "eval/dense/ssim", "eval/uniform/is", "eval/searched/precision"} <= set(expected)
+    assert set(logged) == set(expected)
+    for key, value in expected.items():
+        assert logged[key] == pytest.approx(value, rel=1e-6), key
+    assert "eval/pruner" in (metrics_csv.parent / "hparams.yaml").read_text()
+    for folder in sorted((run / "eval").glob("*-*")):
+        if folder.name.startswith("reference"):
+            continue
+        pngs = sorted((folder / "png").glob("*.png"))
+        assert len(pngs) == 40 and (folder / "grid.png").is_file()
+        pixels = torch.cat([load_file(str(p))["images"] for p in sorted(folder.glob("batch_*.safetensors"))])
+        for i, p in enumerate(pngs):
+            assert np.array_equal(np.asarray(Image.open(p)), pixels[i, 0].numpy()), p
