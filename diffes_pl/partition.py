@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from numbers import Integral, Real
 from typing import Any, Sequence
 
 from .io import write_json
@@ -95,6 +96,11 @@ class StagePartition:
         return cls(tuple(data["timesteps"]), int(data["num_stages"]), int(data.get("num_train_timesteps", 1000)))
 
 
+def _is_int(value: Any) -> bool:
+    """A whole number as JSON or numpy gives one: int or numpy integer, never bool, float or str."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
 def units_removed(level: int, levels_max: int, size: int) -> int:
     """round(level / levels_max · size), halves rounded up, in exact integer arithmetic."""
     if not 0 <= level <= levels_max:
@@ -125,10 +131,33 @@ class Schedule:
     metric: str | None = None
     fitness: float | None = None
     extra: dict = field(default_factory=dict)
+    # key of the trajectory store the schedule was searched on (routing refuses any other store);
+    # None in schedules written before stores were bound, and in hand-made ones
+    store_key: str | None = None
 
     def __post_init__(self) -> None:
-        self.levels = [int(l) for l in self.levels]
+        self._check_types()
+        self.levels = [int(l) for l in self.levels]  # numpy integers from a search become plain ints
+        self.steps_per_stage = [int(w) for w in self.steps_per_stage]
         self.validate()
+
+    def _check_types(self) -> None:
+        # A float level would be truncated and a string coerced: both would evaluate another schedule
+        # than the one written, so anything but a whole number is refused (bool is no level either).
+        for name in ("levels", "steps_per_stage"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ScheduleError(f"{name} must be a list of integers, one per stage; got {value!r}")
+            bad = [v for v in value if not _is_int(v)]
+            if bad:
+                raise ScheduleError(f"{name} must be whole numbers; got {bad!r} in {list(value)!r}")
+        if not _is_int(self.levels_max) or self.levels_max < 1:
+            raise ScheduleError(f"levels_max (H) must be a whole number ≥ 1; got {self.levels_max!r}")
+        if min(self.steps_per_stage, default=1) < 1:
+            raise ScheduleError(f"steps_per_stage must be ≥ 1 each; got {list(self.steps_per_stage)}")
+        target = self.target_level
+        if isinstance(target, bool) or not isinstance(target, Real) or not math.isfinite(target):
+            raise ScheduleError(f"target_level must be a number (the step-weighted mean level); got {target!r}")
 
     @property
     def num_stages(self) -> int:
@@ -169,21 +198,41 @@ class Schedule:
         data = dict(data)
         data.pop("num_stages", None)
         partition = data.get("partition")
-        if "steps_per_stage" not in data and partition:
+        if partition is not None and not isinstance(partition, dict):
+            raise ScheduleError(f"partition must be an object (as a fit run writes it); got {partition!r}")
+        if "steps_per_stage" not in data and partition and "steps_per_stage" in partition:
             data["steps_per_stage"] = partition["steps_per_stage"]
         known = {f for f in cls.__dataclass_fields__}
         unknown = set(data) - known
         if unknown:
             raise ScheduleError(f"unknown schedule fields {sorted(unknown)}; known: {sorted(known)}")
+        missing = [f for f in ("levels", "levels_max", "target_level", "steps_per_stage") if f not in data]
+        if missing:
+            raise ScheduleError(f"missing schedule fields {missing}")
         return cls(**data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Schedule":
         try:
             data = json.loads(open(path).read())
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             raise FileNotFoundError(f"schedule file {path} does not exist; a fit run writes <run>/schedule.json") from None
-        return cls.from_dict(data)
+        except IsADirectoryError:
+            raise ScheduleError(f"schedule file {path} is a folder; pass its schedule.json") from None
+        except json.JSONDecodeError as err:
+            raise ScheduleError(f"schedule file {path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                                f"{err.colno}): fix that line, or use the schedule.json a fit run wrote") from None
+        except UnicodeDecodeError:
+            raise ScheduleError(f"schedule file {path} is not a text (JSON) file: pass the schedule.json a fit "
+                                "run wrote") from None
+        if not isinstance(data, dict):
+            raise ScheduleError(f"schedule file {path} holds a JSON {type(data).__name__}, not an object with "
+                                "levels, levels_max, target_level and steps_per_stage")
+        try:
+            return cls.from_dict(data)
+        except ScheduleError as err:
+            raise ScheduleError(f"schedule file {path}: {err}; fix the file, or use the schedule.json a fit "
+                                "run wrote") from None
 
     @classmethod
     def uniform(cls, target_level: int, levels_max: int, steps_per_stage: Sequence[int], **kw) -> "Schedule":

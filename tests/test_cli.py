@@ -1,9 +1,9 @@
 """The `diffes-pl` command: help for every subcommand, every shipped config parsed and instantiated
 (offline, no weights loaded), and bad input refused at once with a one-line cause, no traceback and
 no calibration started."""
+import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -73,15 +73,6 @@ def _metric_available(name: str) -> bool:
         return True
     except (ImportError, FileNotFoundError):  # pyiqa or its cached weights are missing here
         return False
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -189,3 +180,142 @@ def test_unknown_config_key_refused(tmp_path):
     root = tmp_path / "run"
     proc, elapsed = _run(_console_script() + ["fit", "--config", str(config), "--trainer.default_root_dir", str(root)])
     _assert_refused(proc, elapsed, root, ["nonexistent"])
+
+
+# --- help says what diffes-pl does --------------------------------------------------------------------
+
+HELP = {"fit": "then search for the best schedule", "predict": "Calibrate and build the trajectory store",
+        "test": "Evaluate a schedule"}
+LIGHTNING_HELP = ("Runs the full optimization routine", "Run inference on your data", "Perform one evaluation epoch")
+
+
+def test_top_help_describes_subcommands():
+    proc, _ = _run(_console_script() + ["--help"])
+    assert proc.returncode == 0, proc.stderr
+    for text in HELP.values():
+        assert text in " ".join(proc.stdout.split()), text
+    assert not any(text in proc.stdout for text in LIGHTNING_HELP)
+
+
+@pytest.mark.parametrize("sub", list(HELP))
+def test_subcommand_help_describes_it_and_hides_optimizers(sub):
+    proc, _ = _run(_console_script() + [sub, "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert HELP[sub] in " ".join(proc.stdout.split())
+    assert not any(text in proc.stdout for text in LIGHTNING_HELP)
+    for option in ("--optimizer", "--lr_scheduler", "--return_predictions", "--verbose"):
+        assert option not in proc.stdout, option
+    assert ("--ckpt_path" in proc.stdout) == (sub == "fit")  # only a search resumes from a checkpoint
+    if sub == "fit":
+        assert "--ckpt_path last" in proc.stdout
+
+
+# --- bad input: one line naming the file, the cause and the fix ---------------------------------------
+
+def _error_line(proc) -> str:
+    """The one `diffes-pl: error:` line; no usage dump, no traceback, exit code 2."""
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output[-3000:]
+    assert "Traceback" not in output and "usage:" not in output, output[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("diffes-pl: error:")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    lines = (ROOT / "configs" / "tiny_obs.yaml").read_text().splitlines()
+    at = lines.index("  max_move: 3")
+    lines[at] = "  max_move: [3"  # an unclosed flow sequence
+    config = tmp_path / "broken.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    proc, elapsed = _run(_console_script() + ["fit", "--config", str(config),
+                                              "--trainer.default_root_dir", str(tmp_path / "run")])
+    line = _error_line(proc)
+    assert str(config) in line and "not valid YAML" in line and "<unicode string>" not in line
+    assert f"line {at + 2}" in line and "fix the YAML" in line  # the error shows where the sequence broke
+    assert elapsed < FAST and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("where", ["command-line", "config-file"])
+def test_config_value_of_wrong_type_is_one_line(where, tmp_path):
+    args = ["fit", "--config", "configs/tiny_obs.yaml", "--trainer.default_root_dir", str(tmp_path / "run")]
+    if where == "command-line":
+        args += ["--model.levels", "8.5"]
+    else:
+        override = tmp_path / "levels.yaml"
+        override.write_text("model:\n  levels: 8.5\n")
+        args += ["--config", str(override)]
+    proc, _ = _run(_console_script() + args)
+    line = _error_line(proc)
+    assert "model.levels: expected int or null, got 8.5" in line and "diffes-pl fit --help" in line
+    if where == "config-file":
+        assert str(tmp_path / "levels.yaml") in line
+    assert not (tmp_path / "run").exists()
+
+
+SCHEDULE = {"levels": [4, 4, 4, 4], "levels_max": 8, "target_level": 4, "steps_per_stage": [2, 2, 2, 2]}
+
+
+@pytest.mark.parametrize("name,text,cause", [
+    ("float-levels", json.dumps({**SCHEDULE, "levels": [6.9, 1.1, 4, 4]}), "levels must be whole numbers"),
+    ("null-levels", json.dumps({**SCHEDULE, "levels": None}), "levels must be a list"),
+    ("string-H", json.dumps({**SCHEDULE, "levels_max": "8"}), "levels_max (H) must be a whole number"),
+    ("not-json", '{\n  "levels": [4, 4, 4, 4],\n  oops\n}\n', "is not valid JSON"),
+])
+def test_bad_schedule_file_refused_by_test(name, text, cause, tmp_path):
+    schedule = tmp_path / "schedule.json"
+    schedule.write_text(text)
+    proc, elapsed = _run(_console_script() + ["test", "--config", "configs/tiny_obs.yaml", "--schedule", str(schedule),
+                                              "--trainer.default_root_dir", str(tmp_path / "run")])
+    line = _error_line(proc)
+    assert str(schedule) in line and cause in line, line
+    if name == "not-json":
+        assert "line 3" in line
+    assert elapsed < FAST and not (tmp_path / "eval").exists()
+
+
+@pytest.mark.parametrize("option", ["--trainer.default_root_dir", "--model.store"])
+def test_unwritable_folder_refused_before_work(option, tmp_path):
+    # root ignores permission bits, so the folder cannot be created because its parent is a file
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    args = ["fit", "--config", "configs/tiny_obs.yaml", option, str(blocker / "run")]
+    if option == "--model.store":
+        args += ["--trainer.default_root_dir", str(tmp_path / "run")]
+    proc, elapsed = _run(_console_script() + args)
+    line = _error_line(proc)
+    assert str(blocker / "run") in line and "is a file, not a folder" in line and f"choose another {option}" in line
+    assert elapsed < FAST and "Seed set" not in proc.stderr  # refused before anything was built
+    assert not (tmp_path / "run").exists()
+
+
+def test_read_only_folder_refused(tmp_path, monkeypatch):
+    from diffes_pl import cli
+
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # what a non-root user meets on 0o555
+    with pytest.raises(cli.FolderNotWritable, match=r"run folder .*/run cannot be created: .* is not writable; "
+                                                    r"make it writable or choose another --trainer"):
+        cli.check_writable(tmp_path / "run", "run folder", "--trainer.default_root_dir")
+    with pytest.raises(cli.FolderNotWritable, match="is not writable; make it writable"):
+        cli.check_writable(tmp_path, "run folder", "--trainer.default_root_dir")
+    monkeypatch.undo()
+    cli.check_writable(tmp_path / "new" / "run", "run folder", "--trainer.default_root_dir")
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+# --- progress display off -------------------------------------------------------------------------------
+
+SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
+         "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
+         "--data.nsamples", "4", "--data.batch_size", "4"]
+
+
+def test_progress_bar_can_be_disabled(tmp_path):
+    root = tmp_path / "run"
+    proc, _ = _run(_console_script() + ["fit", "--config", "configs/tiny_obs.yaml", *SMALL, "--trainer.max_epochs", "1",
+                                        "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar",
+                                        "false"], timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-3000:]
+    assert (root / "schedule.json").is_file()
+    assert "━" not in output and "search, generation" not in output and "calibration, stage" not in output
