@@ -39,7 +39,8 @@ def main() -> None:
     common = ["--config", args.config, "--trainer.default_root_dir", str(run),
               "--trainer.max_epochs", str(args.generations)]
     if not (run / "schedule.json").exists() or not json.loads((run / "schedule.json").read_text())["extra"]["finished"]:
-        subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common], check=True)
+        resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
+        subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
     cli = DiffESCLI(args=common, run=False)  # run=False: no subcommand
     module, trainer = cli.model, cli.trainer
     module.ensure_store(trainer, cli.datamodule, log=lambda *_: None)

@@ -29,7 +29,8 @@ def main() -> None:
     run = Path(args.run)
     subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", "--config", str(ROOT / "configs/tiny_wanda.yaml"),
                     "--trainer.default_root_dir", str(run), "--trainer.max_epochs", str(args.generations),
-                    "--model.num_probes", "2", "--model.max_move", "5", "--trainer.callbacks", "[]"], check=True)
+                    "--model.num_probes", "2", "--model.max_move", "5", "--trainer.callbacks", "[]",
+                    "--overwrite", "true"], check=True)
     records = [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
     schedule = json.loads((run / "schedule.json").read_text())
     steps = sum(schedule["partition"]["steps_per_stage"])

@@ -10,13 +10,119 @@ calibration datamodule, `trainer:` Lightning's Trainer.
 """
 from __future__ import annotations
 
+import os
+import re
 import sys
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from .data.calibration import CalibrationDataModule
 from .search.module import DiffES
+from .search.resume import GenerationCheckpoint
+from .trajectory import TrajectoryStore, make_key
+
+
+class Terminated(RuntimeError):
+    """The run was stopped by SIGTERM after saving what can be resumed."""
+
+
+# What each subcommand does here (LightningCLI would describe the Trainer methods of the same names).
+SUBCOMMAND_HELP = {
+    "fit": "Calibrate (when no trajectory store matches the run), then search for the best schedule; writes "
+           "<default_root_dir>/schedule.json. Resume an interrupted search with --ckpt_path last.",
+    "predict": "Calibrate and build the trajectory store (no search); fit and test reuse it when it matches.",
+    "test": "Evaluate a schedule (--schedule, default <default_root_dir>/schedule.json): FID, IS, "
+            "precision/recall, SSIM against the dense model, MACs and latency; writes evaluation.json beside it.",
+}
+
+
+class FolderNotWritable(OSError):
+    """A run, store or evaluation folder that cannot be created or written."""
+
+
+class ConfigSyntaxError(TypeError):
+    """A --config file that is not valid YAML (TypeError: what jsonargparse turns into a parse error)."""
+
+
+class DiffESParser(LightningArgumentParser):
+    """Parse errors as one line on stderr naming the config file (when one is being read), the cause
+    and the fix, instead of the full usage and, for YAML, a position in "<unicode string>"."""
+
+    _config_path: str | None = None
+
+    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Any:
+        # jsonargparse reports YAML errors against the file's text, not its name: remember the name
+        previous, self._config_path = self._config_path, str(path)
+        try:
+            return super().parse_path(path, *args, **kwargs)
+        finally:
+            self._config_path = previous
+
+    def _load_config_parser_mode(self, content: str, *args: Any, **kwargs: Any) -> Any:
+        import yaml
+
+        try:
+            return super()._load_config_parser_mode(content, *args, **kwargs)
+        except TypeError as err:
+            if isinstance(err.__cause__, yaml.YAMLError):
+                raise ConfigSyntaxError(_yaml_problem(err.__cause__)) from err.__cause__
+            raise
+
+    def error(self, message: str, ex: Exception | None = None) -> Any:
+        from jsonargparse._common import debug_mode_active
+
+        if not self.exit_on_error or debug_mode_active():  # a caller handles it (e.g. nested parsers)
+            super().error(message, ex)
+        where = f"{self._config_path}: " if self._config_path else ""
+        text = _plain(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
+        if not isinstance(ex, ConfigSyntaxError):
+            text += f"; see `{self.prog.replace(' [options]', '')} --help` for the accepted options"
+        print(f"diffes-pl: error: {where}{text}", file=sys.stderr)
+        self.exit(2)
+
+
+def _plain(message: str) -> str:
+    """jsonargparse's type errors in a few words: `model.levels: expected int or null, got 8.5`."""
+    union = re.match(r'Parser key "([^"]+)": Does not validate against any of the Union subtypes '
+                     r'Subtypes: \[(.*?)\] .*Given value: (.*)$', message)
+    single = re.match(r'Parser key "([^"]+)": Expected a (.*?)\. Got value: (.*)$', message)
+    if union:
+        key, types, value = union.groups()
+    elif single:
+        key, types, value = single.groups()
+    else:
+        return re.sub(r"<class '([\w.]+)'>", r"\1", message)
+    names = [name.replace("NoneType", "null") for name in re.findall(r"<class '([\w.]+)'>", types)] or [types]
+    return f"{key}: expected {' or '.join(names)}, got {value}"
+
+
+def _yaml_problem(err: Exception) -> str:
+    """`line 32, column 9: did not find expected ',' (while parsing a flow sequence at line 30)`."""
+    mark, context, opened = (getattr(err, key, None) for key in ("problem_mark", "context", "context_mark"))
+    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if context and opened:
+        problem += f" ({context} at line {opened.line + 1})"
+    return f"not valid YAML at {where}: {problem}; fix the YAML there"
+
+
+def check_writable(folder: str | os.PathLike, what: str, option: str) -> None:
+    """Refuses, before any work, a folder that cannot be created or written: Lightning and the store
+    writer would fail only later (after calibration, for the store) behind a long PathError."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists():  # the nearest existing ancestor is where the folder will be created
+        existing = existing.parent
+    if not existing.is_dir():
+        raise FolderNotWritable(f"{what} {folder} cannot be created: {existing} is a file, not a folder; "
+                                f"choose another {option}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
+        raise FolderNotWritable(f"{what} {folder} {problem}; make it writable or choose another {option}")
 
 
 class DiffESCLI(LightningCLI):
@@ -27,17 +133,70 @@ class DiffESCLI(LightningCLI):
             DiffES, CalibrationDataModule,
             # resuming a run rewrites its config.yaml instead of refusing to start
             save_config_kwargs={"overwrite": True},
-            trainer_defaults={"logger": False, "enable_model_summary": False, "num_sanity_val_steps": 0},
+            # the search's own checkpoint is in place before Lightning adds a default ModelCheckpoint
+            trainer_defaults={"logger": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
+                              "callbacks": [GenerationCheckpoint()]},
             parser_kwargs={"description": "Diff-ES: stage-wise structural pruning of diffusion models by "
                                           "evolutionary search (PyTorch Lightning)."},
+            parser_class=DiffESParser,
+            # the search has no optimizer: no --optimizer / --lr_scheduler options
+            auto_configure_optimizers=False,
             args=args, run=run, **kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        # LightningCLI takes a subcommand's help from the Trainer method's docstring ("Run inference
+        # on your data"); say what the subcommand does in diffes-pl instead.
+        kwargs = {name: {"description": text, **kwargs.get(name, {})} for name, text in SUBCOMMAND_HELP.items()}
+        super()._add_subcommands(parser, **kwargs)
+        for choice in parser._subcommands_action._choices_actions:  # the list in `diffes-pl --help`
+            choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
+        for name, subparser in self._subcommand_parsers.items():
+            for group in subparser._action_groups:  # the Trainer method's docstring titles its options
+                if group.title and group.title.startswith(("Runs the full", "Run inference", "Perform one")):
+                    group.title = f"{name} options"
+            for action in subparser._actions:
+                if name == "fit" and action.dest == "ckpt_path":
+                    action.help = ("resume an interrupted search: `last` (the run folder's checkpoints/last.ckpt, "
+                                   "whatever logger is configured) or a checkpoint file")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        self._check_folders(self.config.get("subcommand"))  # before seeding or building anything
+
+    def _check_folders(self, subcommand: str | None) -> None:
+        if subcommand is None:
+            return
+        config = self.config[subcommand]
+        run_dir = Path(config.trainer.default_root_dir or os.getcwd())
+        if subcommand == "test":  # evaluation writes next to the schedule (a missing one is refused on load)
+            schedule = config.get("schedule")
+            folder = Path(schedule).parent if schedule else run_dir
+            if folder.is_dir():
+                check_writable(folder, "evaluation folder", "--schedule" if schedule else "--trainer.default_root_dir")
+            return
+        check_writable(run_dir, "run folder", "--trainer.default_root_dir")
+        store = Path(config.model.store or run_dir / "store")
+        if not TrajectoryStore.exists(store):  # a built store is only read (a mismatch is refused, not rebuilt)
+            check_writable(store, "store folder",
+                           "--model.store" if config.model.store else "--trainer.default_root_dir or --model.store")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        # Lightning refuses enable_progress_bar=False while a ProgressBar is among the callbacks, and
+        # the shipped configs list SearchProgress: switching the display off drops it.
+        trainer = self._get(self.config_init, "trainer", default={})
+        if trainer.get("enable_progress_bar") is False and "callbacks" not in kwargs:
+            callbacks = trainer.get("callbacks") or []
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        return super().instantiate_trainer(**kwargs)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
-            "predict": {"model", "dataloaders", "datamodule"},
-            "test": {"model", "dataloaders", "datamodule"},
+            # calibration and evaluation start from no checkpoint and return nothing: hide those options
+            "predict": {"model", "dataloaders", "datamodule", "return_predictions", "ckpt_path", "weights_only"},
+            "test": {"model", "dataloaders", "datamodule", "verbose", "ckpt_path", "weights_only"},
         }
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -52,13 +211,69 @@ class DiffESCLI(LightningCLI):
                                      "its folder receives eval/ and evaluation.json")
             parser.add_class_arguments(EvalConfig, "eval", help="what the evaluation measures")
             self._subcommand_method_arguments[subcommand] += ["schedule", "eval"]
+        if subcommand == "fit":
+            parser.add_argument("--overwrite", type=bool, default=False,
+                                help="start a new search in a run folder that holds one (its schedule.json, "
+                                     "evaluations.jsonl, checkpoints and plots are removed first; the store is kept)")
+            self._subcommand_method_arguments[subcommand] += ["overwrite"]
         return parser
 
     def before_fit(self) -> None:
+        # Everything that can refuse runs before calibration: the run folder's lock, what the folder
+        # already holds, and the checkpoint a resume starts from (resolved here: Lightning resolves
+        # "last" before the search's own checkpoint callback exists, and in a logger's folder).
+        from .locks import exclusive
+        from .search.resume import check_resumable, checkpoint_file, read_checkpoint, resolve_resume
+
+        config = self.config_init[self.subcommand]
+        run_dir = Path(self.trainer.default_root_dir)
+        if self.trainer.global_rank == 0:
+            self._held.enter_context(exclusive(run_dir / ".diffes-pl.lock", f"running a search in {run_dir}",
+                                               "wait for it to stop, or choose another --trainer.default_root_dir"))
+            ckpt_path = resolve_resume(run_dir, config["ckpt_path"], config["overwrite"])
+        else:  # launched by rank 0 inside its lock, after it checked (and maybe cleared) the folder
+            ckpt_path = checkpoint_file(run_dir, config["ckpt_path"])
+        config["ckpt_path"] = ckpt_path
+        self.restored = 0
+        if ckpt_path is not None:
+            checkpoint = read_checkpoint(ckpt_path)
+            self.model.load(self.trainer.strategy.root_device)
+            key = make_key(self.model.store_key_fields(self.datamodule)) if self.datamodule is not None else None
+            self._log(check_resumable(checkpoint, ckpt_path, dict(self.model.hparams), key, self.trainer.max_epochs))
+            self.restored = len(checkpoint["diffes"]["archive"])
         # Calibration (when no matching store exists) runs as the pruner's predict epochs on the
         # same trainer (same devices and strategy); the search itself needs no datamodule.
         self.model.ensure_store(self.trainer, self.datamodule, log=self._log)
         self.datamodule = None
+
+    def fit(self, model: DiffES, overwrite: bool = False, **kwargs: Any) -> None:
+        self.trainer.fit(model, **kwargs)
+
+    def after_fit(self) -> None:
+        model = self.model
+        self._log(f"search: {len(model.nfe_history)} generations, {len(model.archive)} schedules evaluated "
+                  f"({self.restored} restored from the checkpoint, {model.evaluated_here} evaluated by this run); "
+                  f"best {model.hparams.metric} {model.fitness[model.survivors[0]]:.4f} → "
+                  f"{Path(self.trainer.default_root_dir) / 'schedule.json'}" if model.survivors else
+                  "search: nothing evaluated")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            with ExitStack() as self._held:  # locks taken by before_<subcommand>, released at its end
+                super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            raise Terminated(self._stopped_message()) from None
+
+    def _stopped_message(self) -> str:
+        from .search.resume import CHECKPOINT
+
+        path = Path(self.trainer.default_root_dir) / CHECKPOINT
+        if self.subcommand != "fit" or not path.is_file():
+            return f"stopped by SIGTERM during `{self.subcommand}`; nothing to resume: run the command again"
+        return (f"stopped by SIGTERM after generation {len(self.model.nfe_history)}; {path} holds it: "
+                "resume with --ckpt_path last")
 
     def predict(self, model: DiffES, datamodule: CalibrationDataModule | None = None, **_: Any) -> None:
         model.ensure_store(self.trainer, datamodule, log=self._log)
@@ -84,15 +299,21 @@ class DiffESCLI(LightningCLI):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .denoisers import UnknownDenoiserError
     from .partition import ScheduleError
+    from .locks import LockedError
+    from .memory import InsufficientMemoryError
+    from .search.resume import ResumeError
     from .trajectory import StoreMismatchError
 
-    return (UnknownDenoiserError, ScheduleError, StoreMismatchError, ValueError, FileNotFoundError, OSError,
-            ImportError)
+    return (LockedError, ResumeError, InsufficientMemoryError, UnknownDenoiserError, ScheduleError,
+            StoreMismatchError, ValueError, FileNotFoundError, OSError, ImportError)
 
 
 def main(args: Any = None) -> None:
     try:
         DiffESCLI(args=args)
+    except Terminated as err:
+        print(f"diffes-pl: {err}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: the job did not finish; a scheduler may requeue it
     except _user_errors() as err:
         cause = err
         while cause.__cause__ is not None and str(err) == "":

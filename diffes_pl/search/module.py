@@ -3,9 +3,11 @@
 `predict` calibrates and builds the trajectory store (the pruner's predict epochs, one per stage).
 `fit` runs the evolutionary search: ONE GENERATION PER EPOCH (`max_epochs` = generations), manual
 optimization with a no-op optimizer stepped once per generation so that `global_step` counts
-generations and `ModelCheckpoint` saves; the checkpoint holds the survivors, the fitness cache, the
-archive, the stage-entry latents of the survivors and the search's own `torch.Generator` state, so a
-run killed at any point and resumed with `--ckpt_path last` ends exactly as an uninterrupted one.
+generations; `GenerationCheckpoint` (search/resume.py) saves `<run>/checkpoints/last.ckpt` after every
+generation. The checkpoint holds the survivors, the fitness cache, the archive, the stage-entry
+latents of the survivors and the search's own `torch.Generator` state, so a run killed at any point
+and resumed with `--ckpt_path last` ends exactly as an uninterrupted one. A SIGTERM (a cluster's
+preemption) stops the search at once: the generation under way is dropped, the last checkpoint stands.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from ..pruners.base import Pruner, build_store, store_key_fields
 from ..pruners.obs import OBSPruner
 from ..trajectory import TrajectoryStore
 from . import population as pop
+from .resume import GenerationCheckpoint
 from .rollouts import Probes, RolloutEngine
 
 INITS = ("hybrid", "uniform", "random", "patterned")
@@ -103,6 +106,8 @@ class DiffES(L.LightningModule):
         self.entries: dict[tuple[int, ...], list[Tensor]] = {}
         self.generator = torch.Generator().manual_seed(search_seed)
         self.finished = False
+        self.nfe_history: list[int] = []
+        self.evaluated_here = 0  # schedules evaluated by this process (a resumed run restores the rest)
 
     # --- validation before any work ------------------------------------------------------------
     def _validate(self) -> None:
@@ -168,12 +173,16 @@ class DiffES(L.LightningModule):
         path = self.store_path
         if datamodule is None:
             return TrajectoryStore.open(path)
-        key_fields = store_key_fields(adapter, self.partition, datamodule.settings(), self.pruner, self.levels_max)
+        key_fields = self.store_key_fields(datamodule)
         if TrajectoryStore.exists(path):
             store = TrajectoryStore.open(path, key_fields=key_fields)  # refuses a mismatched store
             log(f"trajectory store {path} matches this run: reusing it")
             return store
         return build_store(trainer, self.pruner, datamodule, adapter, self.partition, path, self.levels_max, log=log)
+
+    def store_key_fields(self, datamodule: Any) -> dict:
+        """What the store of this run depends on (denoiser, calibration, partition, pruner, H)."""
+        return store_key_fields(self.load(), self.partition, datamodule.settings(), self.pruner, self.levels_max)
 
     # --- search ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -200,9 +209,8 @@ class DiffES(L.LightningModule):
         return torch.optim.SGD([self._tick], lr=0.0)
 
     def configure_callbacks(self):
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
-        return [ModelCheckpoint(dirpath=self.run_dir / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)]
+        # the CLI gives the Trainer one already (so Lightning adds no default ModelCheckpoint)
+        return [] if any(isinstance(c, GenerationCheckpoint) for c in self.trainer.callbacks) else [GenerationCheckpoint()]
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader([0], batch_size=1)  # one tick per generation
@@ -245,7 +253,9 @@ class DiffES(L.LightningModule):
         values = torch.zeros(len(todo), dtype=torch.float64)
         nfes = torch.zeros(len(todo), dtype=torch.float64)
         for i in range(rank, len(todo), world):
+            self._stop_if_terminated()
             values[i], nfes[i] = self.evaluate(*todo[i])
+            self.evaluated_here += 1
         if world > 1:  # each slot is non-zero on one rank only: the sum is exact
             values = self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum").cpu()
             nfes = self.trainer.strategy.reduce(nfes.to(self.device), reduce_op="sum").cpu()
@@ -255,6 +265,15 @@ class DiffES(L.LightningModule):
             self.archive.append({"generation": generation, "levels": list(levels), "fitness": value,
                                  "nfe": int(nfes[i]), "parent": list(parent) if parent is not None else None})
         return int(nfes.sum())
+
+    def _stop_if_terminated(self) -> None:
+        """A SIGTERM stops a single-process search between two rollouts: the generation under way is
+        dropped (nothing of it is saved) and the previous generation's checkpoint stands. Several
+        processes stop at the generation's end instead, where Lightning agrees on it across ranks."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if self.trainer.world_size == 1 and self.trainer.received_sigterm:
+            raise SIGTERMException()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         hp = self.hparams
@@ -271,11 +290,14 @@ class DiffES(L.LightningModule):
         pool = {ind: self.metric.score(self.fitness[ind]) for ind in {*self.survivors, *(c for c, _ in candidates)}}
         self.survivors = pop.select(pool, hp.survivors, higher_is_better=True)
         self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}
-        self.optimizers().step()  # no-op: makes global_step count generations (ModelCheckpoint)
+        self.optimizers().step()  # no-op: makes global_step count generations
         best = self.survivors[0]
-        self.log_dict({"best_fitness": float(self.fitness[best]), "nfe": float(nfe_generation)},
+        self.nfe_history = self.nfe_history + [nfe_generation]
+        values = torch.tensor([self.fitness[c] for c, _ in candidates], dtype=torch.float64)
+        self.log_dict({"best_fitness": float(self.fitness[best]), "median_fitness": float(values.median()),
+                       "evaluated": float(sum(1 for r in self.archive if r["generation"] == generation)),
+                       "nfe": float(nfe_generation), "nfe_total": float(sum(self.nfe_history))},
                       prog_bar=True, on_epoch=True, on_step=False, batch_size=1)
-        self.nfe_history = getattr(self, "nfe_history", []) + [nfe_generation]
 
     def on_train_epoch_end(self) -> None:
         last = self.current_epoch + 1 >= (self.trainer.max_epochs or 0)
@@ -284,9 +306,9 @@ class DiffES(L.LightningModule):
     def best_schedule(self) -> Schedule:
         best = self.survivors[0]
         return Schedule(list(best), self.levels_max, self.hparams.target_level, self.partition.steps_per_stage,
-                        partition=self.partition.to_dict(), store=str(self.store_path), pruner=self.pruner.name,
+                        partition=self.partition.to_dict(), store=str(self.store_path.resolve()), pruner=self.pruner.name,
                         metric=self.hparams.metric, fitness=float(self.fitness[best]),
-                        extra={"generations": self.current_epoch + 1, "finished": False})
+                        extra={"generations": self.current_epoch + 1, "finished": False}, store_key=self.store.key)
 
     def write_outputs(self, finished: bool) -> None:
         """schedule.json (best so far; `extra.finished` says whether the search completed) and
@@ -307,7 +329,8 @@ class DiffES(L.LightningModule):
             "archive": self.archive,
             "entries": {json.dumps(list(k)): v for k, v in self.entries.items()},
             "generator": self.generator.get_state(),
-            "nfe_history": getattr(self, "nfe_history", []),
+            "nfe_history": self.nfe_history,
+            "store_key": self.store.key,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

@@ -1,10 +1,8 @@
 """The search under Trainer.fit: budget on every evaluation, rollout reuse identical to full
 rollouts, determinism, and kill-and-resume ending exactly like an uninterrupted run."""
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,16 +11,11 @@ import torch
 
 from diffes_pl.partition import budget_met
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
-         "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
-         "--data.nsamples", "4", "--data.batch_size", "4"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from tiny_search import ENV, fit_command
 
 
 def fit(run: Path, epochs: int, *extra: str, wait: bool = True):
-    cmd = [sys.executable, "-m", "diffes_pl.cli", "fit", "--config", str(ROOT / "configs/tiny_obs.yaml"), *SMALL,
-           "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(run), *extra]
+    cmd = fit_command(run, epochs, *extra)
     if not wait:
         return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=run.parent)
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=run.parent)
@@ -66,23 +59,62 @@ def test_outputs_budget_and_bounds(straight):
         assert (straight / "plots" / png).stat().st_size > 1000
 
 
-def test_kill_and_resume_matches_uninterrupted(straight, tmp_path):
-    run = tmp_path / "run"
-    proc = fit(run, 6, wait=False)
+def run_until_checkpoint(run: Path, generations: int, *extra: str, at_least: int = 2):
+    """Starts a search and returns (process, state) once its checkpoint holds ≥ `at_least` generations."""
+    proc = fit(run, generations, *extra, wait=False)
     ckpt = run / "checkpoints" / "last.ckpt"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill once generation ≥ 2 has been saved
-        if ckpt.exists() and len({r["generation"] for r in lines(run)}) >= 3 if (run / "evaluations.jsonl").exists() else False:
-            break
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and len(torch.load(ckpt, weights_only=False)["diffes"]["nfe_history"]) >= at_least:
+            return proc, ckpt
         time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
+    raise AssertionError(f"no checkpoint with {at_least} generations before the run ended: " + proc.stdout.read().decode())
+
+
+@pytest.mark.parametrize("logger", [None, "csv"])
+def test_kill_and_resume_matches_uninterrupted(straight, tmp_path, logger):
+    """SIGKILL after generation k < N: the checkpoint holds k generations; `--ckpt_path last` says it
+    resumes at k + 1, evaluates only what generations > k need (the archive of 1..k is restored, not
+    recomputed) and ends with the uninterrupted run's schedule.json and evaluations.jsonl — also with
+    a logger configured (Lightning would look for "last" in the logger's folder)."""
+    run = tmp_path / "run"
+    extra = ["--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir",
+             str(tmp_path / "logs")] if logger else []
+    proc, ckpt = run_until_checkpoint(run, 6, *extra)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    fit(run, 6, "--ckpt_path", "last")
+    state = torch.load(ckpt, weights_only=False)["diffes"]
+    done, restored = len(state["nfe_history"]), len(state["archive"])
+    assert 2 <= done < 6, "the kill must strike mid-search"
+    assert {r["generation"] for r in state["archive"]} == set(range(done))
+    out = fit(run, 6, "--ckpt_path", "last", *extra)
+    assert f"{done} of 6 generations done, continuing at generation {done + 1}" in out.stdout
+    total = len(lines(straight))
+    assert f"{total} schedules evaluated ({restored} restored from the checkpoint, {total - restored} evaluated " \
+           "by this run)" in out.stdout
     assert json.loads((run / "schedule.json").read_text()) | {"store": None} == \
         json.loads((straight / "schedule.json").read_text()) | {"store": None}
     assert [(r["levels"], r["fitness"], r["nfe"]) for r in lines(run)] == \
         [(r["levels"], r["fitness"], r["nfe"]) for r in lines(straight)]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no Lightning extras
+    if logger:  # the logger saw the generations' statistics, resumed ones included
+        metrics = (tmp_path / "logs").rglob("metrics.csv")
+        header = next(metrics).read_text().splitlines()[0]
+        assert {"best_fitness", "median_fitness", "evaluated", "nfe", "nfe_total"} <= set(header.split(","))
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    """SIGTERM (a cluster's preemption) stops the search within a generation, exit code 143, with the
+    checkpoint of the last finished generation and a line saying how to resume."""
+    run = tmp_path / "run"
+    proc, ckpt = run_until_checkpoint(run, 40, at_least=1)
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 143, out[-2000:]
+    done = len(torch.load(ckpt, weights_only=False)["diffes"]["nfe_history"])
+    assert 1 <= done < 40
+    assert f"stopped by SIGTERM after generation {done}; {ckpt} holds it: resume with --ckpt_path last" in out
+    assert json.loads((run / "schedule.json").read_text())["extra"]["generations"] in (done, done + 1)
 
 
 def test_reuse_equals_full_rollout(tmp_path):
