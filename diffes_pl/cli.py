@@ -11,7 +11,6 @@ calibration datamodule, `trainer:` Lightning's Trainer.
 from __future__ import annotations
 
 import os
-import re
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -20,7 +19,9 @@ from typing import Any
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from .cli_parser import DiffESParser
 from .data.calibration import CalibrationDataModule
+from .io import check_writable
 from .search.module import DiffES
 from .search.resume import GenerationCheckpoint
 from .trajectory import TrajectoryStore, make_key
@@ -38,91 +39,6 @@ SUBCOMMAND_HELP = {
     "test": "Evaluate a schedule (--schedule, default <default_root_dir>/schedule.json): FID, IS, "
             "precision/recall, SSIM against the dense model, MACs and latency; writes evaluation.json beside it.",
 }
-
-
-class FolderNotWritable(OSError):
-    """A run, store or evaluation folder that cannot be created or written."""
-
-
-class ConfigSyntaxError(TypeError):
-    """A --config file that is not valid YAML (TypeError: what jsonargparse turns into a parse error)."""
-
-
-class DiffESParser(LightningArgumentParser):
-    """Parse errors as one line on stderr naming the config file (when one is being read), the cause
-    and the fix, instead of the full usage and, for YAML, a position in "<unicode string>"."""
-
-    _config_path: str | None = None
-
-    def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Any:
-        # jsonargparse reports YAML errors against the file's text, not its name: remember the name
-        previous, self._config_path = self._config_path, str(path)
-        try:
-            return super().parse_path(path, *args, **kwargs)
-        finally:
-            self._config_path = previous
-
-    def _load_config_parser_mode(self, content: str, *args: Any, **kwargs: Any) -> Any:
-        import yaml
-
-        try:
-            return super()._load_config_parser_mode(content, *args, **kwargs)
-        except TypeError as err:
-            if isinstance(err.__cause__, yaml.YAMLError):
-                raise ConfigSyntaxError(_yaml_problem(err.__cause__)) from err.__cause__
-            raise
-
-    def error(self, message: str, ex: Exception | None = None) -> Any:
-        from jsonargparse._common import debug_mode_active
-
-        if not self.exit_on_error or debug_mode_active():  # a caller handles it (e.g. nested parsers)
-            super().error(message, ex)
-        where = f"{self._config_path}: " if self._config_path else ""
-        text = _plain(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
-        if not isinstance(ex, ConfigSyntaxError):
-            text += f"; see `{self.prog.replace(' [options]', '')} --help` for the accepted options"
-        print(f"diffes-pl: error: {where}{text}", file=sys.stderr)
-        self.exit(2)
-
-
-def _plain(message: str) -> str:
-    """jsonargparse's type errors in a few words: `model.levels: expected int or null, got 8.5`."""
-    union = re.match(r'Parser key "([^"]+)": Does not validate against any of the Union subtypes '
-                     r'Subtypes: \[(.*?)\] .*Given value: (.*)$', message)
-    single = re.match(r'Parser key "([^"]+)": Expected a (.*?)\. Got value: (.*)$', message)
-    if union:
-        key, types, value = union.groups()
-    elif single:
-        key, types, value = single.groups()
-    else:
-        return re.sub(r"<class '([\w.]+)'>", r"\1", message)
-    names = [name.replace("NoneType", "null") for name in re.findall(r"<class '([\w.]+)'>", types)] or [types]
-    return f"{key}: expected {' or '.join(names)}, got {value}"
-
-
-def _yaml_problem(err: Exception) -> str:
-    """`line 32, column 9: did not find expected ',' (while parsing a flow sequence at line 30)`."""
-    mark, context, opened = (getattr(err, key, None) for key in ("problem_mark", "context", "context_mark"))
-    where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "an unknown line"
-    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-    if context and opened:
-        problem += f" ({context} at line {opened.line + 1})"
-    return f"not valid YAML at {where}: {problem}; fix the YAML there"
-
-
-def check_writable(folder: str | os.PathLike, what: str, option: str) -> None:
-    """Refuses, before any work, a folder that cannot be created or written: Lightning and the store
-    writer would fail only later (after calibration, for the store) behind a long PathError."""
-    folder = Path(folder).absolute()
-    existing = folder
-    while not existing.exists():  # the nearest existing ancestor is where the folder will be created
-        existing = existing.parent
-    if not existing.is_dir():
-        raise FolderNotWritable(f"{what} {folder} cannot be created: {existing} is a file, not a folder; "
-                                f"choose another {option}")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        problem = "is not writable" if existing == folder else f"cannot be created: {existing} is not writable"
-        raise FolderNotWritable(f"{what} {folder} {problem}; make it writable or choose another {option}")
 
 
 class DiffESCLI(LightningCLI):
@@ -223,7 +139,12 @@ class DiffESCLI(LightningCLI):
         # already holds, and the checkpoint a resume starts from (resolved here: Lightning resolves
         # "last" before the search's own checkpoint callback exists, and in a logger's folder).
         from .locks import exclusive
-        from .search.resume import check_resumable, checkpoint_file, read_checkpoint, resolve_resume
+        from .search.resume import (
+            check_resumable,
+            checkpoint_file,
+            read_checkpoint,
+            resolve_resume,
+        )
 
         config = self.config_init[self.subcommand]
         run_dir = Path(self.trainer.default_root_dir)
@@ -298,9 +219,9 @@ class DiffESCLI(LightningCLI):
 # Errors a user can fix: one line, exit code 2, no traceback wall.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .denoisers import UnknownDenoiserError
-    from .partition import ScheduleError
     from .locks import LockedError
     from .memory import InsufficientMemoryError
+    from .partition import ScheduleError
     from .search.resume import ResumeError
     from .trajectory import StoreMismatchError
 

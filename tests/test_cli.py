@@ -290,16 +290,16 @@ def test_unwritable_folder_refused_before_work(option, tmp_path):
 
 
 def test_read_only_folder_refused(tmp_path, monkeypatch):
-    from diffes_pl import cli
+    from diffes_pl import io
 
-    monkeypatch.setattr(cli.os, "access", lambda path, mode: False)  # what a non-root user meets on 0o555
-    with pytest.raises(cli.FolderNotWritable, match=r"run folder .*/run cannot be created: .* is not writable; "
-                                                    r"make it writable or choose another --trainer"):
-        cli.check_writable(tmp_path / "run", "run folder", "--trainer.default_root_dir")
-    with pytest.raises(cli.FolderNotWritable, match="is not writable; make it writable"):
-        cli.check_writable(tmp_path, "run folder", "--trainer.default_root_dir")
+    monkeypatch.setattr(io.os, "access", lambda path, mode: False)  # what a non-root user meets on 0o555
+    with pytest.raises(io.FolderNotWritable, match=r"run folder .*/run cannot be created: .* is not writable; "
+                                                   r"make it writable or choose another --trainer"):
+        io.check_writable(tmp_path / "run", "run folder", "--trainer.default_root_dir")
+    with pytest.raises(io.FolderNotWritable, match="is not writable; make it writable"):
+        io.check_writable(tmp_path, "run folder", "--trainer.default_root_dir")
     monkeypatch.undo()
-    cli.check_writable(tmp_path / "new" / "run", "run folder", "--trainer.default_root_dir")
+    io.check_writable(tmp_path / "new" / "run", "run folder", "--trainer.default_root_dir")
     assert not (tmp_path / "new").exists()  # checking creates nothing
 
 
