@@ -80,7 +80,7 @@ class SampleGrid(L.Callback):
         if prompts:
             conditions = [prompts[i % len(prompts)] for i in range(self.num)]
         else:
-            conditions = torch.arange(self.num) % getattr(adapter, "num_classes", self.num)
+            conditions = torch.arange(self.num) % (adapter.num_classes or self.num)  # None: text-conditioned
         kw = dict(steps=hp.steps, guidance=hp.guidance, seed=self.seed, sampler=hp.sampler)
         dense = dp.sample(adapter, conditions, **kw)
         with dp.Router(adapter, pl_module.store, pl_module.best_schedule()) as router:

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import torch
 
-from .denoisers import load_denoiser
+from .denoisers import family_of, load_denoiser
 from .denoisers.base import DenoiserAdapter
+from .denoisers.schedules import scheduler_config
 from .io import write_json
 from .partition import Schedule
 from .routing import Router
@@ -78,12 +79,12 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
         TrajectoryStore.write(tmp / "routes", manifest, _routes(store, schedule, adapter))
         schedule.save(tmp / "schedule.json")
         write_json(tmp / "export.json", {"format": FORMAT, "name": adapter.name, "family": adapter.family,
-                                         "noise_schedule": getattr(adapter, "noise_schedule", None),
+                                         "noise_schedule": adapter.noise_schedule,
                                          "text_encoders": text_encoders,
                                          # pass these as None to DiffusionPipeline.from_pretrained
                                          "pipeline_missing": missing,
                                          # what a pipeline folder does not say: FLUX's T5 token count
-                                         "text_len": getattr(adapter, "text_len", None)})
+                                         "text_len": adapter.text_len})
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -104,13 +105,13 @@ def _save_pipeline(adapter: DenoiserAdapter, folder: Path, sampler: str | None) 
                          "diffusers pipeline (pipeline_class)")
     pipeline_cls = getattr(diffusers, adapter.pipeline_class)
     scheduler = adapter.make_scheduler() if sampler is None else adapter.make_scheduler(sampler)
-    components = {adapter.denoiser_subfolder: adapter.denoiser, "vae": getattr(adapter, "vae", None),
+    components = {adapter.denoiser_subfolder: adapter.denoiser, "vae": adapter.vae,
                   "scheduler": _diffusers_scheduler(scheduler)}
     encoders = _text_encoders(adapter)
     if encoders is not None:
-        for (tok_name, enc_name), tok, model in zip((("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")),
-                                                    encoders.tokenizers, encoders.encoders):
-            components[tok_name], components[enc_name] = tok, model
+        specs = family_of(adapter.family).text_encoders  # the pipeline's component names
+        for spec, tok, model in zip(specs, encoders.tokenizers, encoders.encoders):
+            components[spec.tokenizer], components[spec.subfolder] = tok, model
     for name, param in inspect.signature(pipeline_cls.__init__).parameters.items():
         if name != "self" and param.default is inspect.Parameter.empty:
             components.setdefault(name, None)  # e.g. text encoders the adapter does not have
@@ -123,7 +124,7 @@ def _save_pipeline(adapter: DenoiserAdapter, folder: Path, sampler: str | None) 
 def _text_encoders(adapter: DenoiserAdapter):
     """The adapter's text encoders, or None for a class-conditional adapter or one without them (the
     export then samples from prompt embeddings, `TextCondition`, only)."""
-    if not hasattr(adapter, "text_encoders"):
+    if adapter.conditioning != "text":
         return None
     from .denoisers.text import MissingTextEncodersError
 
@@ -164,7 +165,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[D
         raise ValueError(f"{path}: unsupported export format {info.get('format')!r} (this version reads {FORMAT})")
     adapter = load_denoiser(str(path / "pipeline"), device=device)
     if info.get("noise_schedule") is not None:
-        adapter.noise_schedule = dict(info["noise_schedule"])  # the schedule it was trained (and routed) with
+        # the schedule it was trained (and routed) with; older exports say {"flow": true} for flow matching
+        adapter.noise_schedule = scheduler_config(info["noise_schedule"])
     adapter.name = info["name"]
     if info.get("text_len") is not None:
         adapter.text_len = int(info["text_len"])  # read when the text encoders load (first prompt)

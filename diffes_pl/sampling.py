@@ -39,13 +39,10 @@ def as_conditions(adapter: DenoiserAdapter, conditions: Any) -> Any:
     if isinstance(conditions, (list, tuple)) and all(isinstance(c, int) for c in conditions):
         conditions = torch.tensor(conditions, dtype=torch.long)
     elif isinstance(conditions, (list, tuple)) and conditions and all(isinstance(c, str) for c in conditions):
-        encode = getattr(adapter, "encode_prompts", None)
-        if encode is None:
+        if adapter.conditioning != "text":
             raise ValueError(f"{adapter.name} is class-conditional: pass class labels, not prompts")
-        conditions = encode(list(conditions))
-    validate = getattr(adapter, "validate_condition", None)
-    if validate is not None:
-        validate(conditions)
+        conditions = adapter.encode_prompts(list(conditions))
+    adapter.validate_condition(conditions)
     return conditions
 
 
@@ -133,8 +130,9 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
         partition = StagePartition(tuple(float(t) for t in scheduler.timesteps), num_stages or 1,
                                    int(scheduler.config.num_train_timesteps))
     batch_size = batch_size or n
-    # Euler ancestral draws noise every step: per-sample seeds keep it independent of batch_size
-    noise_seeds = [seed * 65_537 + i for i in range(n)] if sampler == "euler_a" else None
+    # a stochastic sampler (Euler ancestral) draws noise every step: per-sample seeds keep it
+    # independent of batch_size
+    noise_seeds = [seed * 65_537 + i for i in range(n)] if adapter.sampler(sampler).stochastic else None
     outs = []
     try:
         for start in range(0, n, batch_size):

@@ -6,8 +6,8 @@
 
 with t drawn uniformly from the integer native timesteps of the stage's interval
 (`StagePartition.stage_interval(s)`: low exclusive, high inclusive) and β the denoiser's own training
-schedule (`adapter.noise_schedule`). Flow-matching denoisers (`noise_schedule["flow"]`) use
-x_σ = (1 − σ) · x0 + σ · ε with σ = t / num_train_timesteps drawn from the same interval. A
+schedule (`adapter.noise_schedule`, a diffusers scheduler config). Flow-matching denoisers (those
+declaring `FlowMatchEulerDiscreteScheduler`) use x_σ = (1 − σ) · x0 + σ · ε with σ = t / num_train_timesteps drawn from the same interval. A
 sampler's `add_noise` is deliberately not used: it indexes the sampler's own (possibly resampled)
 sigma table, which is wrong off its trajectory for DPM-Solver and Euler.
 
@@ -39,6 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from ..denoisers.base import TextCondition
+from ..denoisers.schedules import is_flow_matching, schedule_settings, scheduler_config
 
 from .sources import (DIGITS_COLUMNS, SourceError, SourceSpec, caption_texts, check_columns, labels_tensor,
                       open_source, preprocess_image, resolve_source, select_indices)
@@ -51,8 +52,8 @@ CACHE_VERSION = 2  # caches of caption runs also hold the encoded captions
 # --- noise schedules ---------------------------------------------------------------------------
 
 def is_flow(noise_schedule: dict) -> bool:
-    """True for rectified-flow denoisers (FLUX, SD3): `noise_schedule = {"flow": True, ...}`."""
-    return bool(noise_schedule.get("flow", False))
+    """True for rectified-flow denoisers (FLUX, SD3): `_class_name` FlowMatchEulerDiscreteScheduler."""
+    return is_flow_matching(noise_schedule)
 
 
 def alphas_cumprod(noise_schedule: dict) -> Tensor:
@@ -64,6 +65,7 @@ def alphas_cumprod(noise_schedule: dict) -> Tensor:
 
     if is_flow(noise_schedule):
         raise ValueError("a flow-matching schedule has no alphas_cumprod; use noise_flow")
+    noise_schedule = schedule_settings(scheduler_config(noise_schedule))  # `_class_name` is metadata
     accepted = set(inspect.signature(DDPMScheduler.__init__).parameters) - {"self"}
     unknown = set(noise_schedule) - accepted
     if unknown:
@@ -108,7 +110,7 @@ def noise_ddpm(x0: Tensor, noise: Tensor, timesteps: Tensor, abar: Tensor) -> Te
     return signal * x0 + sigma * noise.to(x0.dtype)
 
 
-# Flow matching (rectified flow) — kept apart: FLUX / SD3 adapters declare {"flow": True}.
+# Flow matching (rectified flow) — kept apart: FLUX / SD3 adapters declare FlowMatchEulerDiscreteScheduler.
 def draw_flow_timesteps(interval: tuple[float, float], n: int, generator: torch.Generator, num_train: int) -> Tensor:
     """n float timesteps t = σ · num_train [n] float32, uniform on (max(low, 0), min(high, num_train)]."""
     low, high = max(float(interval[0]), 0.0), min(float(interval[1]), float(num_train))
@@ -200,12 +202,12 @@ def vae_scale_factor(vae: Any) -> int:
 def encode_images(adapter: Any, images: Tensor) -> Tensor:
     """[-1, 1] images → latents: VAE posterior mean (deterministic), (z − shift) · latent_scale once.
     Identity for pixel denoisers (`adapter.vae is None`)."""
-    vae = getattr(adapter, "vae", None)
+    vae = adapter.vae
     if vae is None:
         return images.float()
     param = next(vae.parameters())
     z = vae.encode(images.to(device=param.device, dtype=param.dtype)).latent_dist.mode()
-    shift = float(getattr(adapter, "latent_shift", 0.0) or 0.0)
+    shift = float(adapter.latent_shift or 0.0)
     return ((z.float() - shift) * float(adapter.latent_scale)).cpu()
 
 
@@ -321,7 +323,7 @@ class CalibrationDataModule(L.LightningDataModule):
         self.adapter, self.partition = adapter, partition
         self._stage_cache = None
         C, H, W = (int(x) for x in adapter.latent_shape)
-        vae = getattr(adapter, "vae", None)
+        vae = adapter.vae
         self._channels = int(vae.config.in_channels) if vae is not None else C
         factor = vae_scale_factor(vae) if vae is not None else 1
         if self.spec.kind == "digits":
@@ -336,7 +338,7 @@ class CalibrationDataModule(L.LightningDataModule):
         if self._channels not in (1, 3):
             raise SourceError(f"{adapter.name} expects {self._channels}-channel images; only 1 (L) or 3 (RGB)")
         self._prepare_rows()  # digits too: a datasets.Dataset like any other source
-        if self._labels is not None and hasattr(adapter, "validate_condition"):
+        if self._labels is not None:
             try:
                 adapter.validate_condition(self._labels)
             except ValueError as err:
@@ -344,8 +346,8 @@ class CalibrationDataModule(L.LightningDataModule):
                                   f"{adapter.name}: {err}") from err
 
     def _check_conditioning(self, adapter: Any) -> None:
-        """Captions go with text-conditioned denoisers (those with `encode_prompts`), labels with the rest."""
-        text = hasattr(adapter, "encode_prompts")
+        """Captions go with text-conditioned denoisers, labels with the rest (`adapter.conditioning`)."""
+        text = adapter.conditioning == "text"
         if self.caption_column is not None and not text:
             raise SourceError(f"caption_column={self.caption_column!r} needs a text-conditioned denoiser (SDXL, FLUX); "
                               f"{adapter.name} is class-conditional: set caption_column to null and label_column "
@@ -417,7 +419,7 @@ class CalibrationDataModule(L.LightningDataModule):
             cond = text
         elif self._labels is not None:
             cond = self._labels.clone()
-        elif hasattr(adapter, "encode_prompts"):  # text-conditioned, no captions: the null condition
+        elif adapter.conditioning == "text":  # no captions: the null condition
             cond = adapter.null_condition(adapter.example_condition(self.nsamples)).to("cpu", torch.float32)
         else:
             cond = adapter.null_condition(torch.zeros(self.nsamples, dtype=torch.int64))
@@ -448,13 +450,12 @@ class CalibrationDataModule(L.LightningDataModule):
         if self.cache_dir is None:
             return None
         adapter = self.adapter
-        vae = getattr(adapter, "vae", None)
+        vae = adapter.vae
         key = {"settings": self.settings(), "source": [self.spec.kind, self.spec.location],
                "rows": self._num_source_rows, "pixel_resolution": self._pixel_resolution,
                "channels": self._channels, "denoiser": adapter.name,
                "vae": None if vae is None else [type(vae).__name__, dict(vae.config)],
-               "latent_scale": getattr(adapter, "latent_scale", None),
-               "latent_shift": getattr(adapter, "latent_shift", None)}
+               "latent_scale": adapter.latent_scale, "latent_shift": adapter.latent_shift}
         if self.caption_column is not None:  # the file also holds the encoded captions
             key.update({"cache_version": CACHE_VERSION, "text_encoders": adapter.text_identity()})
         digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ..partition import units_removed
+from .schedules import Sampler, find_sampler, is_flow_matching
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,64 @@ class DenoiserAdapter(ABC):
 
     denoiser: nn.Module
     name: str
-    family: str = "base"
-    pipeline_class: str | None = None  # diffusers pipeline class an export is written as (None: not exportable)
-    denoiser_subfolder: str = "transformer"
+    family: str = "base"  # the registered family's name (`registry.family_of`); part of store keys
+
+    # --- declarations: what callers read instead of probing the adapter ----------------------
+    conditioning: str = "class"  # "class" (labels, `num_classes`) or "text" (prompts → TextCondition)
+    samplers: tuple[Sampler, ...] = ()  # the first is the default
+    noise_schedule: dict  # the training noise as a diffusers scheduler config (`schedules.py`)
+    num_classes: int | None = None  # class-conditional families: classes without the null class
+    vae: nn.Module | None = None  # None: pixel space
+    latent_scale: float | None = None
+    latent_shift: float | None = None  # subtracted before scaling (FLUX); None: no shift
+    text_len: int | None = None  # tokens of the encoder padded to the adapter's length (FLUX's T5)
+    has_text_encoders: bool = False
+
+    @property
+    def pipeline_class(self) -> str | None:
+        """The diffusers pipeline an export is written as (None: not exportable), from the family record."""
+        record = self._record()
+        return None if record is None else record.pipeline_class
+
+    @property
+    def denoiser_subfolder(self) -> str:
+        record = self._record()
+        return "transformer" if record is None else record.denoiser_subfolder
+
+    def _record(self):
+        from .registry import families
+
+        return families().get(self.family)
+
+    @property
+    def prediction_type(self) -> str:
+        """What `predict_noise` returns, in diffusers' words: "epsilon", "v_prediction", or for
+        rectified flow "flow_prediction" (the velocity; FlowMatchEulerDiscreteScheduler implies it)."""
+        if is_flow_matching(self.noise_schedule):
+            return "flow_prediction"
+        return self.noise_schedule.get("prediction_type", "epsilon")
+
+    def sampler(self, name: str | None = None) -> Sampler:
+        """The declared sampler called `name` (an alias works too); None: the default (the first)."""
+        if name is None:
+            return self.samplers[0]
+        return find_sampler(self.samplers, name, self.family)
+
+    def make_scheduler(self, kind: str | None = None) -> Any:
+        """A diffusers scheduler of sampler `kind` (default: the adapter's default sampler) configured
+        with this denoiser's training noise schedule."""
+        return self.sampler(kind).make_scheduler(self.noise_schedule)
+
+    def validate_condition(self, cond: Any) -> None:
+        """Refuses (TypeError / ValueError) a condition this denoiser cannot take."""
+
+    def encode_prompts(self, prompts: Sequence[str], batch_size: int = 16) -> "TextCondition":
+        """Prompts → TextCondition, for text-conditioned families (`text.TextConditioned`)."""
+        raise ValueError(f"{self.name} is class-conditional: pass class labels, not prompts")
+
+    def text_identity(self) -> list | None:
+        """What identifies the text encoders in a cache key (None: none)."""
+        return None
 
     # --- structure -------------------------------------------------------------------------
     @abstractmethod
@@ -172,10 +228,6 @@ class DenoiserAdapter(ABC):
     @abstractmethod
     def example_condition(self, batch_size: int, device: torch.device | str = "cpu") -> Any:
         """A valid condition for `batch_size` samples (for MAC counting and smoke runs)."""
-
-    @abstractmethod
-    def make_scheduler(self, kind: str = "ddim") -> Any:
-        """A diffusers scheduler of `kind` configured with this denoiser's training noise schedule."""
 
     @property
     @abstractmethod

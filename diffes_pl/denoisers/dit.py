@@ -16,9 +16,20 @@ from diffusers import (DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepS
 from torch import Tensor, nn
 
 from .base import ConstantOutput, DenoiserAdapter, UnitGroup, sliced_linear, with_children
+from .registry import Family, register
+from .schedules import Sampler, scheduler_config
 
 # DiT's training noise schedule (and the built-in model's): linear betas over 1000 steps.
 DIT_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+# linspace spacing gives DiT's 20-step trajectory 999, 946, …, 53, 0 (DiTPipeline's)
+DIT_SAMPLERS = (
+    Sampler("ddim", DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": True, "timestep_spacing": "linspace"}),
+    Sampler("dpm", DPMSolverMultistepScheduler,  # DPM-Solver++ 2M: carries the last model output
+            {"algorithm_type": "dpmsolver++", "solver_order": 2, "timestep_spacing": "linspace"},
+            multistep=True, aliases=("dpmsolver", "dpm-solver")),
+    Sampler("euler_a", EulerAncestralDiscreteScheduler, {"timestep_spacing": "linspace"}, stochastic=True,
+            aliases=("euler-ancestral",)),
+)
 
 
 class SkippedBlock(nn.Module):
@@ -96,15 +107,15 @@ class DiTAdapter(TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `DiTTransformer2DModel` (class-conditional, CFG with a null class)."""
 
     family = "dit"
-    # the diffusers pipeline an export folder is written as, and the denoiser's subfolder in it
-    pipeline_class, denoiser_subfolder = "DiTPipeline", "transformer"
+    conditioning = "class"
+    samplers = DIT_SAMPLERS
 
     def __init__(self, denoiser: DiTTransformer2DModel, name: str, vae: nn.Module | None = None,
                  noise_schedule: dict | None = None, latent_scale: float = 0.18215) -> None:
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.name = name
         self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
-        self.noise_schedule = dict(noise_schedule or DIT_NOISE_SCHEDULE)
+        self.noise_schedule = scheduler_config(noise_schedule or DIT_NOISE_SCHEDULE)
         self.latent_scale = latent_scale
         cfg = denoiser.config
         self.num_classes = int(cfg.num_embeds_ada_norm)
@@ -139,18 +150,6 @@ class DiTAdapter(TransformerBlockUnits, DenoiserAdapter):
     def concat_conditions(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.cat([a, b])
 
-    def make_scheduler(self, kind: str = "ddim") -> Any:
-        if kind == "ddim":
-            # linspace spacing gives DiT's 20-step trajectory 999, 946, …, 53, 0.
-            return DDIMScheduler(**self.noise_schedule, clip_sample=False, set_alpha_to_one=True,
-                                 timestep_spacing="linspace", prediction_type="epsilon")
-        if kind in ("dpm", "dpmsolver", "dpm-solver"):
-            return DPMSolverMultistepScheduler(**self.noise_schedule, algorithm_type="dpmsolver++",
-                                               solver_order=2, timestep_spacing="linspace")
-        if kind in ("euler_a", "euler-ancestral"):
-            return EulerAncestralDiscreteScheduler(**self.noise_schedule, timestep_spacing="linspace")
-        raise ValueError(f"unknown sampler {kind!r}; choose one of: ddim, dpm, euler_a")
-
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:
             return super().decode(latents)
@@ -165,3 +164,68 @@ class DiTAdapter(TransformerBlockUnits, DenoiserAdapter):
             raise ValueError(f"DiT conditions are class labels, a 1-D integer tensor; got {cond.dtype} {tuple(cond.shape)}")
         if len(cond) and (cond.min() < 0 or cond.max() > self.null_class):
             raise ValueError(f"class labels must lie in [0, {self.num_classes - 1}] (or {self.null_class} for the null class)")
+
+
+# --- loading (the family record's loaders) ----------------------------------------------------------
+DIT_HUB_NAMES = {"facebook/DiT-XL-2-256": "dit_xl_2_256_config.json"}
+
+
+def load_hub(family, name: str, weights: bool, device, dtype=None) -> DiTAdapter:
+    """A hub DiT: diffusers' `from_pretrained` (transformer and VAE), or with `weights=False` and a
+    shipped config the architecture with random weights (no network)."""
+    from diffusers import AutoencoderKL
+
+    from .footprint import loading_kwargs
+
+    if not weights and name in family.hub_names:
+        return _from_shipped_config(family, name, device, dtype)
+    try:
+        denoiser = DiTTransformer2DModel.from_pretrained(name, subfolder="transformer", **loading_kwargs(dtype))
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae")
+    except OSError as err:
+        raise OSError(f"could not load {name!r} from the Hugging Face hub or its cache ({err}); "
+                      f"download it first (`hf download {name}`) or pass a local folder") from err
+    return DiTAdapter(denoiser, name, vae=vae)
+
+
+def _from_shipped_config(family, name: str, device, dtype=None) -> DiTAdapter:
+    import json
+
+    from .footprint import building_dtype
+    from .tiny import asset_path
+
+    config = json.loads(asset_path(family.hub_names[name]).read_text())
+    config.pop("_class_name", None)
+    with torch.device(device), building_dtype(dtype):
+        denoiser = DiTTransformer2DModel(**config)
+    return DiTAdapter(denoiser, name)
+
+
+def load_folder(family, path, device, dtype=None) -> DiTAdapter:
+    """A local diffusers DiT folder (transformer/ and optional vae/) or a bare transformer folder."""
+    from pathlib import Path
+
+    from diffusers import AutoencoderKL
+
+    from .footprint import loading_kwargs
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"local checkpoint {path} does not exist; pass an existing folder or a hub id")
+    sub = path / "transformer"
+    root = sub if sub.is_dir() else path
+    if not (root / "config.json").exists():
+        raise FileNotFoundError(f"{root} has no config.json: expected a diffusers DiT folder (transformer/ and vae/)")
+    denoiser = DiTTransformer2DModel.from_pretrained(root, **loading_kwargs(dtype))
+    vae = AutoencoderKL.from_pretrained(path / "vae") if (path / "vae").is_dir() else None
+    return DiTAdapter(denoiser, str(path), vae=vae)
+
+
+def _is_dit_hub_id(name: str) -> bool:
+    """Any `owner/…DiT…` hub id: DiT checkpoints beyond the shipped config load from the hub."""
+    return name.count("/") == 1 and "dit" in name.lower()
+
+
+register(Family("dit", DiTAdapter, "DiTTransformer2DModel", "DiTPipeline", "transformer", DIT_HUB_NAMES,
+                load_hub=load_hub, load_folder=load_folder, claims_hub_id=_is_dit_hub_id,
+                default_folder=True))  # a folder no family recognises by `_class_name` is read as DiT

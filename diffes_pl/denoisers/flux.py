@@ -35,10 +35,13 @@ from torch.utils.hooks import RemovableHandle
 from .base import (BlockSlots, ConstantOutput, DenoiserAdapter, HandleGroup, TextCondition, UnitGroup, sliced_linear,
                    with_children)
 from .dit import feed_forward_linears, slice_feed_forward
+from .loading import text_to_image_folder, text_to_image_hub
+from .registry import Family, TextEncoderSpec, register
+from .schedules import FLOW_MATCHING, Sampler, scheduler_config
 from .text import TextConditioned, TextEncoders, encode_flux
 
-# FLUX.1-schnell's scheduler config; `flow` tells calibration to noise as x_σ = (1 − σ) x0 + σ ε.
-FLUX_NOISE_SCHEDULE = {"flow": True, "num_train_timesteps": 1000, "shift": 1.0}
+# FLUX.1-schnell's scheduler config: rectified flow (calibration noises as x_σ = (1 − σ) x0 + σ ε).
+FLUX_NOISE_SCHEDULE = {"_class_name": FLOW_MATCHING, "num_train_timesteps": 1000, "shift": 1.0}
 FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT = 0.3611, 0.1159
 
 
@@ -51,6 +54,11 @@ class FluxPipelineScheduler(FlowMatchEulerDiscreteScheduler):
         if sigmas is None and timesteps is None and num_inference_steps:
             sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
         super().set_timesteps(num_inference_steps, device, sigmas=sigmas, mu=mu, timesteps=timesteps)
+
+
+# Flow-match Euler carries nothing between steps but the latents, and draws no noise.
+FLUX_SAMPLERS = (Sampler("flow_euler", FluxPipelineScheduler, {"use_dynamic_shifting": False},
+                         aliases=("flow", "euler")),)
 
 
 def pack_latents(latents: Tensor) -> Tensor:
@@ -198,8 +206,7 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
     """Adapter for diffusers `FluxTransformer2DModel` (rectified flow, T5 + CLIP conditioning)."""
 
     family = "flux"
-    # the diffusers pipeline an export folder is written as, and the denoiser's subfolder in it
-    pipeline_class, denoiser_subfolder = "FluxPipeline", "transformer"
+    samplers = FLUX_SAMPLERS
 
     def __init__(self, denoiser: FluxTransformer2DModel, name: str, vae: nn.Module | None = None,
                  image_size: int | None = None, text_len: int = 256, guidance: float = 3.5,
@@ -209,7 +216,7 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.name = name
         self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
-        self.noise_schedule = dict(noise_schedule or FLUX_NOISE_SCHEDULE)
+        self.noise_schedule = scheduler_config(noise_schedule or FLUX_NOISE_SCHEDULE)
         self.latent_scale, self.latent_shift = FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT
         if vae is not None:
             self.latent_scale = float(vae.config.scaling_factor)
@@ -392,12 +399,6 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
         return [(hidden, output[1]), (text, output[0])]
 
-    def make_scheduler(self, kind: str = "flow_euler") -> Any:
-        if kind in ("flow_euler", "flow", "euler"):
-            return FluxPipelineScheduler(num_train_timesteps=self.noise_schedule["num_train_timesteps"],
-                                         shift=self.noise_schedule.get("shift", 1.0), use_dynamic_shifting=False)
-        raise ValueError(f"unknown sampler {kind!r} for FLUX (rectified flow); use sampler='flow_euler'")
-
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:
             return super().decode(latents)
@@ -405,3 +406,14 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
         z = latents.to(param.dtype) / self.latent_scale + self.latent_shift
         images = self.vae.decode(z).sample  # [N, 3, 8H, 8W] in [-1, 1]
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+# CLIP gives the pooled embedding only; T5's last hidden states, padded to `text_len`, are the prompt
+# embeddings (`FluxPipeline.encode_prompt`).
+FLUX_TEXT_ENCODERS = (TextEncoderSpec("CLIPTextModel", "text_encoder", "tokenizer", pooled=True, hidden_states=False),
+                      TextEncoderSpec("T5EncoderModel", "text_encoder_2", "tokenizer_2", pooled=False,
+                                      max_length="text_len"))
+register(Family("flux", FluxAdapter, "FluxTransformer2DModel", "FluxPipeline", "transformer",
+                {"black-forest-labs/FLUX.1-schnell": "flux_schnell_transformer_config.json"},
+                folder_classes=("FluxPipeline", "FluxTransformer2DModel"),
+                text_encoders=FLUX_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder))

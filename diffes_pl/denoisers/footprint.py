@@ -39,32 +39,29 @@ def loading_kwargs(dtype: torch.dtype | None) -> dict:
     return {"low_cpu_mem_usage": True, **({"torch_dtype": dtype} if dtype is not None else {})}
 
 
-def _architecture(name: str, kind: str) -> tuple[type, dict] | None:
-    """(model class, config) that `load_denoiser(name)` builds, or None where no config is at hand
-    (a hub model not in the local cache: loading will say why)."""
-    from diffusers import DiTTransformer2DModel, FluxTransformer2DModel, UNet2DConditionModel
+def _architecture(name: str, resolved) -> tuple[type, dict] | None:
+    """(model class, config) that `load_denoiser(name)` builds (`resolved`: `registry.resolve(name)`),
+    or None where no config is at hand (a hub model not in the local cache: loading will say why)."""
+    import diffusers
 
-    from . import DIT_HUB_NAMES, FLUX_HUB_NAMES, SDXL_HUB_NAMES
-    from .tiny import CONFIG, asset_path
+    from .tiny import asset_path
 
-    shipped = {**DIT_HUB_NAMES, **SDXL_HUB_NAMES, **FLUX_HUB_NAMES}
-    cls = {"tiny": DiTTransformer2DModel, "dit-hub": DiTTransformer2DModel, "dit-folder": DiTTransformer2DModel,
-           "sdxl-hub": UNet2DConditionModel, "sdxl-folder": UNet2DConditionModel,
-           "flux-hub": FluxTransformer2DModel, "flux-folder": FluxTransformer2DModel}[kind]
-    if kind == "tiny" or name in shipped:
-        return cls, json.loads(asset_path(CONFIG if kind == "tiny" else shipped[name]).read_text())
-    sub = {"dit-folder": "transformer", "dit-hub": "transformer", "sdxl-folder": "unet", "flux-folder": "transformer"}[kind]
-    root = Path(name) / sub if kind.endswith("folder") and (Path(name) / sub).is_dir() else Path(name)
+    family, folder = resolved.family, resolved.source == "folder"
+    cls = getattr(diffusers, family.denoiser_class)
+    if name in family.hub_names:
+        return cls, json.loads(asset_path(family.hub_names[name]).read_text())
+    sub = family.denoiser_subfolder
+    root = Path(name) / sub if folder and (Path(name) / sub).is_dir() else Path(name)
     try:
-        config = cls.load_config(str(root)) if kind.endswith("folder") else cls.load_config(name, subfolder=sub)
+        config = cls.load_config(str(root)) if folder else cls.load_config(name, subfolder=sub)
     except (OSError, ValueError):
         return None
     return cls, dict(config)
 
 
-def meta_denoiser(name: str, kind: str) -> nn.Module | None:
+def meta_denoiser(name: str, resolved) -> nn.Module | None:
     """The denoiser's architecture on the meta device (no memory), or None (see `_architecture`)."""
-    found = _architecture(name, kind)
+    found = _architecture(name, resolved)
     if found is None:
         return None
     cls, config = found
@@ -75,12 +72,12 @@ def meta_denoiser(name: str, kind: str) -> nn.Module | None:
         return None
 
 
-def check_denoiser_memory(name: str, kind: str, weights: bool, device, dtype: torch.dtype | None) -> None:
+def check_denoiser_memory(name: str, resolved, weights: bool, device, dtype: torch.dtype | None) -> None:
     """Refuses (InsufficientMemoryError) a denoiser that would not fit, before anything is allocated.
     With `weights`, diffusers reads the checkpoint on the CPU first: the CPU is checked as well."""
     if torch.device(device).type == "meta":
         return
-    meta = meta_denoiser(name, kind)
+    meta = meta_denoiser(name, resolved)
     if meta is None:
         return
     dtype = dtype or torch.float32

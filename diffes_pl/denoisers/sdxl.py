@@ -24,6 +24,9 @@ from torch import Tensor, nn
 
 from .base import BlockSlots, DenoiserAdapter, TextCondition, UnitGroup
 from .dit import TransformerBlockUnits, feed_forward_linears
+from .loading import text_to_image_folder, text_to_image_hub
+from .registry import Family, TextEncoderSpec, register
+from .schedules import Sampler, scheduler_config
 from .text import TextConditioned, TextEncoders, encode_sdxl
 
 # SDXL's training noise schedule (the scheduler config of stabilityai/stable-diffusion-xl-base-1.0).
@@ -31,6 +34,10 @@ SDXL_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_lin
                        "beta_start": 0.00085, "beta_end": 0.012}
 SDXL_SPACING = {"timestep_spacing": "leading", "steps_offset": 1}
 SDXL_LATENT_SCALE = 0.13025
+SDXL_SAMPLERS = (  # Euler ancestral first: the paper's (and the pipeline's) sampler
+    Sampler("euler_a", EulerAncestralDiscreteScheduler, SDXL_SPACING, stochastic=True, aliases=("euler-ancestral",)),
+    Sampler("ddim", DDIMScheduler, {**SDXL_SPACING, "clip_sample": False, "set_alpha_to_one": False}),
+)
 
 
 class SkippedTransformerBlock(nn.Module):
@@ -58,8 +65,7 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `UNet2DConditionModel` with SDXL's text-time added conditions."""
 
     family = "sdxl"
-    # the diffusers pipeline an export folder is written as, and the denoiser's subfolder in it
-    pipeline_class, denoiser_subfolder = "StableDiffusionXLPipeline", "unet"
+    samplers = SDXL_SAMPLERS
 
     def __init__(self, denoiser: UNet2DConditionModel, name: str, vae: nn.Module | None = None,
                  noise_schedule: dict | None = None, latent_scale: float | None = None,
@@ -73,7 +79,7 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
         self.denoiser = denoiser.eval().requires_grad_(False)
         self.name = name
         self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
-        self.noise_schedule = dict(noise_schedule or SDXL_NOISE_SCHEDULE)
+        self.noise_schedule = scheduler_config(noise_schedule or SDXL_NOISE_SCHEDULE)
         if latent_scale is None:
             latent_scale = float(vae.config.scaling_factor) if vae is not None else SDXL_LATENT_SCALE
         self.latent_scale = latent_scale
@@ -149,17 +155,19 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
         embeds, pooled = encode_sdxl(encoders, prompts)  # [B, 77, 2048], [B, 1280]
         return TextCondition(embeds, pooled, self.default_time_ids(len(prompts)))
 
-    def make_scheduler(self, kind: str = "euler_a") -> Any:
-        if kind in ("euler_a", "euler-ancestral"):
-            return EulerAncestralDiscreteScheduler(**self.noise_schedule, **SDXL_SPACING, prediction_type="epsilon")
-        if kind == "ddim":
-            return DDIMScheduler(**self.noise_schedule, **SDXL_SPACING, clip_sample=False, set_alpha_to_one=False,
-                                 prediction_type="epsilon")
-        raise ValueError(f"unknown sampler {kind!r} for SDXL; choose one of: euler_a (the paper's), ddim")
-
     def decode(self, latents: Tensor) -> Tensor:
         if self.vae is None:
             return super().decode(latents)
         param = next(self.vae.parameters())
         images = self.vae.decode(latents.to(param.dtype) / self.latent_scale).sample  # [N, 3, 8H, 8W] in [-1, 1]
         return ((images.float() + 1) / 2).clamp(0, 1)
+
+
+# Two CLIP encoders: penultimate hidden states of both, concatenated; the pooled embedding is the
+# second's (projected) output (`StableDiffusionXLPipeline.encode_prompt`).
+SDXL_TEXT_ENCODERS = (TextEncoderSpec("CLIPTextModel", "text_encoder", "tokenizer", pooled=False),
+                      TextEncoderSpec("CLIPTextModelWithProjection", "text_encoder_2", "tokenizer_2", pooled=True))
+register(Family("sdxl", SDXLAdapter, "UNet2DConditionModel", "StableDiffusionXLPipeline", "unet",
+                {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl_base_unet_config.json"},
+                folder_classes=("StableDiffusionXLPipeline", "UNet2DConditionModel"),
+                text_encoders=SDXL_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder))

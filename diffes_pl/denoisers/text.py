@@ -21,9 +21,6 @@ from torch import Tensor, nn
 
 from .base import TextCondition
 
-# Pipeline subfolders holding the tokenizers and encoders (diffusers layout, hub and local folders).
-SUBFOLDERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
-
 
 class MissingTextEncodersError(ValueError):
     """Prompts were to be encoded but the adapter has no text encoders."""
@@ -108,27 +105,32 @@ def encode_flux(encoders: TextEncoders, prompts: list[str]) -> tuple[Tensor, Ten
 
 def load_text_encoders(source: str, family: str, device: Any, dtype: torch.dtype | None,
                        text_len: int = 256) -> TextEncoders:
-    """The pipeline's tokenizers and encoders from a hub id or a local pipeline folder (subfolders
-    tokenizer/, text_encoder/, tokenizer_2/, text_encoder_2/), via transformers' from_pretrained."""
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    """Family `family`'s tokenizers and encoders (its record's `text_encoders`) from a hub id or a
+    local pipeline folder (diffusers layout), via transformers' from_pretrained."""
+    import transformers
+    from transformers import AutoTokenizer
 
-    classes = (CLIPTextModel, CLIPTextModelWithProjection) if family == "sdxl" else (CLIPTextModel, T5EncoderModel)
+    from .registry import family_of
+
+    specs = family_of(family).text_encoders
     tokenizers, encoders = [], []
     try:
-        for (tok_dir, enc_dir), cls in zip(SUBFOLDERS, classes):
-            tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder=tok_dir))
+        for spec in specs:
+            tokenizers.append(AutoTokenizer.from_pretrained(source, subfolder=spec.tokenizer))
             enc_dtype = dtype
-            if cls is T5EncoderModel and dtype == torch.float16:
+            if spec.encoder == "T5EncoderModel" and dtype == torch.float16:
                 enc_dtype = torch.bfloat16  # T5 overflows in float16 (the FLUX pipeline runs it in bfloat16)
             kwargs = {} if enc_dtype is None else {"dtype": enc_dtype}
-            encoders.append(cls.from_pretrained(source, subfolder=enc_dir, **kwargs).to(device))
+            cls = getattr(transformers, spec.encoder)
+            encoders.append(cls.from_pretrained(source, subfolder=spec.subfolder, **kwargs).to(device))
     except (OSError, ValueError) as err:
+        folders = ", ".join(f"{a}/" for spec in specs for a in (spec.tokenizer, spec.subfolder))
         raise MissingTextEncodersError(
             f"could not load the text encoders of {source!r} ({err}); a {family.upper()} pipeline needs "
-            f"{', '.join(a + '/' for pair in SUBFOLDERS for a in pair)} (diffusers layout): download the full "
+            f"{folders} (diffusers layout): download the full "
             f"pipeline (`hf download {source}`) or put those subfolders in the local folder") from err
-    lengths = [clip_length(tokenizers[0], encoders[0]),
-               clip_length(tokenizers[1], encoders[1]) if family == "sdxl" else text_len]
+    lengths = [text_len if spec.max_length == "text_len" else clip_length(tok, enc)
+               for spec, tok, enc in zip(specs, tokenizers, encoders)]
     return TextEncoders(tokenizers, encoders, lengths)
 
 
@@ -137,6 +139,7 @@ class TextConditioned:
     text encoders the adapter was loaded with (loaded lazily, on first use), or given by
     `set_text_encoders`."""
 
+    conditioning = "text"
     _text_encoders: TextEncoders | None = None
     _text_loader: Callable[[], TextEncoders] | None = None
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from diffusers import DiTTransformer2DModel
 
+from .dit import DiTAdapter
+from .registry import Family, register
+
 NAME = "tiny-digits"
 WEIGHTS = "tiny_digits.safetensors"
 CONFIG = "tiny_digits_config.json"
@@ -40,3 +43,13 @@ def build_tiny_dit(weights: bool = True) -> DiTTransformer2DModel:
         state = {k: v.float() for k, v in load_file(path).items()}
         model.load_state_dict(state)
     return model.eval().requires_grad_(False)
+
+
+def load_builtin(family: Family, name: str, weights: bool, device, dtype=None) -> DiTAdapter:
+    """The built-in model's adapter: a DiTAdapter (its `family` stays "dit", the key its stores were
+    written under) over the built-in DiT with its own noise schedule."""
+    return DiTAdapter(build_tiny_dit(weights=weights), NAME, vae=None, noise_schedule=SCHEDULER_CONFIG)
+
+
+register(Family("tiny", DiTAdapter, "DiTTransformer2DModel", "DiTPipeline", "transformer", {NAME: CONFIG},
+                load_builtin=load_builtin, builtin=True))

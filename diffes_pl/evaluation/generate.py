@@ -147,7 +147,7 @@ def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
 
 def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float) -> Tensor:
     """Images [B, C, H, W] in [0, 1] of batch b (module-level so that tests can count calls)."""
-    cond = image_set.conditions(b, getattr(adapter, "num_classes", None))
+    cond = image_set.conditions(b, adapter.num_classes)
     return sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler,
                   noise=image_set.noise(b, adapter.latent_shape))
 
@@ -228,7 +228,7 @@ def ensure_images(image_set: ImageSet, adapter, store=None, schedule=None, *, sa
 def latency_per_image(adapter, router, *, batch_size: int, sampler: str, steps: int, guidance: float,
                       repeats: int = 3, warmup: int = 1) -> float:
     """Median seconds per image of a full sampling run (all steps + decode) at `batch_size`."""
-    cond = (torch.arange(batch_size) % adapter.num_classes) if hasattr(adapter, "num_classes") else \
+    cond = (torch.arange(batch_size) % adapter.num_classes) if adapter.conditioning == "class" else \
         [""] * batch_size
     noise = seeded_noise((batch_size, *adapter.latent_shape), 0)
     cuda = adapter.device.type == "cuda"

@@ -130,8 +130,8 @@ class DiffES(L.LightningModule):
         if problems:
             raise ValueError("; ".join(problems))
         self.metric = get_metric(hp.metric)  # unknown metric → ValueError now
-        kind = check_name(hp.denoiser)  # unknown model / missing folder → error now
-        text = kind.startswith(("sdxl", "flux"))
+        family = check_name(hp.denoiser).family  # unknown model / missing folder → error now
+        text = family.conditioning == "text"
         if hp.prompts is not None and (not isinstance(hp.prompts, (list, tuple)) or
                                        not all(isinstance(p, str) and p.strip() for p in hp.prompts)):
             raise ValueError(f"prompts must be a list of non-empty strings (got {hp.prompts!r})")

@@ -105,7 +105,7 @@ def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: Eva
     if store is None and routed:
         store = TrajectoryStore.open(module.store_path)
     prompts = Path(config.prompts).read_text().splitlines() if config.prompts else (list(hp.prompts or []) or None)
-    if prompts is None and not hasattr(adapter, "num_classes"):
+    if prompts is None and adapter.conditioning == "text":
         raise ValueError("this denoiser is prompt-conditioned: give prompts (a text file, one per line)")
     kw = dict(sampler=hp.sampler, steps=hp.steps, guidance=hp.guidance)
     base = {**kw, "seed": config.seed, "batch_size": config.batch_size, "denoiser": _fingerprint(adapter),

@@ -1,8 +1,9 @@
 """Fitness rollouts on fixed probes, with work saved: a child differs from its parent only from its
 first changed stage on, so the parent's latents entering that stage are reused. Results are
 identical because DDIM, flow-match Euler and Euler ancestral carry no state between steps but the
-latents (Euler ancestral's noise is a pure function of probe and step: `sampling.step_generators`).
-DPM-Solver++ multistep keeps earlier model outputs, so its rollouts always start at step 0."""
+latents (a stochastic sampler's noise, Euler ancestral's, is a pure function of probe and step:
+`sampling.step_generators`). A multistep sampler (DPM-Solver++) keeps earlier model outputs, so its
+rollouts always start at step 0: the rule reads the adapter's declared `Sampler`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ class Probes:
         if num_probes < 1:
             raise ValueError(f"num_probes must be ≥ 1 (got {num_probes}): the fitness needs images to score")
         noise = seeded_noise((num_probes, *adapter.latent_shape), seed)
-        if hasattr(adapter, "encode_prompts"):
+        if adapter.conditioning == "text":
             if not prompts:
                 raise ValueError(f"{adapter.name} is text-conditioned: give the probe prompts (model.prompts: a list "
                                  "of strings; probe i uses prompts[i % len(prompts)])")
@@ -75,7 +76,7 @@ class RolloutEngine:
     @property
     def resumable(self) -> bool:
         """Whether a rollout may start from cached stage-entry latents (no multistep history)."""
-        return self.sampler not in ("dpm", "dpmsolver", "dpm-solver")
+        return not self.adapter.sampler(self.sampler).multistep
 
     def _schedule(self, levels) -> Schedule:
         return Schedule(list(levels), self.levels_max, self.target_level, self.partition.steps_per_stage,
@@ -109,7 +110,8 @@ class RolloutEngine:
                     if step in stage_starts and stage_starts[step] >= start_stage:
                         seen.append(lat.detach().cpu())
 
-                seeds = self.probes.noise_seeds[b:b + self.batch_size] if self.sampler == "euler_a" else None
+                stochastic = adapter.sampler(self.sampler).stochastic
+                seeds = self.probes.noise_seeds[b:b + self.batch_size] if stochastic else None
                 latents = rollout(adapter, scheduler, latents, cond, guidance=self.guidance, partition=partition,
                                   noise_seeds=seeds,
                                   steps=range(first_step, partition.num_steps),

@@ -21,7 +21,7 @@ def test_flux_depth_search_end_to_end(tmp_path, text_models):
     from diffes_pl.denoisers import check_name, load_denoiser
 
     folder = text_models.save_pipeline_folder(text_models.build_tiny_flux(), tmp_path / "tiny-flux", "FluxPipeline")
-    assert check_name(str(folder)) == "flux-folder"
+    assert str(check_name(str(folder))) == "flux-folder"
     adapter = load_denoiser(str(folder))
     assert adapter.family == "flux" and adapter.latent_shape == (4, 8, 8) and adapter.vae is not None
     assert adapter.has_text_encoders and adapter.latent_shift == 0.1159

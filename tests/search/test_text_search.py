@@ -141,7 +141,7 @@ def test_local_folders_are_recognised(setup, text_models, tmp_path):
     from diffes_pl.denoisers.text import MissingTextEncodersError, load_text_encoders
 
     tmp, _, config = setup
-    assert check_name(config["model"]["denoiser"]) == "sdxl-folder"
+    assert str(check_name(config["model"]["denoiser"])) == "sdxl-folder"
     adapter = load_denoiser(config["model"]["denoiser"])
     assert adapter.family == "sdxl" and adapter.latent_scale == 0.13025 and adapter.image_size == 16
     cond = adapter.encode_prompts(PROMPTS)
@@ -150,7 +150,7 @@ def test_local_folders_are_recognised(setup, text_models, tmp_path):
     # a bare UNet folder (config.json only) is an SDXL folder too, without text encoders
     bare = tmp_path / "unet-only"
     adapter.denoiser.save_pretrained(bare)
-    assert check_name(str(bare)) == "sdxl-folder"
+    assert str(check_name(str(bare))) == "sdxl-folder"
     with pytest.raises(MissingTextEncodersError, match="no text encoders.*tokenizer/, text_encoder/"):
         load_denoiser(str(bare)).encode_prompts(["a cat"])
     # the hub loader, offline and without a cached pipeline, names what is missing and how to get it

@@ -1,0 +1,158 @@
+"""The family registry: one record per denoiser family, and name → (family, source) resolution.
+
+Shaped like diffusers' `hooks/_helpers.py` `TransformerBlockRegistry` (a class-level table filled by
+`register` calls next to what they describe) and litgpt's `Config.from_name` (every known name in
+one table). Each family module (`tiny.py`, `dit.py`, `sdxl.py`, `flux.py`) registers ONE `Family`
+at import; `families()` imports the built-in family modules first, so a lookup never depends on
+which module happened to be imported before. Nothing outside `denoisers/` branches on a family
+name: it asks the record (or the adapter's declarations) instead.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+# The family modules registering the built-in families, in the order names are matched.
+BUILTIN = ("tiny", "dit", "sdxl", "flux")
+SOURCES = ("builtin", "hub", "folder")
+
+
+class UnknownDenoiserError(ValueError):
+    """The name is neither built in, nor a known hub id, nor an existing local folder."""
+
+
+@dataclass(frozen=True)
+class TextEncoderSpec:
+    """One text encoder of a family's pipeline, in pipeline order (diffusers layout)."""
+
+    encoder: str  # transformers class: CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+    subfolder: str  # text_encoder, text_encoder_2, …
+    tokenizer: str  # tokenizer, tokenizer_2, …
+    pooled: bool  # its pooled output is the pooled text embedding the denoiser takes
+    hidden_states: bool = True  # its hidden states are (part of) the prompt embeddings
+    attention_mask: bool = False  # the denoiser takes its attention mask (neither SDXL nor FLUX do)
+    # tokens it is padded to: None = CLIP's model_max_length (at most its positions), "text_len" =
+    # the adapter's `text_len` (FLUX's T5: 256 for schnell)
+    max_length: str | None = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """What the toolkit knows about one denoiser family before (and while) loading it.
+
+    `load_builtin(name, weights, device, dtype)`, `load_hub(name, weights, device, dtype)`,
+    `load_folder(path, device, dtype)` build the adapter (placed on `device` by `load_denoiser`);
+    `weights=False` builds the architecture from the shipped config in `hub_names` (random weights).
+    """
+
+    name: str  # "tiny", "dit", "sdxl", "flux": also `adapter.family` (part of store keys)
+    adapter: type  # the DenoiserAdapter subclass: its class attributes are the family's declarations
+    denoiser_class: str  # the diffusers model class (DiTTransformer2DModel, UNet2DConditionModel, …)
+    pipeline_class: str | None  # the diffusers pipeline an export folder is written as (None: not exportable)
+    denoiser_subfolder: str  # the denoiser's subfolder in that pipeline's folder
+    hub_names: Mapping[str, str] = field(default_factory=dict)  # hub id (or built-in name) → shipped config asset
+    folder_classes: tuple[str, ...] = ()  # `_class_name`s of local folders (pipeline or bare denoiser) it serves
+    text_encoders: tuple[TextEncoderSpec, ...] = ()
+    load_builtin: Callable[..., Any] | None = None
+    load_hub: Callable[..., Any] | None = None
+    load_folder: Callable[..., Any] | None = None
+    claims_hub_id: Callable[[str], bool] | None = None  # hub ids outside `hub_names` it still serves
+    default_folder: bool = False  # serves local folders no family recognises by `_class_name`
+    builtin: bool = False  # `hub_names` are built-in names (no hub), served by `load_builtin`
+
+    @property
+    def conditioning(self) -> str:
+        """"class" or "text", as the adapter class declares."""
+        return self.adapter.conditioning
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Which family and source (`builtin`, `hub`, `folder`) serve a denoiser name."""
+
+    family: Family
+    source: str
+
+    def __str__(self) -> str:
+        return self.family.name if self.source == "builtin" else f"{self.family.name}-{self.source}"
+
+
+_FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    """Adds a family's record; a second record for the same name or hub name is refused."""
+    if family.name in _FAMILIES and _FAMILIES[family.name] is not family:
+        raise ValueError(f"denoiser family {family.name!r} is registered twice")
+    taken = {n: f.name for f in _FAMILIES.values() if f.name != family.name for n in f.hub_names}
+    clashes = sorted(n for n in family.hub_names if n in taken)
+    if clashes:
+        raise ValueError(f"family {family.name!r} claims names already served by another family: {clashes}")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def families() -> dict[str, Family]:
+    """Every registered family by name (the built-in family modules are imported first)."""
+    for module in BUILTIN:
+        importlib.import_module(f"{__package__}.{module}")
+    # built-in families first, in BUILTIN order (family modules import each other, so registration
+    # order varies): names are matched, and listed in messages, in a fixed order
+    order = {name: i for i, name in enumerate(BUILTIN)}
+    return dict(sorted(_FAMILIES.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def family_of(name: str) -> Family:
+    """The record of family `name` ("dit", "sdxl", …)."""
+    known = families()
+    if name not in known:
+        raise KeyError(f"no denoiser family {name!r}; registered: {sorted(known)}")
+    return known[name]
+
+
+def known_names() -> list[str]:
+    """Every built-in name and known hub id, in registration order (for messages)."""
+    return [n for f in families().values() for n in f.hub_names]
+
+
+def _class_name(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def folder_family(path: Path) -> Family:
+    """The family of a local folder: a diffusers pipeline folder (model_index.json) or a bare denoiser
+    folder (config.json), recognised by `_class_name`; else the family serving unrecognised folders."""
+    known = families().values()
+    subfolders = sorted({f.denoiser_subfolder for f in known})
+    for config in (path / "model_index.json", path / "config.json", *(path / s / "config.json" for s in subfolders)):
+        cls = _class_name(config)
+        for family in known:
+            if cls in family.folder_classes:
+                return family
+    return next(f for f in known if f.default_folder)
+
+
+def resolve(name: str) -> Resolved:
+    """Which family and source serve `name`, without loading anything (a local folder's JSON configs
+    are read); unknown names and missing folders are refused here, before any long work."""
+    known = families()
+    for family in known.values():
+        if name in family.hub_names:
+            return Resolved(family, "builtin" if family.builtin else "hub")
+    if os.path.sep in name or name.startswith("."):
+        if not Path(name).exists():
+            raise FileNotFoundError(f"local checkpoint {name} does not exist; pass an existing folder or a hub id")
+        return Resolved(folder_family(Path(name)), "folder")
+    for family in known.values():
+        if family.claims_hub_id is not None and family.claims_hub_id(name):
+            return Resolved(family, "hub")
+    raise UnknownDenoiserError(
+        f"unknown denoiser {name!r}: use one of {known_names()}, a DiT hub id, or a local folder "
+        f"(e.g. ./models/DiT-XL-2-256)")
