@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .denoisers.base import DenoiserAdapter, UnitGroup, keep_from_order
-from .partition import Schedule, ScheduleError, StagePartition
+from .denoisers.base import DenoiserAdapter, keep_from_order
+from .partition import Schedule, StagePartition
 from .trajectory import TrajectoryStore
 
 

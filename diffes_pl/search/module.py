@@ -12,7 +12,6 @@ preemption) stops the search at once: the generation under way is dropped, the l
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 

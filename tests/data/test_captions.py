@@ -4,10 +4,8 @@ encoded once into TextCondition rows that match them, determinism under a seed, 
 sampler's own σ, the on-disk cache, and the errors a user can fix. Offline, CPU."""
 from __future__ import annotations
 
-import json
 
 import datasets
-import numpy as np
 import pytest
 import torch
 
