@@ -72,7 +72,7 @@ def _open_with_diffusers(folder, **missing):
 
     info = json.loads((folder / "export.json").read_text())
     assert sorted(missing) == info["pipeline_missing"]
-    return DiffusionPipeline.from_pretrained(folder / "pipeline", **missing), json.loads(
+    return DiffusionPipeline.from_pretrained(folder / "pipeline", local_files_only=True, **missing), json.loads(
         (folder / "pipeline" / "model_index.json").read_text())
 
 
