@@ -12,5 +12,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS
 
 def fit_command(run: Path, generations: int, *extra: str) -> list[str]:
     """`diffes-pl fit` of the small search on tiny_obs.yaml into `run`."""
+    config = ROOT / "configs/tiny_obs.yaml"
+    assert config.is_file() and generations >= 1, "the small search needs the demo config and ≥ 1 generation"
     return [sys.executable, "-m", "diffes_pl.cli", "fit", "--config", str(ROOT / "configs/tiny_obs.yaml"), *SMALL,
             "--trainer.max_epochs", str(generations), "--trainer.default_root_dir", str(run), *extra]
