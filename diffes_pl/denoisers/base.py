@@ -345,30 +345,49 @@ class BlockSlots:
 
 @dataclass
 class TextCondition:
-    """Prompt conditioning of text-to-image denoisers (SDXL, FLUX), batched like a tensor: `len`,
-    slicing `[a:b]`, `.to(device)` and `TextCondition.concat`.
+    """Prompt conditioning of text-to-image denoisers, batched like a tensor: `len`, slicing `[a:b]`,
+    `.to(device)` and `TextCondition.concat`.
 
-    `prompt_embeds` [B, L, D] (SDXL: [B, 77, 2048]; FLUX: T5 [B, 256, 4096]); `pooled_embeds` [B, P]
-    (SDXL: [B, 1280]; FLUX: CLIP [B, 768]); `time_ids` [B, 6] SDXL micro-conditioning (original
-    size, crop, target size) or None; optional negative embeddings (same shapes) stand for the
-    unconditional half of classifier-free guidance instead of zeros.
+    `prompt_embeds` [B, L, D] (SDXL: [B, 77, 2048]; FLUX: T5 [B, 256, 4096]; SD3: CLIP-L+G padded to
+    4096 then T5, [B, 77 + 256, 4096]; PixArt-Σ: T5 [B, 300, 4096]); `pooled_embeds` [B, P] or None
+    for families without a pooled embedding (SDXL: [B, 1280]; FLUX: CLIP [B, 768]; SD3: [B, 2048];
+    PixArt: None); `time_ids` [B, 6] SDXL micro-conditioning (original size, crop, target size) or
+    None; `attention_mask` [B, L] (1 = real token, 0 = padding) for families whose denoiser masks the
+    text tokens (PixArt's T5), else None; optional negative embeddings (same shapes, and a negative
+    mask where there is a mask) stand for the unconditional half of classifier-free guidance
+    instead of the adapter's default null condition.
     """
 
     prompt_embeds: Tensor
-    pooled_embeds: Tensor
+    pooled_embeds: Tensor | None = None
     time_ids: Tensor | None = None
     negative_prompt_embeds: Tensor | None = None
     negative_pooled_embeds: Tensor | None = None
+    attention_mask: Tensor | None = None
+    negative_attention_mask: Tensor | None = None
 
     def __post_init__(self) -> None:
-        if self.prompt_embeds.ndim != 3 or self.pooled_embeds.ndim != 2:
-            raise ValueError(f"prompt_embeds must be [B, L, D] and pooled_embeds [B, P]; got "
-                             f"{tuple(self.prompt_embeds.shape)} and {tuple(self.pooled_embeds.shape)}")
+        if self.prompt_embeds.ndim != 3 or (self.pooled_embeds is not None and self.pooled_embeds.ndim != 2):
+            raise ValueError(f"prompt_embeds must be [B, L, D] and pooled_embeds [B, P] (or None); got "
+                             f"{tuple(self.prompt_embeds.shape)} and "
+                             f"{None if self.pooled_embeds is None else tuple(self.pooled_embeds.shape)}")
         sizes = {f.name: getattr(self, f.name).shape[0] for f in fields(self) if getattr(self, f.name) is not None}
         if len(set(sizes.values())) > 1:
             raise ValueError(f"TextCondition fields disagree on the batch size: {sizes}")
-        if (self.negative_prompt_embeds is None) != (self.negative_pooled_embeds is None):
-            raise ValueError("give both negative_prompt_embeds and negative_pooled_embeds, or neither")
+        for mask, embeds in ((self.attention_mask, self.prompt_embeds),
+                             (self.negative_attention_mask, self.negative_prompt_embeds)):
+            if mask is not None and (embeds is None or tuple(mask.shape) != tuple(embeds.shape[:2])):
+                raise ValueError(f"an attention mask must be [B, L] like its prompt embeddings; got "
+                                 f"{tuple(mask.shape)} for {None if embeds is None else tuple(embeds.shape)}")
+        negatives = [("negative_prompt_embeds", True), ("negative_pooled_embeds", self.pooled_embeds is not None),
+                     ("negative_attention_mask", self.attention_mask is not None)]
+        if self.negative_prompt_embeds is not None:
+            wrong = [n for n, needed in negatives if (getattr(self, n) is not None) != needed]
+            if wrong:
+                raise ValueError(f"negative embeddings must mirror the positive ones (pooled and mask where those "
+                                 f"are given); mismatched: {wrong}")
+        elif any(getattr(self, n) is not None for n, _ in negatives):
+            raise ValueError("negative_pooled_embeds / negative_attention_mask need negative_prompt_embeds")
 
     def map(self, fn: Callable[[Tensor], Tensor]) -> "TextCondition":
         """A new condition with `fn` applied to every tensor field."""

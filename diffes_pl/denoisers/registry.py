@@ -2,22 +2,25 @@
 
 Shaped like diffusers' `hooks/_helpers.py` `TransformerBlockRegistry` (a class-level table filled by
 `register` calls next to what they describe) and litgpt's `Config.from_name` (every known name in
-one table). Each family module (`tiny.py`, `dit.py`, `sdxl.py`, `flux.py`) registers ONE `Family`
-at import; `families()` imports the built-in family modules first, so a lookup never depends on
-which module happened to be imported before. Nothing outside `denoisers/` branches on a family
-name: it asks the record (or the adapter's declarations) instead.
+one table). Each family module (`tiny.py`, `dit.py`, `sdxl.py`, `flux.py`, …) registers ONE `Family`
+at import; `families()` imports every module of this package first, so a lookup never depends on
+which module happened to be imported before, and a new family is one new module — nothing else
+lists it. Nothing outside `denoisers/` branches on a family name: it asks the record (or the
+adapter's declarations) instead.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-# The family modules registering the built-in families, in the order names are matched.
-BUILTIN = ("tiny", "dit", "sdxl", "flux")
+# Families listed (and names matched) first, in this order; any other registered family follows, by name.
+FIRST = ("tiny", "dit", "sdxl", "flux")
 SOURCES = ("builtin", "hub", "folder")
 
 
@@ -97,13 +100,18 @@ def register(family: Family) -> Family:
 
 
 def families() -> dict[str, Family]:
-    """Every registered family by name (the built-in family modules are imported first)."""
-    for module in BUILTIN:
-        importlib.import_module(f"{__package__}.{module}")
-    # built-in families first, in BUILTIN order (family modules import each other, so registration
-    # order varies): names are matched, and listed in messages, in a fixed order
-    order = {name: i for i, name in enumerate(BUILTIN)}
-    return dict(sorted(_FAMILIES.items(), key=lambda kv: order.get(kv[0], len(order))))
+    """Every registered family by name (every module of this package is imported first)."""
+    _import_family_modules()
+    # family modules import each other, so registration order varies: names are matched, and listed
+    # in messages, in a fixed order (FIRST, then by name)
+    order = {name: i for i, name in enumerate(FIRST)}
+    return dict(sorted(_FAMILIES.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+@functools.cache
+def _import_family_modules() -> None:
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{module.name}")
 
 
 def family_of(name: str) -> Family:

@@ -1,4 +1,4 @@
-"""Prompt encoding for the text-to-image adapters (SDXL, FLUX): tokenizers + text encoders → TextCondition.
+"""Prompt encoding for the text-to-image adapters: tokenizers + text encoders → TextCondition.
 
 The encoders are the pipeline's own (transformers `CLIPTextModel`, `CLIPTextModelWithProjection`,
 `T5EncoderModel`), used exactly as diffusers' pipelines use them:
@@ -28,16 +28,17 @@ class MissingTextEncodersError(ValueError):
 
 @dataclass
 class TextEncoders:
-    """Two (tokenizer, encoder) pairs in pipeline order and the token length each is padded to."""
+    """The pipeline's (tokenizer, encoder) pairs in pipeline order and the token length each is padded
+    to: SDXL CLIP-L + CLIP-G, FLUX CLIP-L + T5, SD3 CLIP-L + CLIP-G + T5, PixArt T5 alone."""
 
     tokenizers: Sequence[Any]
     encoders: Sequence[nn.Module]
     max_lengths: Sequence[int]
 
     def __post_init__(self) -> None:
-        if not len(self.tokenizers) == len(self.encoders) == len(self.max_lengths) == 2:
-            raise ValueError("TextEncoders needs exactly two tokenizers, two encoders and two max lengths "
-                             "(SDXL: CLIP-L, CLIP-G; FLUX: CLIP-L, T5)")
+        if not len(self.tokenizers) == len(self.encoders) == len(self.max_lengths) >= 1:
+            raise ValueError(f"TextEncoders needs as many tokenizers, encoders and max lengths, at least one each; "
+                             f"got {len(self.tokenizers)}, {len(self.encoders)}, {len(self.max_lengths)}")
         for enc in self.encoders:
             enc.eval().requires_grad_(False)
 
@@ -157,11 +158,14 @@ class TextConditioned:
         if self._text_encoders is None and self._text_loader is not None:
             self._text_encoders = self._text_loader()
         if self._text_encoders is None:
+            from .registry import family_of
+
+            folders = ", ".join(f"{a}/" for spec in family_of(self.family).text_encoders
+                                for a in (spec.tokenizer, spec.subfolder))
             raise MissingTextEncodersError(
                 f"{self.name} has no text encoders, so prompts/captions cannot be encoded: load the model with "
                 "weights=True from the hub (diffes_pl.load_denoiser), point `denoiser:` at a local diffusers "
-                "pipeline folder holding tokenizer/, text_encoder/, tokenizer_2/ and text_encoder_2/, or call "
-                "adapter.set_text_encoders(TextEncoders(...))")
+                f"pipeline folder holding {folders}, or call adapter.set_text_encoders(TextEncoders(...))")
         return self._text_encoders
 
     def text_identity(self) -> list | None:
