@@ -6,7 +6,7 @@ shaped like the paper's Table 1 (sparsity, MACs, latency, speedup, IS, FID, prec
     python benchmarks/compare.py --run runs/x --num-images 5000 --latency-batch-size 64
 
 The run's own config.yaml (written by fit) fixes the denoiser, sampler, steps, partition and store.
-Every row samples the same seeds and labels (`diffes_pl.search.report.evaluate`); images are kept
+Every row samples the same seeds and labels (`diffes_pl.evaluation.report.evaluate`); images are kept
 under <run>/eval/ and reused on a rerun. Built-in model: digits-classifier features and the
 held-out real digits; ~2 minutes on 2 CPU cores at the defaults.
 """
@@ -53,14 +53,14 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="JSON (default: benchmarks/results/compare_<run name>.json)")
     args = parser.parse_args()
 
+    from diffes_pl.evaluation.report import EvalConfig, evaluate, print_table
     from diffes_pl.partition import Schedule
     from diffes_pl.search.baselines import mosaicdiff_schedule
-    from diffes_pl.search.report import EvalConfig, evaluate, print_table
 
     run = Path(args.run)
     module = load_module(run)
     searched = Schedule.load(run / "schedule.json")
-    module.load()
+    context = module.prepare(run)
     H, w, target = searched.levels_max, searched.steps_per_stage, searched.target_level
     mk = lambda levels: Schedule(list(levels), H, target, w, partition=searched.partition)
     schedules = {"mosaicdiff": mk(mosaicdiff_schedule(len(w), H, target, w)), "diff-es": searched}
@@ -70,7 +70,7 @@ def main() -> None:
                         latency_batch_size=args.latency_batch_size, latency_repeats=args.latency_repeats,
                         reference=args.reference)
     start = time.monotonic()
-    rows = evaluate(module, None, schedules, config, run)
+    rows = evaluate(context, None, schedules, config, run)
     hp = module.hparams
     title = (f"{hp.denoiser}, {searched.pruner or module.pruner.name}, level {target} of {H} "
              f"({100 * searched.sparsity:.2f} % sparsity), {len(w)} stages, {hp.steps} {hp.sampler} steps, "

@@ -21,7 +21,7 @@ import torch
 from diffes_pl.cli import DiffESCLI
 from diffes_pl.partition import Schedule
 from diffes_pl.search import baselines
-from diffes_pl.search.report import evaluate_schedules
+from diffes_pl.search.holdout import evaluate_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,20 +46,21 @@ def main() -> None:
     module.ensure_store(trainer, cli.datamodule, log=lambda *_: None)
     module.trainer = trainer
     module.setup("fit")
+    search, context = module.search, module.context
     searched = Schedule.load(run / "schedule.json")
     archive = [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
     n_evals = len(archive)
     hp = module.hparams
-    H, w, S = module.levels_max, module.partition.steps_per_stage, module.partition.num_stages
+    H, w, S = context.levels_max, context.partition.steps_per_stage, context.partition.num_stages
 
     def evaluate(levels) -> float:
-        value, _ = module.evaluate(tuple(levels), None)
-        return module.metric.score(value)
+        value, _ = search.evaluate(tuple(levels), None)
+        return search.metric.score(value)
 
     gen = torch.Generator().manual_seed(hp.search_seed + 1)
     rand = baselines.random_search(evaluate, n_evals, S, H, hp.target_level, w, gen)
     greedy = baselines.greedy_search(evaluate, n_evals, S, H, hp.target_level, w, hp.max_move)
-    mk = lambda levels: Schedule(list(levels), H, hp.target_level, w, partition=module.partition.to_dict())  # noqa: E731
+    mk = lambda levels: Schedule(list(levels), H, hp.target_level, w, partition=context.partition.to_dict())  # noqa: E731
     schedules = {
         "uniform": mk([int(hp.target_level)] * S),
         "mosaicdiff heuristic": mk(baselines.mosaicdiff_schedule(S, H, hp.target_level, w)),
@@ -67,8 +68,8 @@ def main() -> None:
         f"greedy search ({greedy.evals_used} evals)": mk(greedy[0]),
         f"Diff-ES ({n_evals} evals)": searched,
     }
-    search_fitness = {name: module.fitness.get(tuple(s.levels)) or evaluate(s.levels) for name, s in schedules.items()}
-    results = evaluate_schedules(module, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
+    search_fitness = {name: search.fitness.get(tuple(s.levels)) or evaluate(s.levels) for name, s in schedules.items()}
+    results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
     print(f"\nBuilt-in model, {module.pruner.name}, target level {hp.target_level} of {H} "
           f"({100 * hp.target_level / H:.1f} % sparsity), {S} stages; evaluation on {args.eval_probes} unseen probes")
     print(f"{'schedule':32s} {'levels':32s} {'search SSIM':>11s} {'SSIM':>7s} {'PSNR':>6s} {'acc %':>6s} "

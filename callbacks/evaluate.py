@@ -1,5 +1,5 @@
 """FID / IS / precision-recall / SSIM / MACs / latency of the best schedule when fit ends: the same
-evaluation as `diffes-pl test` (diffes_pl.search.report), written to <default_root_dir>/evaluation.json."""
+evaluation as `diffes-pl test` (diffes_pl.evaluation.report), written to <default_root_dir>/evaluation.json."""
 from __future__ import annotations
 
 import lightning as L
@@ -21,9 +21,9 @@ class EvaluateAtFitEnd(L.Callback):
             metrics: fid, is, precision_recall, ssim, class_accuracy, clip (default: all but clip).
             seed: seed of the evaluation noise. latency_batch_size: 0 skips latency.
             latency_repeats: timed runs (median). uniform: also evaluate the uniform schedule.
-            reference / feature_network: see `diffes_pl.search.report.EvalConfig`.
+            reference / feature_network: see `diffes_pl.evaluation.report.EvalConfig`.
         """
-        from diffes_pl.search.report import EvalConfig
+        from diffes_pl.evaluation.report import EvalConfig
 
         kw = dict(num_images=num_images, batch_size=batch_size, seed=seed, latency_batch_size=latency_batch_size,
                   latency_repeats=latency_repeats, uniform=uniform, reference=reference,
@@ -32,11 +32,12 @@ class EvaluateAtFitEnd(L.Callback):
         self.result: dict | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not getattr(pl_module, "survivors", None):
+        if pl_module.search is None or not pl_module.search.survivors:
             return  # nothing searched (e.g. fit stopped before the first generation)
-        from diffes_pl.search.report import evaluate_schedule
+        from diffes_pl.evaluation.report import evaluate_schedule
 
         log = print if trainer.global_rank == 0 else (lambda *_: None)
-        self.result = evaluate_schedule(pl_module, trainer, pl_module.best_schedule(), self.config,
-                                        trainer.default_root_dir, log=log, launched=True,
+        context = pl_module.context
+        self.result = evaluate_schedule(context, trainer, pl_module.best_schedule(), self.config,
+                                        context.root_dir, log=log, launched=True,
                                         source="best schedule at fit end")

@@ -1,8 +1,9 @@
 """Plots of a search: fitness per generation, and the best schedule as sparsity per stage (like the
-paper's Figure 4). Written to <default_root_dir>/plots/ at the end of fit."""
-from __future__ import annotations
+paper's Figure 4). Written to <default_root_dir>/plots/ at the end of fit.
 
-from pathlib import Path
+They read the search module's public parts only: its run context (`context`: folder, denoiser, store,
+sampling settings, metric), its search (`search.archive`) and `best_schedule()`."""
+from __future__ import annotations
 
 import lightning as L
 
@@ -18,17 +19,18 @@ class SearchPlots(L.Callback):
         self.dirname = dirname
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_rank != 0 or not getattr(pl_module, "archive", None):
+        search, context = pl_module.search, pl_module.context
+        if trainer.global_rank != 0 or search is None or not search.archive:
             return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        out = Path(trainer.default_root_dir) / self.dirname
+        out = context.root_dir / self.dirname
         out.mkdir(parents=True, exist_ok=True)
-        archive = pl_module.archive
-        sign = 1 if pl_module.metric.higher_is_better else -1
+        archive = search.archive
+        sign = 1 if context.metric.higher_is_better else -1
         gens = sorted({r["generation"] for r in archive})
         best, running = [], None
         for g in gens:
@@ -39,7 +41,7 @@ class SearchPlots(L.Callback):
         fig, ax = plt.subplots(figsize=(5, 3))
         ax.plot(gens, best, marker=".")
         ax.set_xlabel("generation")
-        ax.set_ylabel(f"best {pl_module.hparams.metric}")
+        ax.set_ylabel(f"best {context.metric.name}")
         fig.tight_layout()
         fig.savefig(out / "fitness.png", dpi=120)
         plt.close(fig)
@@ -68,24 +70,24 @@ class SampleGrid(L.Callback):
         self.num, self.seed, self.dirname = num, seed, dirname
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_rank != 0 or not getattr(pl_module, "survivors", None):
+        search, context = pl_module.search, pl_module.context
+        if trainer.global_rank != 0 or search is None or not search.survivors:
             return
         import torch
         from torchvision.utils import save_image
 
         import diffes_pl as dp
 
-        adapter, hp = pl_module.adapter, pl_module.hparams
-        prompts = getattr(hp, "prompts", None)
+        adapter, prompts = context.adapter, context.prompts
         if prompts:
             conditions = [prompts[i % len(prompts)] for i in range(self.num)]
         else:
             conditions = torch.arange(self.num) % (adapter.num_classes or self.num)  # None: text-conditioned
-        kw = dict(steps=hp.steps, guidance=hp.guidance, seed=self.seed, sampler=hp.sampler)
+        kw = dict(steps=context.steps, guidance=context.guidance, seed=self.seed, sampler=context.sampler)
         dense = dp.sample(adapter, conditions, **kw)
-        with dp.Router(adapter, pl_module.store, pl_module.best_schedule()) as router:
+        with dp.Router(adapter, context.store, pl_module.best_schedule()) as router:
             pruned = dp.sample(adapter, conditions, router=router, **kw)
-        out = Path(trainer.default_root_dir) / self.dirname
+        out = context.root_dir / self.dirname
         out.mkdir(parents=True, exist_ok=True)
         grid = torch.cat([dense, pruned]).float()
         if grid.shape[-1] < 64:  # upscale tiny images so the grid is readable

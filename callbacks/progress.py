@@ -10,6 +10,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from diffes_pl.pruners.base import Pruner
+
 
 class SearchProgress(ProgressBar):
     """generation k/N ━━━━ best 0.9512 · NFE 212 · 0:03:10 elapsed · 0:05:40 left (rank 0 only)."""
@@ -49,7 +51,8 @@ class SearchProgress(ProgressBar):
     # calibration: one predict epoch per stage
     def on_predict_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         total = sum(int(n) for n in trainer.num_predict_batches)
-        self._start(trainer, f"calibration, stage {getattr(pl_module, 'stage', 0)}", total)
+        what = f"calibration, stage {pl_module.stage}" if isinstance(pl_module, Pruner) else "sampling"
+        self._start(trainer, what, total)
 
     def on_predict_batch_end(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
         self._update(advance=1)
@@ -65,7 +68,7 @@ class SearchProgress(ProgressBar):
         metrics = trainer.callback_metrics
         info = []
         if "best_fitness" in metrics:
-            info.append(f"best {getattr(pl_module.hparams, 'metric', 'fitness')} {float(metrics['best_fitness']):.4f}")
+            info.append(f"best {pl_module.context.metric.name} {float(metrics['best_fitness']):.4f}")
         if "nfe" in metrics:
             info.append(f"NFE {int(metrics['nfe'])}")
         self._update(completed=trainer.current_epoch + 1, info=" · ".join(info))

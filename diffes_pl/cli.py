@@ -120,7 +120,7 @@ class DiffESCLI(LightningCLI):
         # `test` also takes the schedule and the evaluation settings, passed on to `self.test`.
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "test":
-            from .search.report import EvalConfig
+            from .evaluation.report import EvalConfig
 
             parser.add_argument("--schedule", type=str | None, default=None,
                                 help="schedule JSON to evaluate (default: <default_root_dir>/schedule.json); "
@@ -158,7 +158,7 @@ class DiffESCLI(LightningCLI):
         self.restored = 0
         if ckpt_path is not None:
             checkpoint = read_checkpoint(ckpt_path)
-            self.model.load(self.trainer.strategy.root_device)
+            self.model.prepare(run_dir, self.trainer.strategy.root_device)
             key = make_key(self.model.store_key_fields(self.datamodule)) if self.datamodule is not None else None
             self._log(check_resumable(checkpoint, ckpt_path, dict(self.model.hparams), key, self.trainer.max_epochs))
             self.restored = len(checkpoint["diffes"]["archive"])
@@ -171,11 +171,11 @@ class DiffESCLI(LightningCLI):
         self.trainer.fit(model, **kwargs)
 
     def after_fit(self) -> None:
-        model = self.model
-        self._log(f"search: {len(model.nfe_history)} generations, {len(model.archive)} schedules evaluated "
-                  f"({self.restored} restored from the checkpoint, {model.evaluated_here} evaluated by this run); "
-                  f"best {model.hparams.metric} {model.fitness[model.survivors[0]]:.4f} → "
-                  f"{Path(self.trainer.default_root_dir) / 'schedule.json'}" if model.survivors else
+        search = self.model.search
+        self._log(f"search: {search.generation} generations, {len(search.archive)} schedules evaluated "
+                  f"({self.restored} restored from the checkpoint, {search.evaluated_here} evaluated by this run); "
+                  f"best {search.metric.name} {search.best_fitness:.4f} → "
+                  f"{self.model.context.root_dir / 'schedule.json'}" if search is not None and search.survivors else
                   "search: nothing evaluated")
 
     def _run_subcommand(self, subcommand: str) -> None:
@@ -193,7 +193,8 @@ class DiffESCLI(LightningCLI):
         path = Path(self.trainer.default_root_dir) / CHECKPOINT
         if self.subcommand != "fit" or not path.is_file():
             return f"stopped by SIGTERM during `{self.subcommand}`; nothing to resume: run the command again"
-        return (f"stopped by SIGTERM after generation {len(self.model.nfe_history)}; {path} holds it: "
+        done = self.model.search.generation if self.model.search is not None else 0
+        return (f"stopped by SIGTERM after generation {done}; {path} holds it: "
                 "resume with --ckpt_path last")
 
     def predict(self, model: DiffES, datamodule: CalibrationDataModule | None = None, **_: Any) -> None:
@@ -203,13 +204,14 @@ class DiffESCLI(LightningCLI):
              eval: Any = None, **_: Any) -> None:
         from lightning.pytorch.cli import SaveConfigCallback
 
-        from .search.report import evaluate_run
+        from .evaluation.report import evaluate_run
 
         # sampling runs under trainer.predict, whose setup would overwrite the fit's config.yaml
         for callback in self.trainer.callbacks:
             if isinstance(callback, SaveConfigCallback):
                 callback.already_saved = True
-        evaluate_run(model, self.trainer, schedule=schedule, config=eval, log=self._log)
+        context = model.prepare(self.trainer.default_root_dir, self.trainer.strategy.root_device)
+        evaluate_run(context, self.trainer, schedule=schedule, config=eval, log=self._log)
 
     def _log(self, message: str) -> None:
         if self.trainer.global_rank == 0:

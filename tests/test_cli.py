@@ -79,6 +79,7 @@ def _metric_available(name: str) -> bool:
 def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch):
     from diffes_pl.cli import DiffESCLI
     from diffes_pl.data.calibration import CalibrationDataModule
+    from diffes_pl.denoisers import check_name, families
     from diffes_pl.pruners.base import Pruner
     from diffes_pl.search.module import DiffES
 
@@ -86,7 +87,7 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
     assert text.splitlines()[0] == f"# diffes-pl fit --config configs/{path.name}"
     raw = yaml.safe_load(text)
     model_name, _, pruner_name = path.stem.partition("_")
-    assert model_name in ("tiny", "dit", "sdxl", "flux") and pruner_name
+    assert model_name in families() and pruner_name  # `<family>_<pruner>.yaml`
 
     args = ["--config", str(path), "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path / 'run'}"]
     metric = raw["model"].get("metric", "ssim")
@@ -100,7 +101,7 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
 
     model, dm = cli.model, cli.datamodule
     assert isinstance(model, DiffES) and isinstance(dm, CalibrationDataModule)
-    assert model.adapter is None  # no weights loaded by __init__
+    assert model.context is None and model.search is None  # no weights loaded by __init__
     assert dm.adapter is None and dm._rows is None  # no data read by __init__
     hp = model.hparams
     for key in ("denoiser", "target_level", "levels", "num_stages", "steps", "sampler", "guidance", "offspring",
@@ -118,12 +119,10 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
         assert model.pruner.hparams[key] == value
     assert model.pruner.depth == (pruner_name == "depth")
     assert model.pruner.compensated == (pruner_name == "obs")
-    if model_name == "tiny":
-        assert hp.denoiser == "tiny-digits" and dm.source == "digits"
-    else:
-        family = {"dit": "DiT", "sdxl": "stable-diffusion-xl", "flux": "FLUX"}[model_name]
-        assert family in hp.denoiser and dm.source != "digits"
-    if model_name in ("sdxl", "flux"):  # text-conditioned: captions and probe prompts, no labels
+    family = check_name(hp.denoiser).family
+    assert family.name == model_name  # the config's denoiser is of the family its name says
+    assert (dm.source == "digits") == (model_name == "tiny")
+    if family.conditioning == "text":  # text-conditioned: captions and probe prompts, no labels
         assert dm.caption_column and dm.label_column is None and hp.prompts
     for key, value in (raw.get("data") or {}).items():
         assert getattr(dm, key) == value, key
@@ -134,9 +133,9 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
     assert not (tmp_path / "run").exists()  # nothing written before a subcommand runs
 
     if model_name == "tiny":  # the built-in weights ship with the package: the budget must be reachable
-        model.load()
-        assert model.levels_max == hp.levels
-        assert model.partition.num_stages == hp.num_stages
+        context = model.prepare(tmp_path / "run")
+        assert context.levels_max == hp.levels
+        assert context.partition.num_stages == hp.num_stages
 
 
 # --- bad input ---------------------------------------------------------------------------------------

@@ -121,6 +121,17 @@ def with_children(module: nn.Module, replacements: dict[str, nn.Module], **attrs
     return new
 
 
+@dataclass(frozen=True)
+class EvaluationReference:
+    """Real data a family's samples are evaluated against by default (`diffes-pl test`, fitness
+    comparisons on fresh probes), declared by its adapter so that evaluation never asks which family
+    it holds."""
+
+    images: str  # what `evaluation.features.real_features` reads: a named set (digits-test), a tensor file, a folder
+    feature_network: str = "inception"  # FID / IS / precision-recall features: digits or inception
+    metrics: tuple[str, ...] = ()  # metrics scored against the reference's classes (class_accuracy, digits_fid)
+
+
 class DenoiserAdapter(ABC):
     """Knows one denoiser family: its prunable units, how to slice them, how to call it.
 
@@ -142,6 +153,8 @@ class DenoiserAdapter(ABC):
     latent_shift: float | None = None  # subtracted before scaling (FLUX); None: no shift
     text_len: int | None = None  # tokens of the encoder padded to the adapter's length (FLUX's T5)
     has_text_encoders: bool = False
+    # what its samples are evaluated against when the user names nothing else (None: the user must)
+    evaluation_reference: EvaluationReference | None = None
 
     @property
     def pipeline_class(self) -> str | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from diffusers import DiTTransformer2DModel
 
+from .base import EvaluationReference
 from .dit import DiTAdapter
 from .registry import Family, register
 
@@ -20,6 +21,9 @@ WEIGHTS = "tiny_digits.safetensors"
 CONFIG = "tiny_digits_config.json"
 # The noise schedule it was trained with (DiT's): linear betas over 1000 steps.
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}
+# What its samples are evaluated against: the held-out real digits, through the committed digits
+# classifier (which also scores class accuracy and digits-FID). No download.
+REFERENCE = EvaluationReference("digits-test", feature_network="digits", metrics=("class_accuracy", "digits_fid"))
 
 
 def asset_path(name: str) -> Path:
@@ -48,7 +52,9 @@ def build_tiny_dit(weights: bool = True) -> DiTTransformer2DModel:
 def load_builtin(family: Family, name: str, weights: bool, device, dtype=None) -> DiTAdapter:
     """The built-in model's adapter: a DiTAdapter (its `family` stays "dit", the key its stores were
     written under) over the built-in DiT with its own noise schedule."""
-    return DiTAdapter(build_tiny_dit(weights=weights), NAME, vae=None, noise_schedule=SCHEDULER_CONFIG)
+    adapter = DiTAdapter(build_tiny_dit(weights=weights), NAME, vae=None, noise_schedule=SCHEDULER_CONFIG)
+    adapter.evaluation_reference = REFERENCE
+    return adapter
 
 
 register(Family("tiny", DiTAdapter, "DiTTransformer2DModel", "DiTPipeline", "transformer", {NAME: CONFIG},

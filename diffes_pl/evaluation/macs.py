@@ -34,3 +34,16 @@ def count_macs(adapter: DenoiserAdapter, batch_size: int = 1, timestep: float = 
     with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
         adapter.predict_noise(latents, t, cond)
     return counter.get_total_flops() // 2
+
+
+def schedule_macs(adapter: DenoiserAdapter, router, partition) -> int:
+    """MACs of a whole sampling run at batch 1 (one forward per step, the CFG duplicate not counted):
+    the dense denoiser's for `router=None`, else each stage's routed denoiser times its steps."""
+    if router is None:
+        return count_macs(adapter) * partition.num_steps
+    total = 0
+    for stage in range(partition.num_stages):
+        router.install(stage)
+        total += count_macs(adapter) * partition.steps_per_stage[stage]
+    router.restore_dense()
+    return total

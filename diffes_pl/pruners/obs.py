@@ -77,7 +77,7 @@ class OBSPruner(Pruner):
     def predict_step(self, batch: dict, batch_idx: int) -> None:
         if self.hparams.timestep_weighting:
             # the native timestep's position along the trajectory: t = 0 at the first sampling step
-            T = float(getattr(self.adapter, "noise_schedule", {}).get("num_train_timesteps", 1000))
+            T = float(self.adapter.noise_schedule.get("num_train_timesteps", 1000))
             position = (T - 1 - batch["timesteps"].double().cpu()) / (T - 1) * T
             self._batch_weights = torch.tensor([timestep_weight(float(p), T, self.hparams.w_min, self.hparams.w_max)
                                                 for p in position], dtype=self.stat_dtype, device=self.device)

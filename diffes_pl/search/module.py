@@ -1,37 +1,41 @@
-"""DiffES: the LightningModule of a Diff-ES run.
+"""DiffES: the LightningModule of a Diff-ES run — a thin shell around the search.
 
 `predict` calibrates and builds the trajectory store (the pruner's predict epochs, one per stage).
-`fit` runs the evolutionary search: ONE GENERATION PER EPOCH (`max_epochs` = generations), manual
-optimization with a no-op optimizer stepped once per generation so that `global_step` counts
-generations; `GenerationCheckpoint` (search/resume.py) saves `<run>/checkpoints/last.ckpt` after every
-generation. The checkpoint holds the survivors, the fitness cache, the archive, the stage-entry
-latents of the survivors and the search's own `torch.Generator` state, so a run killed at any point
-and resumed with `--ckpt_path last` ends exactly as an uninterrupted one. A SIGTERM (a cluster's
-preemption) stops the search at once: the generation under way is dropped, the last checkpoint stands.
+`fit` runs the evolutionary search (`evolution.EvolutionarySearch`, a plain object) ONE GENERATION
+PER EPOCH (`max_epochs` = generations). This module only drives it: it prepares the run context
+(`context`: run folder, store, denoiser, partition — what callbacks and evaluation read), builds the
+search in `setup`, runs one `search.step` per training step with an evaluator that splits the new
+schedules across ranks and sums their fitness values, logs the generation's statistics, writes
+schedule.json and evaluations.jsonl, and puts `search.state_dict()` into the checkpoint
+`GenerationCheckpoint` (search/resume.py) saves as `<run>/checkpoints/last.ckpt` after every
+generation — so a run killed at any point and resumed with `--ckpt_path last` ends exactly as an
+uninterrupted one. A SIGTERM (a cluster's preemption) stops the search at once: the generation under
+way is dropped, the last checkpoint stands.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from ..denoisers import check_name, load_denoiser
-from ..denoisers.base import DenoiserAdapter
-from ..fitness import FitnessInputs, get_metric
+from ..denoisers.tiny import NAME as BUILTIN
+from ..fitness import get_metric
 from ..io import atomic_path
 from ..partition import Schedule, ScheduleError, StagePartition, check_target
 from ..pruners.base import Pruner, build_store, store_key_fields
 from ..pruners.obs import OBSPruner
+from ..run import RunContext
 from ..trajectory import TrajectoryStore
-from . import population as pop
+from .evolution import EvolutionarySearch, Pending
+from .population import INITS
 from .resume import GenerationCheckpoint
 from .rollouts import Probes, RolloutEngine
-
-INITS = ("hybrid", "uniform", "random", "patterned")
 
 
 class DiffES(L.LightningModule):
@@ -39,7 +43,7 @@ class DiffES(L.LightningModule):
 
     def __init__(
         self,
-        denoiser: str = "tiny-digits",
+        denoiser: str = BUILTIN,
         pruner: Pruner | None = None,
         target_level: float = 4,
         levels: int | None = None,
@@ -97,16 +101,9 @@ class DiffES(L.LightningModule):
         self.pruner = pruner if pruner is not None else OBSPruner()
         self.automatic_optimization = False
         self._validate()
-        self._tick = nn.Parameter(torch.zeros(1))  # the no-op optimizer's parameter
-        self.adapter: DenoiserAdapter | None = None
-        self.survivors: list[tuple[int, ...]] = []
-        self.fitness: dict[tuple[int, ...], float] = {}
-        self.archive: list[dict] = []
-        self.entries: dict[tuple[int, ...], list[Tensor]] = {}
-        self.generator = torch.Generator().manual_seed(search_seed)
-        self.finished = False
-        self.nfe_history: list[int] = []
-        self.evaluated_here = 0  # schedules evaluated by this process (a resumed run restores the rest)
+        self._tick = nn.Parameter(torch.zeros(1))  # the no-op optimizer's parameter (see configure_optimizers)
+        self.context: RunContext | None = None  # `prepare` builds it (loads the denoiser)
+        self.search: EvolutionarySearch | None = None  # `setup("fit")` builds it
 
     # --- validation before any work ------------------------------------------------------------
     def _validate(self) -> None:
@@ -141,35 +138,29 @@ class DiffES(L.LightningModule):
             raise ValueError(f"{hp.denoiser} is class-conditional: model.prompts is for text-conditioned denoisers "
                              "(SDXL, FLUX); remove it")
 
-    # --- preparation (CLI: before fit / predict / test) --------------------------------------
-    @property
-    def run_dir(self) -> Path:
-        if self._trainer is not None:
-            return Path(self.trainer.default_root_dir)
-        return Path(getattr(self, "_root_dir", "."))
-
-    @property
-    def store_path(self) -> Path:
-        return Path(self.hparams.store) if self.hparams.store else self.run_dir / "store"
-
-    def load(self, device: torch.device | str = "cpu") -> DenoiserAdapter:
-        """Loads the denoiser and fixes the partition and H (idempotent)."""
-        if self.adapter is None:
-            hp = self.hparams
+    # --- the run context (CLI: before fit / predict / test) ---------------------------------------
+    def prepare(self, root_dir: str | Path = ".", device: torch.device | str = "cpu") -> RunContext:
+        """The run context of a run in `root_dir` (`context`): loads the denoiser on `device` and fixes
+        the partition and H the first time; later calls keep them and only rebind the folder."""
+        hp = self.hparams
+        root_dir = Path(root_dir)
+        store_path = Path(hp.store) if hp.store else root_dir / "store"
+        if self.context is None:
             adapter = load_denoiser(hp.denoiser, device=device, dtype=getattr(torch, hp.dtype))
-            object.__setattr__(self, "adapter", adapter)  # the denoiser is not part of this module's state
-            scheduler = adapter.make_scheduler(hp.sampler)
-            self.partition = StagePartition.from_scheduler(scheduler, hp.steps, hp.num_stages)
-            default = adapter.default_levels("depth" if self.pruner.depth else "width")
-            self.levels_max = int(hp.levels or default)
-            check_target(hp.target_level, self.levels_max, self.partition.steps_per_stage)
-        return self.adapter
+            partition = StagePartition.from_scheduler(adapter.make_scheduler(hp.sampler), hp.steps, hp.num_stages)
+            levels_max = int(hp.levels or adapter.default_levels("depth" if self.pruner.depth else "width"))
+            check_target(hp.target_level, levels_max, partition.steps_per_stage)
+            self.context = RunContext(root_dir, store_path, adapter, partition, levels_max, hp.target_level,
+                                      hp.sampler, hp.steps, hp.guidance, hp.dtype, self.metric, hp.prompts,
+                                      hp.probe_batch_size)
+        elif self.context.root_dir != root_dir:
+            self.context = dataclasses.replace(self.context, root_dir=root_dir, store_path=store_path)
+        return self.context
 
     def ensure_store(self, trainer: L.Trainer, datamodule: Any | None, log=print) -> TrajectoryStore:
         """Opens the matching store, or builds it by calibration (needs the datamodule)."""
-        self._root_dir = trainer.default_root_dir
-        adapter = self.load(trainer.strategy.root_device)
-        path = self.store_path
+        context = self.prepare(trainer.default_root_dir, trainer.strategy.root_device)
+        path = context.store_path
         if datamodule is None:
             return TrajectoryStore.open(path)
         key_fields = self.store_key_fields(datamodule)
@@ -177,34 +168,45 @@ class DiffES(L.LightningModule):
             store = TrajectoryStore.open(path, key_fields=key_fields)  # refuses a mismatched store
             log(f"trajectory store {path} matches this run: reusing it")
             return store
-        return build_store(trainer, self.pruner, datamodule, adapter, self.partition, path, self.levels_max, log=log)
+        return build_store(trainer, self.pruner, datamodule, context.adapter, context.partition, path,
+                           context.levels_max, log=log)
 
     def store_key_fields(self, datamodule: Any) -> dict:
         """What the store of this run depends on (denoiser, calibration, partition, pruner, H)."""
-        return store_key_fields(self.load(), self.partition, datamodule.settings(), self.pruner, self.levels_max)
+        context = self.context or self.prepare()
+        return store_key_fields(context.adapter, context.partition, datamodule.settings(), self.pruner,
+                                context.levels_max)
 
     # --- search ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        adapter = self.load(self.device)
-        adapter.denoiser.to(self.device)
-        self.store = TrajectoryStore.open(self.store_path)
-        if self.store.levels_max != self.levels_max or self.store.num_stages != self.partition.num_stages:
-            raise ScheduleError(f"the store at {self.store_path} has H = {self.store.levels_max} and "
-                                f"{self.store.num_stages} stages; this run needs H = {self.levels_max} and "
-                                f"{self.partition.num_stages} stages")
         hp = self.hparams
-        self.probes = Probes.make(adapter, hp.num_probes, hp.probe_seed, prompts=hp.prompts)
-        self.engine = RolloutEngine(adapter, self.store, self.partition, self.probes, sampler=hp.sampler,
-                                    guidance=hp.guidance, batch_size=hp.probe_batch_size,
-                                    levels_max=self.levels_max, target_level=hp.target_level,
-                                    resident=hp.resident_routing)
-        self.reference_latents, _ = self.engine.run(None)
-        self.reference_images = adapter.decode(self.reference_latents.to(self.device)).cpu()
-        self.engine.nfe = 0
+        context = self.prepare(self.trainer.default_root_dir, self.device)
+        adapter, partition, store = context.adapter, context.partition, context.store
+        adapter.denoiser.to(self.device)
+        if store.levels_max != context.levels_max or store.num_stages != partition.num_stages:
+            raise ScheduleError(f"the store at {context.store_path} has H = {store.levels_max} and "
+                                f"{store.num_stages} stages; this run needs H = {context.levels_max} and "
+                                f"{partition.num_stages} stages")
+        probes = Probes.make(adapter, hp.num_probes, hp.probe_seed, prompts=hp.prompts)
+        engine = RolloutEngine(adapter, store, partition, probes, sampler=hp.sampler, guidance=hp.guidance,
+                               batch_size=hp.probe_batch_size, levels_max=context.levels_max,
+                               target_level=hp.target_level, resident=hp.resident_routing)
+        self.search = EvolutionarySearch(engine, self.metric, offspring=hp.offspring, survivors=hp.survivors,
+                                         max_move=hp.max_move, moves_per_child=hp.moves_per_child, init=hp.init,
+                                         seeds=hp.seeds or [], seed=hp.search_seed)
 
-    def configure_optimizers(self):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        # The search optimizes nothing, yet it keeps a no-op optimizer (SGD, lr 0) over one placeholder
+        # parameter, stepped once per generation, because Lightning offers no cleaner way:
+        # - under manual optimization `global_step` is the number of optimizer steps (by design:
+        #   Lightning issues #17167, #18556), and a ModelCheckpoint skips saving while it has not moved,
+        #   so a user's ModelCheckpoint would save once at most; `max_steps` and loggers' steps count
+        #   it too. Returning None would step Lightning's stand-in optimizer instead (with a warning),
+        #   but would not remove the placeholder, because
+        # - the DDP strategy wraps the module in DistributedDataParallel, which refuses a module that
+        #   has no parameter requiring a gradient (`--trainer.strategy ddp` splits the evaluations).
         return torch.optim.SGD([self._tick], lr=0.0)
 
     def configure_callbacks(self):
@@ -214,56 +216,24 @@ class DiffES(L.LightningModule):
     def train_dataloader(self):
         return torch.utils.data.DataLoader([0], batch_size=1)  # one tick per generation
 
-    def evaluate(self, levels: tuple[int, ...], parent: tuple[int, ...] | None = None) -> tuple[float, int]:
-        """Fitness of a schedule (cached) and the denoiser steps it cost.
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        statistics = self.search.step(self._evaluate_across_ranks)
+        self.optimizers().step()  # no-op: makes `global_step` count generations
+        self.log_dict(statistics, prog_bar=True, on_epoch=True, on_step=False, batch_size=1)
 
-        The rollout starts from the longest stage prefix shared with any schedule whose stage-entry
-        latents are cached (the survivors and this generation's evaluated schedules — the parent
-        among them): the latents entering stage k depend only on the levels of stages < k, so the
-        result is identical to a full rollout. `parent` is kept for the archive; it needs no special
-        treatment here."""
-        if levels in self.fitness:
-            return self.fitness[levels], 0
-        start, cached = 0, None
-        if self.engine.resumable:
-            for source, entries in self.entries.items():
-                shared = pop.first_changed_stage(source, levels)
-                if shared > start:
-                    start, cached = shared, entries
-        before = self.engine.nfe
-        latents, entries = self.engine.run(levels, start, cached if start else None)
-        images = self.adapter.decode(latents.to(self.device)).cpu()
-        value = self.metric(FitnessInputs(images, latents, self.reference_images, self.reference_latents,
-                                          self.probes.conditions))
-        self.fitness[levels] = value
-        self.entries[levels] = entries
-        return value, self.engine.nfe - before
-
-    def evaluate_generation(self, candidates: list, generation: int) -> int:
-        """Evaluates the generation's new schedules, split across ranks (rank r takes every W-th),
-        then shares the fitness values so every rank holds the same cache and archive. Returns the
-        denoiser steps spent (all ranks together)."""
-        todo, seen = [], set()
-        for levels, parent in candidates:
-            if levels not in self.fitness and levels not in seen:
-                seen.add(levels)
-                todo.append((levels, parent))
+    def _evaluate_across_ranks(self, todo: Pending) -> tuple[torch.Tensor, torch.Tensor]:
+        """Evaluates the generation's new schedules split across ranks (rank r takes every W-th), then
+        sums the fitness values and denoiser steps so that every rank holds them all."""
         world, rank = self.trainer.world_size, self.global_rank
         values = torch.zeros(len(todo), dtype=torch.float64)
         nfes = torch.zeros(len(todo), dtype=torch.float64)
         for i in range(rank, len(todo), world):
             self._stop_if_terminated()
-            values[i], nfes[i] = self.evaluate(*todo[i])
-            self.evaluated_here += 1
+            values[i], nfes[i] = self.search.evaluate(*todo[i])
         if world > 1:  # each slot is non-zero on one rank only: the sum is exact
             values = self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum").cpu()
             nfes = self.trainer.strategy.reduce(nfes.to(self.device), reduce_op="sum").cpu()
-        for i, (levels, parent) in enumerate(todo):
-            value = float(values[i])
-            self.fitness[levels] = value
-            self.archive.append({"generation": generation, "levels": list(levels), "fitness": value,
-                                 "nfe": int(nfes[i]), "parent": list(parent) if parent is not None else None})
-        return int(nfes.sum())
+        return values, nfes
 
     def _stop_if_terminated(self) -> None:
         """A SIGTERM stops a single-process search between two rollouts: the generation under way is
@@ -274,69 +244,34 @@ class DiffES(L.LightningModule):
         if self.trainer.world_size == 1 and self.trainer.received_sigterm:
             raise SIGTERMException()
 
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        hp = self.hparams
-        H, w = self.levels_max, self.partition.steps_per_stage
-        generation = self.current_epoch
-        if generation == 0 and not self.survivors:
-            seeds = [tuple(s) for s in (hp.seeds or [])]
-            candidates = [(ind, None) for ind in pop.initial_population(
-                hp.offspring + hp.survivors, len(w), H, hp.target_level, w, self.generator, init=hp.init, seeds=seeds)]
-        else:
-            candidates = pop.next_generation(self.survivors, hp.offspring, H, w, self.generator, hp.max_move,
-                                             hp.moves_per_child, set(self.fitness))
-        nfe_generation = self.evaluate_generation(candidates, generation)
-        pool = {ind: self.metric.score(self.fitness[ind]) for ind in {*self.survivors, *(c for c, _ in candidates)}}
-        self.survivors = pop.select(pool, hp.survivors, higher_is_better=True)
-        self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}
-        self.optimizers().step()  # no-op: makes global_step count generations
-        best = self.survivors[0]
-        self.nfe_history = self.nfe_history + [nfe_generation]
-        values = torch.tensor([self.fitness[c] for c, _ in candidates], dtype=torch.float64)
-        self.log_dict({"best_fitness": float(self.fitness[best]), "median_fitness": float(values.median()),
-                       "evaluated": float(sum(1 for r in self.archive if r["generation"] == generation)),
-                       "nfe": float(nfe_generation), "nfe_total": float(sum(self.nfe_history))},
-                      prog_bar=True, on_epoch=True, on_step=False, batch_size=1)
-
     def on_train_epoch_end(self) -> None:
         last = self.current_epoch + 1 >= (self.trainer.max_epochs or 0)
         self.write_outputs(finished=last)
 
     def best_schedule(self) -> Schedule:
-        best = self.survivors[0]
-        return Schedule(list(best), self.levels_max, self.hparams.target_level, self.partition.steps_per_stage,
-                        partition=self.partition.to_dict(), store=str(self.store_path.resolve()), pruner=self.pruner.name,
-                        metric=self.hparams.metric, fitness=float(self.fitness[best]),
-                        extra={"generations": self.current_epoch + 1, "finished": False}, store_key=self.store.key)
+        """The best schedule so far, with what it was searched on (store, pruner, metric)."""
+        search, context = self.search, self.context
+        return Schedule(list(search.best), context.levels_max, context.target_level,
+                        context.partition.steps_per_stage, partition=context.partition.to_dict(),
+                        store=str(context.store_path.resolve()), pruner=self.pruner.name, metric=context.metric.name,
+                        fitness=search.best_fitness, extra={"generations": search.generation, "finished": False},
+                        store_key=context.store.key)
 
     def write_outputs(self, finished: bool) -> None:
         """schedule.json (best so far; `extra.finished` says whether the search completed) and
         evaluations.jsonl (one line per evaluated schedule), both atomically, rank 0 only."""
-        if self.global_rank != 0 or not self.survivors:
+        if self.global_rank != 0 or not self.search.survivors:
             return
         schedule = self.best_schedule()
         schedule.extra["finished"] = finished
-        schedule.save(self.run_dir / "schedule.json")
-        with atomic_path(self.run_dir / "evaluations.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.archive))
+        root = self.context.root_dir
+        schedule.save(root / "schedule.json")
+        with atomic_path(root / "evaluations.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.search.archive))
 
     # --- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["diffes"] = {
-            "survivors": [list(s) for s in self.survivors],
-            "fitness": [[list(k), v] for k, v in self.fitness.items()],
-            "archive": self.archive,
-            "entries": {json.dumps(list(k)): v for k, v in self.entries.items()},
-            "generator": self.generator.get_state(),
-            "nfe_history": self.nfe_history,
-            "store_key": self.store.key,
-        }
+        checkpoint["diffes"] = {**self.search.state_dict(), "store_key": self.context.store.key}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint["diffes"]
-        self.survivors = [tuple(s) for s in state["survivors"]]
-        self.fitness = {tuple(k): v for k, v in state["fitness"]}
-        self.archive = state["archive"]
-        self.entries = {tuple(json.loads(k)): v for k, v in state["entries"].items()}
-        self.generator.set_state(state["generator"])
-        self.nfe_history = state["nfe_history"]
+        self.search.load_state_dict(checkpoint["diffes"])

@@ -281,12 +281,12 @@ def test_real_features_cached_once(tmp_path, digits):
 # --- MACs of DiT-XL/2 through the router (FACTS.md) ---------------------------------------------------
 
 def test_dit_xl_schedule_macs_dense_and_uniform_level8(tmp_path):
-    """report.schedule_macs over 20 DDIM steps in 10 stages: dense 2.372 T, uniform level 8 of 16
+    """macs.schedule_macs over 20 DDIM steps in 10 stages: dense 2.372 T, uniform level 8 of 16
     (routed from a store, every stage installed) 1.189 T, within 0.5 %."""
     import diffes_pl as dp
     from diffes_pl.partition import Schedule, StagePartition
     from diffes_pl.routing import Router
-    from diffes_pl.search.report import schedule_macs
+    from diffes_pl.evaluation.macs import schedule_macs
     from diffes_pl.trajectory import TrajectoryStore, make_key
 
     adapter = dp.load_denoiser("facebook/DiT-XL-2-256", weights=False, device="meta")

@@ -130,25 +130,26 @@ def test_reuse_equals_full_rollout(tmp_path):
     module.ensure_store(trainer, CalibrationDataModule(nsamples=4, batch_size=4), log=lambda *_: None)
     module.trainer = trainer
     module.setup("fit")
+    search, adapter = module.search, module.context.adapter
     parent, child = (4, 4, 4, 4), (4, 4, 6, 2)
-    module.evaluate(parent, None)
-    cached, nfe_reused = module.evaluate(child, parent)
+    search.evaluate(parent, None)
+    cached, nfe_reused = search.evaluate(child, parent)
     assert nfe_reused == 4  # stages 2 and 3 only: 2 steps each
-    latents, _ = module.engine.run(child)  # full rollout
-    images = module.adapter.decode(latents)
+    latents, _ = search.engine.run(child)  # full rollout
+    images = adapter.decode(latents)
     from diffes_pl.fitness import FitnessInputs
 
-    full = module.metric(FitnessInputs(images, latents, module.reference_images, module.reference_latents,
-                                       module.probes.conditions))
+    full = search.metric(FitnessInputs(images, latents, search.reference_images, search.reference_latents,
+                                       search.engine.probes.conditions))
     assert cached == full
     # another cached schedule sharing a longer prefix than the parent serves it instead
     other, grandchild = (6, 2, 4, 4), (6, 2, 2, 6)
-    module.evaluate(other)
-    value, nfe = module.evaluate(grandchild, parent)
+    search.evaluate(other)
+    value, nfe = search.evaluate(grandchild, parent)
     assert nfe == 4  # from `other`'s latents entering stage 2, not the parent's (stage 0)
-    latents, _ = module.engine.run(grandchild)
-    assert value == module.metric(FitnessInputs(module.adapter.decode(latents), latents, module.reference_images,
-                                                module.reference_latents, module.probes.conditions))
+    latents, _ = search.engine.run(grandchild)
+    assert value == search.metric(FitnessInputs(adapter.decode(latents), latents, search.reference_images,
+                                                search.reference_latents, search.engine.probes.conditions))
 
 
 def test_two_processes_equal_one(straight, tmp_path):

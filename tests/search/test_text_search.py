@@ -112,16 +112,17 @@ def test_reuse_equals_full_rollout_with_ancestral_noise(setup, straight, tmp_pat
     module.ensure_store(trainer, CalibrationDataModule(**config["data"]), log=lambda *_: None)  # reuses the store
     module.trainer = trainer
     module.setup("fit")
-    probes = module.probes
+    search = module.search
+    probes = search.engine.probes
     assert isinstance(probes.conditions, TextCondition) and probes.prompts == [PROMPTS[0], PROMPTS[1], PROMPTS[0]]
     torch.testing.assert_close(probes.conditions[2].prompt_embeds, probes.conditions[0].prompt_embeds)
     parent, child = (2, 2, 2, 2), (2, 2, 3, 1)
-    module.evaluate(parent, None)
-    cached, nfe = module.evaluate(child, parent)
+    search.evaluate(parent, None)
+    cached, nfe = search.evaluate(child, parent)
     assert nfe == 4  # stages 2 and 3 only
-    latents, _ = module.engine.run(child)
-    full = module.metric(FitnessInputs(module.adapter.decode(latents), latents, module.reference_images,
-                                       module.reference_latents, probes.conditions))
+    latents, _ = search.engine.run(child)
+    full = search.metric(FitnessInputs(module.context.adapter.decode(latents), latents, search.reference_images,
+                                       search.reference_latents, probes.conditions))
     assert cached == full
 
 

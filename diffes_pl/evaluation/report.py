@@ -4,8 +4,12 @@ seeds), MACs and latency per image. Writes <run>/evaluation.json atomically and 
 
 Images are sampled resumably under <run>/eval/ (see `evaluation.generate`); the dense model's images
 do not depend on the schedule and are reused by every later evaluation with the same settings.
-Feature network: the digits classifier for the built-in model (reference: the held-out real
-digits), torch-fidelity's Inception otherwise (reference: `reference`, a tensor file or a folder).
+Feature network and real images: what the adapter declares (`evaluation_reference`; the built-in
+model: the digits classifier and the held-out real digits), else torch-fidelity's Inception and
+`reference` (a tensor file or a folder).
+
+Everything about the run — its folder, store, denoiser, partition and sampling settings — comes from
+the `RunContext` (`DiffES.context`); this module imports nothing of the search.
 """
 from __future__ import annotations
 
@@ -16,27 +20,14 @@ from pathlib import Path
 
 import torch
 
-from ..evaluation.macs import count_macs
-from ..fitness import FitnessInputs, get_metric
 from ..io import write_json
 from ..partition import Schedule
 from ..routing import Router, check_store
+from ..run import RunContext
 from ..trajectory import StoreMismatchError, TrajectoryStore
-from .rollouts import Probes, RolloutEngine
+from .macs import schedule_macs
 
 METRICS = ("fid", "is", "precision_recall", "ssim", "class_accuracy", "clip")
-
-
-def schedule_macs(adapter, router: Router | None, partition) -> int:
-    """MACs of a whole sampling run at batch 1 (one forward per step, the CFG duplicate not counted)."""
-    if router is None:
-        return count_macs(adapter) * partition.num_steps
-    total = 0
-    for stage in range(partition.num_stages):
-        router.install(stage)
-        total += count_macs(adapter) * partition.steps_per_stage[stage]
-    router.restore_dense()
-    return total
 
 
 @dataclass
@@ -47,12 +38,13 @@ class EvalConfig:
         num_images: images sampled per schedule (and for the dense model).
         batch_size: images per sampling batch (one file per batch under <run>/eval/).
         seed: seeds the evaluation noise (batch b: seed·1_000_003 + b); not the search's probes.
-        metrics: any of fid, is, precision_recall, ssim, class_accuracy (digits only), clip (prompts only).
+        metrics: any of fid, is, precision_recall, ssim, class_accuracy (where the denoiser's declared
+            reference classifies its classes: the built-in model), clip (prompts only).
         latency_batch_size: batch size latency per image is measured at (0: skip latency).
         latency_repeats: timed sampling runs (median), after one warm-up.
-        reference: real images: `digits-test`, a tensor file or an image folder (default: digits-test
-            for the built-in model; required otherwise).
-        feature_network: `digits` or `inception` (default: digits for the built-in model).
+        reference: real images: `digits-test`, a tensor file or an image folder (default: the
+            denoiser's declared reference — digits-test for the built-in model; required otherwise).
+        feature_network: `digits` or `inception` (default: the declared reference's, else inception).
         cache_dir: where real-image features are cached (default <run>/eval/reference).
         prompts: text file, one prompt per line (text-to-image models; CLIP score).
         uniform: also evaluate the uniform schedule at the same budget (integer targets only).
@@ -87,29 +79,30 @@ def _fingerprint(adapter) -> str:
     return h.hexdigest()[:16]
 
 
-def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: EvalConfig, run: str | Path,
-             log: Callable[[str], None] = print, launched: bool = False, store: TrajectoryStore | None = None) -> dict:
+def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None], config: EvalConfig,
+             run: str | Path, log: Callable[[str], None] = print, launched: bool = False,
+             store: TrajectoryStore | None = None) -> dict:
     """Rows {name: {levels, sparsity, macs, mac_ratio, latency_s, speedup, fid, is, …}} for the dense
-    model (name `dense`, always included) and each schedule. Sampling is split across the trainer's
-    ranks (`launched`: the ranks already run, e.g. inside fit; see `ensure_images`); metrics are
-    computed on rank 0 (other ranks return {})."""
-    from ..evaluation.generate import ImageSet, ensure_images, latency_per_image
+    model (name `dense`, always included) and each schedule, sampled as the run `context` samples
+    (default store: the run's). Sampling is split across the trainer's ranks (`launched`: the ranks
+    already run, e.g. inside fit; see `ensure_images`); metrics are computed on rank 0 (other ranks
+    return {})."""
+    from .generate import ImageSet, ensure_images, latency_per_image
 
     run = Path(run)
     device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-    module._root_dir = str(run)
-    adapter = module.load(device)
+    adapter, partition = context.adapter, context.partition
     adapter.denoiser.to(device)
-    hp, partition = module.hparams, module.partition
     routed = {n: s for n, s in schedules.items() if s is not None}
     if store is None and routed:
-        store = TrajectoryStore.open(module.store_path)
-    prompts = Path(config.prompts).read_text().splitlines() if config.prompts else (list(hp.prompts or []) or None)
+        store = context.store
+    prompts = Path(config.prompts).read_text().splitlines() if config.prompts else (list(context.prompts or []) or None)
     if prompts is None and adapter.conditioning == "text":
         raise ValueError("this denoiser is prompt-conditioned: give prompts (a text file, one per line)")
-    kw = dict(sampler=hp.sampler, steps=hp.steps, guidance=hp.guidance)
+    kw = dict(sampler=context.sampler, steps=context.steps, guidance=context.guidance)
     base = {**kw, "seed": config.seed, "batch_size": config.batch_size, "denoiser": _fingerprint(adapter),
-            "dtype": hp.dtype, "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None}
+            "dtype": context.dtype,
+            "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest() if prompts else None}
     sets = {}
     for name, schedule in {"dense": None, **routed}.items():
         settings = base if schedule is None else {**base, "store": store.key, "partition": schedule.partition}
@@ -146,16 +139,16 @@ def evaluate(module, trainer, schedules: dict[str, Schedule | None], config: Eva
 
 
 def _image_metrics(adapter, images: dict, dense_set, config: EvalConfig, run: Path, prompts, log) -> dict:
-    from ..evaluation import metrics as M
+    from . import metrics as M
 
     want = set(config.metrics)
-    digits = getattr(adapter, "name", "") == "tiny-digits"
+    declared = adapter.evaluation_reference  # what the family's samples are compared with by default
     out = {name: {} for name in images}
     if want & {"fid", "is", "precision_recall"}:
-        from ..evaluation.features import feature_network, real_features
+        from .features import feature_network, real_features
 
-        net = feature_network(config.feature_network or ("digits" if digits else "inception"))
-        reference = config.reference or ("digits-test" if digits else None)
+        net = feature_network(config.feature_network or (declared.feature_network if declared else "inception"))
+        reference = config.reference or (declared.images if declared else None)
         if reference is None:
             raise ValueError("FID/precision-recall need real reference images: set the reference (a tensor file "
                              "of images [N, C, H, W] in [0, 1] or an image folder), or drop fid/precision_recall")
@@ -172,14 +165,14 @@ def _image_metrics(adapter, images: dict, dense_set, config: EvalConfig, run: Pa
     if "ssim" in want:
         for name, x in images.items():
             out[name]["ssim"] = M.ssim(x, images["dense"])
-    if "class_accuracy" in want and digits:
-        from ..evaluation.digits_features import class_accuracy
+    if "class_accuracy" in want and declared is not None and "class_accuracy" in declared.metrics:
+        from .digits_features import class_accuracy
 
         labels = torch.cat([dense_set.conditions(b, adapter.num_classes) for b in range(dense_set.num_batches)])
         for name, x in images.items():
             out[name]["class_accuracy"] = class_accuracy(x, labels[:len(x)])
     if "clip" in want and prompts is not None:
-        from ..evaluation.clip import CLIPScoreAdapter
+        from .clip import CLIPScoreAdapter
 
         clip = CLIPScoreAdapter()
         for name, x in images.items():
@@ -221,7 +214,7 @@ def print_table(rows: dict, title: str = "evaluation") -> None:
     Console(width=200).print(table)
 
 
-def evaluate_schedule(module, trainer, searched: Schedule, config: EvalConfig, run: str | Path,
+def evaluate_schedule(context: RunContext, trainer, searched: Schedule, config: EvalConfig, run: str | Path,
                       log: Callable[[str], None] = print, launched: bool = False, source: str = "",
                       store: TrajectoryStore | None = None) -> dict:
     """The schedule, the uniform schedule at its budget (`config.uniform`) and the dense model;
@@ -229,14 +222,13 @@ def evaluate_schedule(module, trainer, searched: Schedule, config: EvalConfig, r
     `store`: the trajectory store to route with (default: the run's)."""
     run = Path(run)
     if store is None:
-        module._root_dir = str(run)
-        store = TrajectoryStore.open(module.store_path)
+        store = context.store
     check_store(searched, store)  # before any image is sampled
     schedules: dict[str, Schedule | None] = {"searched": searched}
     if config.uniform and float(searched.target_level).is_integer():
         schedules["uniform"] = Schedule.uniform(int(searched.target_level), searched.levels_max,
                                                 searched.steps_per_stage, partition=searched.partition)
-    rows = evaluate(module, trainer, schedules, config, run, log=log, launched=launched, store=store)
+    rows = evaluate(context, trainer, schedules, config, run, log=log, launched=launched, store=store)
     if not rows:
         return rows
     # what was evaluated: the schedule (file and levels) and the store that routed it
@@ -252,7 +244,7 @@ def evaluate_schedule(module, trainer, searched: Schedule, config: EvalConfig, r
 def log_to_loggers(trainer, result: dict) -> None:
     """evaluation.json's numbers to the trainer's loggers (CSV, TensorBoard, …) as `eval/<row>/<metric>`
     (e.g. eval/searched/fid), and what was evaluated as hyperparameters."""
-    loggers = list(getattr(trainer, "loggers", None) or [])
+    loggers = list(trainer.loggers) if trainer is not None else []
     if not loggers:
         return
     metrics = {f"eval/{name}/{key}": float(value) for name, row in result["results"].items()
@@ -265,26 +257,25 @@ def log_to_loggers(trainer, result: dict) -> None:
         logger.save()
 
 
-def evaluate_run(module, trainer, schedule: str | Path | None = None, config: EvalConfig | None = None,
-                 log: Callable[[str], None] = print) -> dict:
-    """`diffes-pl test`: the schedule file (default <default_root_dir>/schedule.json); its folder is the
-    run folder (eval/ and evaluation.json go there)."""
-    path = Path(schedule) if schedule else Path(trainer.default_root_dir) / "schedule.json"
+def evaluate_run(context: RunContext, trainer, schedule: str | Path | None = None,
+                 config: EvalConfig | None = None, log: Callable[[str], None] = print) -> dict:
+    """`diffes-pl test`: the schedule file (default <run folder>/schedule.json); its folder receives
+    eval/ and evaluation.json."""
+    path = Path(schedule) if schedule else context.root_dir / "schedule.json"
     loaded = Schedule.load(path)
-    store = schedule_store(module, trainer, loaded, path)
+    store = schedule_store(context, loaded, path)
     log(f"evaluating {path} on the trajectory store {store.path} (pruner {store.pruner})")
-    return evaluate_schedule(module, trainer, loaded, config or EvalConfig(), path.parent, log=log,
+    return evaluate_schedule(context, trainer, loaded, config or EvalConfig(), path.parent, log=log,
                              source=str(path), store=store)
 
 
-def schedule_store(module, trainer, schedule: Schedule, source: Path) -> TrajectoryStore:
+def schedule_store(context: RunContext, schedule: Schedule, source: Path) -> TrajectoryStore:
     """The store a schedule file is evaluated on: the one recorded in it (where it was searched),
     else the run's configured store, if it is that same store (same key), never another one."""
     if schedule.store and TrajectoryStore.exists(schedule.store):
         store = TrajectoryStore.open(schedule.store)
     else:
-        root = Path(trainer.default_root_dir) if trainer is not None else Path(".")
-        configured = Path(module.hparams.store) if module.hparams.store else root / "store"
+        configured = context.store_path
         store = TrajectoryStore.open(configured)
         if schedule.store_key is not None and schedule.store_key != store.key:
             raise StoreMismatchError(
@@ -294,37 +285,3 @@ def schedule_store(module, trainer, schedule: Schedule, source: Path) -> Traject
                 f"with the settings of the search")
     check_store(schedule, store)
     return store
-
-
-@torch.no_grad()
-def evaluate_schedules(module, schedules: dict[str, Schedule], num_probes: int = 256, probe_seed: int = 99991,
-                       metrics=("ssim", "psnr")) -> dict:
-    """Fitness-style metrics of each schedule (and the dense model) on fresh probes (used by
-    benchmarks/compare_baselines.py)."""
-    adapter = module.load()
-    store = TrajectoryStore.open(module.store_path)
-    probes = Probes.make(adapter, num_probes, probe_seed, prompts=module.hparams.prompts)
-    hp = module.hparams
-    engine = RolloutEngine(adapter, store, module.partition, probes, sampler=hp.sampler, guidance=hp.guidance,
-                           batch_size=hp.probe_batch_size, levels_max=module.levels_max, target_level=hp.target_level)
-    ref_latents, _ = engine.run(None)
-    ref_images = adapter.decode(ref_latents.to(adapter.device)).cpu()
-    names = list(metrics)
-    if getattr(adapter, "name", "") == "tiny-digits":
-        names += ["class_accuracy", "digits_fid"]
-    results = {}
-    dense_macs = schedule_macs(adapter, None, module.partition)
-    for label, schedule in {"dense": None, **schedules}.items():
-        if schedule is None:
-            latents, images, macs = ref_latents, ref_images, dense_macs
-        else:
-            latents, _ = engine.run(tuple(schedule.levels))
-            images = adapter.decode(latents.to(adapter.device)).cpu()
-            with Router(adapter, store, schedule) as router:
-                macs = schedule_macs(adapter, router, module.partition)
-        inputs = FitnessInputs(images, latents, ref_images, ref_latents, probes.conditions)
-        row = {"levels": None if schedule is None else schedule.levels, "macs": macs,
-               "mac_ratio": dense_macs / macs}
-        row.update({n: float(get_metric(n)(inputs)) for n in names})
-        results[label] = row
-    return results

@@ -1,0 +1,77 @@
+"""The search as a plain object: driven without a Trainer it makes the same generations as DiffES
+under Trainer.fit, and its state_dict restores it exactly."""
+import lightning as L
+import pytest
+import torch
+
+from diffes_pl.data.calibration import CalibrationDataModule
+from diffes_pl.fitness import get_metric
+from diffes_pl.partition import budget_met
+from diffes_pl.pruners import WandaPruner
+from diffes_pl.search.evolution import EvolutionarySearch
+from diffes_pl.search.module import DiffES
+from diffes_pl.search.resume import GenerationCheckpoint
+from diffes_pl.search.rollouts import Probes, RolloutEngine
+
+SETTINGS = dict(target_level=4, levels=8, num_stages=4, steps=8, num_probes=6, offspring=6, survivors=2, max_move=2)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """DiffES under Trainer.fit for 2 generations (its store calibrated first, as `diffes-pl fit` does)."""
+    root = tmp_path_factory.mktemp("fit")
+    module = DiffES(pruner=WandaPruner(), **SETTINGS)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, callbacks=[GenerationCheckpoint()])
+    module.ensure_store(trainer, CalibrationDataModule(nsamples=4, batch_size=4), log=lambda *_: None)
+    trainer.fit(module)
+    return module, trainer
+
+
+def plain_search(context) -> EvolutionarySearch:
+    """The same search built from its parts, no LightningModule involved."""
+    probes = Probes.make(context.adapter, SETTINGS["num_probes"], 1234)
+    engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0,
+                           levels_max=context.levels_max, target_level=context.target_level)
+    return EvolutionarySearch(engine, get_metric("ssim"), offspring=SETTINGS["offspring"],
+                              survivors=SETTINGS["survivors"], max_move=SETTINGS["max_move"], seed=0)
+
+
+def test_plain_search_equals_the_lightning_run(fitted):
+    module, trainer = fitted
+    search = plain_search(module.context)
+    statistics = [search.step() for _ in range(2)]
+    assert search.generation == 2 == module.search.generation == trainer.global_step  # one step per generation
+    assert search.archive == module.search.archive
+    assert search.survivors == module.search.survivors and search.fitness == module.search.fitness
+    assert torch.equal(search.generator.get_state(), module.search.generator.get_state())
+    assert statistics[-1]["nfe_total"] == sum(r["nfe"] for r in search.archive)
+    assert statistics[1]["evaluated"] == sum(r["generation"] == 1 for r in search.archive)
+    for record in search.archive:
+        assert budget_met(record["levels"], [2, 2, 2, 2], 4)
+    assert module.best_schedule().levels == list(search.best)
+
+
+def test_state_dict_restores_the_search_exactly(fitted):
+    module, _ = fitted
+    straight = plain_search(module.context)
+    straight.step()
+    restored = plain_search(module.context)
+    restored.load_state_dict(straight.state_dict())
+    assert restored.generation == 1 and restored.archive == straight.archive
+    straight.step()
+    restored.step()
+    assert restored.archive == straight.archive and restored.survivors == straight.survivors
+    assert restored.state_dict()["nfe_history"] == straight.state_dict()["nfe_history"]
+
+
+def test_the_checkpoint_holds_the_search_and_counts_generations_as_steps(fitted):
+    """The module's only parameter is the no-op optimizer's placeholder (see DiffES.configure_optimizers);
+    the search is the checkpoint's `diffes` entry; `global_step` counts generations."""
+    module, _ = fitted
+    assert [name for name, _ in module.named_parameters()] == ["_tick"]
+    checkpoint = torch.load(module.context.root_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 2 and list(checkpoint["state_dict"]) == ["_tick"]
+    assert set(checkpoint["diffes"]) == {"survivors", "fitness", "archive", "entries", "generator", "nfe_history",
+                                         "store_key"}
+    assert checkpoint["diffes"]["archive"] == module.search.archive
