@@ -2,6 +2,19 @@
 
 Stage 0 holds the FIRST sampling steps (highest noise). The same `StagePartition` object serves
 calibration (stage → interval of native timesteps) and sampling (step → stage).
+
+Two budgets (DESIGN: schedule, cache interval):
+- level-only schedules (no caching): the step-weighted mean level equals the target level exactly
+  (`budget_met`);
+- joint schedules (a level AND a cache interval k per stage): the trajectory's MACs, counted per
+  step from a recorded table (`StepCosts`, built by `caching.budget.step_cost_table` with
+  `count_macs`), equal `mac_budget` × the dense trajectory's MACs within `StepCosts.tolerance`:
+  half the largest change one level of one stage can make. That is the finest resolution the
+  levels guarantee for ANY intervals (the stage costs are non-increasing in the level and one level
+  moves the total by at most twice the tolerance, so walking the levels from all-0 to all-H passes
+  within the tolerance of every budget in between). A stage of w steps with interval k runs
+  ceil(w / k) full steps and w − ceil(w / k) cached ones: every stage starts full
+  (`caching.refresh`).
 """
 from __future__ import annotations
 
@@ -114,11 +127,124 @@ def budget_met(levels: Sequence[int], steps_per_stage: Sequence[int], target_lev
     return Fraction(total) == Fraction(str(target_level)) * sum(steps_per_stage)
 
 
+def stage_full_steps(steps: int, interval: int) -> int:
+    """Full steps of a stage of `steps` steps with cache interval k: ceil(steps / k) (every stage
+    starts full, then every k-th step; `caching.refresh`)."""
+    return -(-int(steps) // int(interval))
+
+
+def _cost_rows(value: Any, name: str, S: int, H: int) -> tuple[tuple[int, ...], ...]:
+    """A step-cost table: one list of H+1 MAC counts (the same for every stage, width pruning) or
+    S such lists (one per stage, depth pruning); returned as S rows."""
+    fix = (f"give step_costs.{name} as H+1 = {H + 1} MAC counts per step (one per level), or {S} such lists "
+           f"(one per stage), as caching.budget.step_cost_table writes them")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ScheduleError(f"step_costs.{name} must be a list; got {value!r}: {fix}")
+    rows = [value] if not isinstance(value[0], (list, tuple)) else list(value)
+    if len(rows) not in (1, S) or any(not isinstance(r, (list, tuple)) or len(r) != H + 1 for r in rows):
+        raise ScheduleError(f"step_costs.{name} has the wrong shape for {S} stages and H = {H}: {fix}")
+    bad = [v for r in rows for v in r if not _is_int(v) or v < 0]
+    if bad:
+        raise ScheduleError(f"step_costs.{name} must hold whole MAC counts ≥ 0; got {bad[:3]!r}: {fix}")
+    if any(a < b for r in rows for a, b in zip(r, r[1:])):
+        raise ScheduleError(f"step_costs.{name} increases with the level somewhere; a higher level removes "
+                            f"units, so its MACs must not grow: recount with caching.budget.step_cost_table")
+    rows = [tuple(int(v) for v in r) for r in rows]
+    return tuple(rows * S if len(rows) == 1 else rows)
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """MACs of one denoiser step per stage and level (batch 1, no CFG duplicate): `full[s][l]` for a
+    full step, `cached[s][l]` for a cached one (None when nothing caches). Level 0 of a full step
+    is the dense denoiser in every stage."""
+
+    full: tuple[tuple[int, ...], ...]
+    cached: tuple[tuple[int, ...], ...] | None = None
+
+    @classmethod
+    def parse(cls, data: Any, num_stages: int, levels_max: int) -> "StepCosts":
+        """From a schedule's `step_costs` ({"full": …, "cached": …}); ScheduleError naming the field."""
+        if not isinstance(data, dict) or "full" not in data or set(data) - {"full", "cached"}:
+            raise ScheduleError(f"step_costs must be an object with 'full' (and 'cached' when a stage caches) MAC "
+                                f"counts per level; got {data!r}: build it with caching.budget.step_cost_table")
+        full = _cost_rows(data["full"], "full", num_stages, levels_max)
+        cached = None if data.get("cached") is None else _cost_rows(data["cached"], "cached", num_stages, levels_max)
+        if len({row[0] for row in full}) != 1:
+            raise ScheduleError("step_costs.full differs between stages at level 0, which is the dense denoiser in "
+                                "every stage: recount with caching.budget.step_cost_table")
+        if cached is not None and any(c > f for fr, cr in zip(full, cached) for f, c in zip(fr, cr)):
+            raise ScheduleError("step_costs.cached exceeds step_costs.full somewhere; a cached step runs only the "
+                                "shallow part: recount with caching.budget.step_cost_table")
+        return cls(full, cached)
+
+    @property
+    def dense(self) -> int:
+        """MACs of one dense step."""
+        return self.full[0][0]
+
+    def stage_macs(self, stage: int, steps: int, level: int, interval: int) -> int:
+        """MACs of stage `stage` (`steps` steps) at `level` with cache interval k."""
+        n_full = stage_full_steps(steps, interval)
+        total = n_full * self.full[stage][level]
+        if n_full < steps:
+            if self.cached is None:
+                raise ScheduleError(f"stage {stage} caches (interval {interval}) but step_costs has no 'cached' "
+                                    f"table: build it with caching.budget.step_cost_table(..., branch=b)")
+            total += (steps - n_full) * self.cached[stage][level]
+        return total
+
+    def trajectory_macs(self, levels: Sequence[int], intervals: Sequence[int] | None,
+                        steps_per_stage: Sequence[int]) -> int:
+        """MACs of the whole trajectory (intervals None: every k = 1)."""
+        ks = [1] * len(levels) if intervals is None else intervals
+        return sum(self.stage_macs(s, w, l, k) for s, (l, k, w) in enumerate(zip(levels, ks, steps_per_stage)))
+
+    def dense_macs(self, steps_per_stage: Sequence[int]) -> int:
+        return self.dense * sum(steps_per_stage)
+
+    def tolerance(self, steps_per_stage: Sequence[int]) -> Fraction:
+        """The MAC tolerance of the budget: half the largest change of a stage's MACs by one level
+        (any interval): max over s, l of w_s · max(full drop, cached drop) / 2."""
+        drops = [0]
+        for s, w in enumerate(steps_per_stage):
+            for table in (self.full, self.cached or ()):
+                if table:
+                    drops.append(w * max((a - b for a, b in zip(table[s], table[s][1:])), default=0))
+        return Fraction(max(drops), 2)
+
+    def budget_macs(self, mac_budget: float, steps_per_stage: Sequence[int]) -> int:
+        """The budget in MACs: mac_budget × the dense trajectory's, rounded to a whole MAC (exact)."""
+        return round(Fraction(mac_budget) * self.dense_macs(steps_per_stage))
+
+    def to_dict(self) -> dict:
+        def rows(table):
+            return [list(r) for r in table] if len(set(table)) > 1 else list(table[0])
+        return {"full": rows(self.full), "cached": None if self.cached is None else rows(self.cached)}
+
+
+def mac_budget_met(levels: Sequence[int], intervals: Sequence[int] | None, steps_per_stage: Sequence[int],
+                   costs: StepCosts, mac_budget: float) -> bool:
+    """The MAC budget rule: |trajectory MACs − mac_budget · dense trajectory MACs| ≤ the tolerance."""
+    target = costs.budget_macs(mac_budget, steps_per_stage)
+    return abs(costs.trajectory_macs(levels, intervals, steps_per_stage) - target) <= costs.tolerance(steps_per_stage)
+
+
+_CACHE_FIELDS = ("cache_intervals", "cache_branch", "mac_budget", "step_costs")
+
+
 @dataclass
 class Schedule:
-    """The S per-stage levels and the settings they were searched under.
+    """The S per-stage levels (and cache intervals) and the settings they were searched under.
 
-    Budget: Σ levels[s] · steps_per_stage[s] = target_level · Σ steps_per_stage, exactly.
+    Level-only (mac_budget None, no cache interval > 1): Σ levels[s] · steps_per_stage[s] =
+    target_level · Σ steps_per_stage, exactly — today's rule, and what a schedule file without the
+    cache fields means.
+    Joint (mac_budget set): the trajectory's MACs from `step_costs` meet mac_budget (a fraction of
+    the dense trajectory's MACs) within `StepCosts.tolerance` (module docstring); target_level is
+    then the level whose level-only uniform schedule the budget was derived from (the search's
+    setting), checked to lie in [0, H] only. A schedule with a cache interval > 1 must be joint and
+    name its cache branch b (the costs were counted with it).
     """
 
     levels: list[int]
@@ -134,11 +260,18 @@ class Schedule:
     # key of the trajectory store the schedule was searched on (routing refuses any other store);
     # None in schedules written before stores were bound, and in hand-made ones
     store_key: str | None = None
+    # the cache dimension (None in level-only schedules and in every schedule written before it)
+    cache_intervals: list[int] | None = None  # k per stage; None ≡ all 1
+    cache_branch: int | None = None  # b: where the cached deep part starts (caching.feature_cache)
+    mac_budget: float | None = None  # fraction of the dense trajectory's MACs
+    step_costs: dict | None = None  # {"full": …, "cached": …}: MACs per step and level (StepCosts)
 
     def __post_init__(self) -> None:
         self._check_types()
         self.levels = [int(l) for l in self.levels]  # numpy integers from a search become plain ints
         self.steps_per_stage = [int(w) for w in self.steps_per_stage]
+        if self.cache_intervals is not None:
+            self.cache_intervals = [int(k) for k in self.cache_intervals]
         self.validate()
 
     def _check_types(self) -> None:
@@ -158,6 +291,17 @@ class Schedule:
         target = self.target_level
         if isinstance(target, bool) or not isinstance(target, Real) or not math.isfinite(target):
             raise ScheduleError(f"target_level must be a number (the step-weighted mean level); got {target!r}")
+        ks = self.cache_intervals
+        if ks is not None and (not isinstance(ks, (list, tuple)) or any(not _is_int(k) or k < 1 for k in ks)):
+            raise ScheduleError(f"cache_intervals must be a list of whole numbers ≥ 1, one per stage (1: no caching); "
+                                f"got {ks!r}")
+        if self.cache_branch is not None and (not _is_int(self.cache_branch) or self.cache_branch < 0):
+            raise ScheduleError(f"cache_branch must be a whole number ≥ 0 (the cache branch b); got {self.cache_branch!r}")
+        budget = self.mac_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, Real)
+                                   or not math.isfinite(budget) or not 0 < budget <= 1):
+            raise ScheduleError(f"mac_budget must be a number in (0, 1] (a fraction of the dense trajectory's MACs); "
+                                f"got {budget!r}")
 
     @property
     def num_stages(self) -> int:
@@ -174,6 +318,18 @@ class Schedule:
             raise ScheduleError(f"levels {bad} outside [0, {self.levels_max}] (levels_max = H)")
         if not 0 <= Fraction(str(self.target_level)) <= self.levels_max:
             raise ScheduleError(f"target level {self.target_level} outside [0, {self.levels_max}]")
+        if self.cache_intervals is not None and len(self.cache_intervals) != len(self.levels):
+            raise ScheduleError(f"schedule has {len(self.levels)} levels but {len(self.cache_intervals)} cache_intervals; "
+                                "give one cache interval per stage (1: no caching)")
+        if self.caches and (self.mac_budget is None or self.cache_branch is None):
+            raise ScheduleError(f"cache_intervals {self.cache_intervals} cache some stages, so the schedule is budgeted in "
+                                "MACs: give mac_budget, step_costs (caching.budget.step_cost_table) and cache_branch")
+        if (self.mac_budget is None) != (self.step_costs is None):
+            raise ScheduleError("mac_budget and step_costs go together (the budget and the MAC table that checks it): "
+                                "give both, or neither for a level-only schedule")
+        if self.mac_budget is not None:
+            self._validate_macs()
+            return
         if not budget_met(self.levels, self.steps_per_stage, self.target_level):
             mean = sum(l * w for l, w in zip(self.levels, self.steps_per_stage)) / sum(self.steps_per_stage)
             raise ScheduleError(
@@ -181,12 +337,50 @@ class Schedule:
                 f"the target is {self.target_level}; change the levels so that they average to the target"
             )
 
+    def _validate_macs(self) -> None:
+        costs = self.costs
+        if not mac_budget_met(self.levels, self.cache_intervals, self.steps_per_stage, costs, self.mac_budget):
+            dense = costs.dense_macs(self.steps_per_stage)
+            have = costs.trajectory_macs(self.levels, self.cache_intervals, self.steps_per_stage) / dense
+            tol = float(costs.tolerance(self.steps_per_stage)) / dense
+            raise ScheduleError(f"schedule {self.levels} with cache intervals {self.intervals} misses the MAC budget: "
+                                f"its trajectory costs {have:.6f} of the dense MACs, the budget is {self.mac_budget} "
+                                f"± {tol:.6f} (half the largest one-level step); change the levels or intervals")
+
+    @property
+    def intervals(self) -> list[int]:
+        """The cache interval of every stage (all 1 for a level-only schedule)."""
+        return list(self.cache_intervals) if self.cache_intervals is not None else [1] * self.num_stages
+
+    @property
+    def caches(self) -> bool:
+        """Whether any stage caches (k > 1)."""
+        return any(k > 1 for k in self.intervals)
+
+    @property
+    def costs(self) -> StepCosts | None:
+        """The recorded MAC table (None for a level-only schedule)."""
+        return None if self.step_costs is None else StepCosts.parse(self.step_costs, self.num_stages, self.levels_max)
+
+    def mac_fraction(self) -> float | None:
+        """The trajectory's MACs as a fraction of the dense trajectory's (None without step_costs)."""
+        costs = self.costs
+        if costs is None:
+            return None
+        return costs.trajectory_macs(self.levels, self.cache_intervals, self.steps_per_stage) / \
+            costs.dense_macs(self.steps_per_stage)
+
     @property
     def sparsity(self) -> float:
         return float(self.target_level) / self.levels_max
 
     def to_dict(self) -> dict:
+        """JSON-ready; the cache fields are left out when unset, so a level-only schedule writes what
+        schedules written before them hold."""
         data = asdict(self)
+        for name in _CACHE_FIELDS:
+            if data[name] is None:
+                del data[name]
         data["num_stages"] = self.num_stages
         return data
 

@@ -213,22 +213,12 @@ class Router:
         runs this denoiser: installs stage 0 now and returns a `callback_on_step_end` that installs
         the stage of step i + 1 after step i. The pipeline must run the partition's timesteps (give
         it the adapter's scheduler and the searched step count); otherwise the callback raises at
-        the first step rather than route the wrong stages. Call `remove()` afterwards."""
-        step_to_stage = self.partition.step_to_stage
-        self.install(step_to_stage[0])
+        the first step rather than route the wrong stages. Call `remove()` afterwards. With a
+        feature cache, use `sampling.pipeline_callback(router.partition, [router, cache])`."""
+        from .sampling import pipeline_callback
 
-        def callback(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-            if step == 0:
-                ran = [float(t) for t in pipeline.scheduler.timesteps]
-                if ran != list(self.partition.timesteps):
-                    raise RoutingError(f"the pipeline runs timesteps {ran[:4]}… ({len(ran)} steps) but the schedule "
-                                       f"was searched on {list(self.partition.timesteps)[:4]}… "
-                                       f"({self.partition.num_steps} steps): use the adapter's scheduler and step count")
-            if step + 1 < len(step_to_stage):
-                self.on_step(step + 1, step_to_stage[step + 1])
-            return {}
-
-        return callback
+        self.install(self.partition.step_to_stage[0])  # even if a stage looks installed already
+        return pipeline_callback(self.partition, [self], error=RoutingError)
 
     def restore_dense(self) -> None:
         self.adapter.restore_dense()

@@ -84,6 +84,32 @@ def rollout(adapter: DenoiserAdapter, scheduler: Any, latents: Tensor, cond: Any
     return latents
 
 
+def pipeline_callback(partition: StagePartition, listeners: Sequence[StepListener],
+                      error: type[Exception] = ValueError) -> Callable[..., dict]:
+    """The step source inside a diffusers pipeline, whose loop offers only a callback after each
+    step: tells `listeners` (router first, then a feature cache) step 0 now and returns a
+    `callback_on_step_end` that tells them step i + 1 after step i. The pipeline must run the
+    partition's timesteps (the adapter's scheduler and step count); otherwise the callback raises
+    `error` at the first step rather than route or cache the wrong stages."""
+    step_to_stage = partition.step_to_stage
+    for listener in listeners:
+        listener.on_step(0, step_to_stage[0])
+
+    def callback(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        if step == 0:
+            ran = [float(t) for t in pipeline.scheduler.timesteps]
+            if ran != list(partition.timesteps):
+                raise error(f"the pipeline runs timesteps {ran[:4]}… ({len(ran)} steps) but the schedule "
+                            f"was searched on {list(partition.timesteps)[:4]}… "
+                            f"({partition.num_steps} steps): use the adapter's scheduler and step count")
+        if step + 1 < len(step_to_stage):
+            for listener in listeners:
+                listener.on_step(step + 1, step_to_stage[step + 1])
+        return {}
+
+    return callback
+
+
 def prepare_scheduler(adapter: DenoiserAdapter, sampler: str, steps: int) -> Any:
     scheduler = adapter.make_scheduler(sampler)
     scheduler.set_timesteps(steps)
@@ -94,7 +120,7 @@ def prepare_scheduler(adapter: DenoiserAdapter, sampler: str, steps: int) -> Any
 def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance: float = 2.1, seed: int = 0,
            router: Any = None, sampler: str = "ddim", num_stages: int | None = None,
            listeners: Sequence[StepListener] = (), noise: Tensor | None = None, batch_size: int | None = None,
-           output: str = "images") -> Tensor:
+           output: str = "images", cache: Any = None) -> Tensor:
     """Samples one image per condition. Returns images [N, C, H, W] in [0, 1] (or latents).
 
     Args:
@@ -108,6 +134,8 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
         noise: explicit initial noise [N, C, H, W] instead of `seed`.
         batch_size: split the N conditions into batches of this size (same result).
         output: `images` or `latents`.
+        cache: a feature cache (`caching.feature_cache`), told each step after the listeners; built
+            with the router's `schedule.levels` when routing. Cleared at the end of the run.
     """
     cond = as_conditions(adapter, conditions)
     n = len(cond)
@@ -125,10 +153,16 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
                 f"the router's schedule was made for timesteps {list(partition.timesteps)[:4]}… "
                 f"({partition.num_steps} steps) but this sampler ({sampler}, {steps} steps) runs "
                 f"{expected[:4]}…; sample with the settings the schedule was searched with")
+        if cache is not None and cache.levels != tuple(router.schedule.levels):
+            raise ValueError(f"the cache was built for levels {cache.levels} but the router installs "
+                             f"{tuple(router.schedule.levels)}: build it with levels=router.schedule.levels, so "
+                             f"that a level change refreshes it")
         listeners = [router, *listeners]
     else:
         partition = StagePartition(tuple(float(t) for t in scheduler.timesteps), num_stages or 1,
                                    int(scheduler.config.num_train_timesteps))
+    if cache is not None:  # last: it wraps whatever the router (or a masking listener) installed
+        listeners = [*listeners, cache]
     batch_size = batch_size or n
     # a stochastic sampler (Euler ancestral) draws noise every step: per-sample seeds keep it
     # independent of batch_size
@@ -146,6 +180,8 @@ def sample(adapter: DenoiserAdapter, conditions: Any, steps: int = 20, guidance:
                               noise_seeds=None if noise_seeds is None else noise_seeds[start:start + batch_size])
             outs.append(latents if output == "latents" else adapter.decode(latents))
     finally:
+        if cache is not None:
+            cache.clear()
         if router is not None:
             router.restore_dense()
     return torch.cat(outs)

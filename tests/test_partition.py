@@ -131,3 +131,129 @@ def test_valid_schedule_files_load_unchanged(tmp_path):
     data = {k: v for k, v in GOOD.items() if k != "steps_per_stage"}
     path.write_text(json.dumps({**data, "partition": {"steps_per_stage": [1, 1, 1]}}))
     assert Schedule.load(path).steps_per_stage == [1, 1, 1]
+
+
+
+# ---------------------------------------------------------------- the cache dimension and the MAC budget
+
+# Hand-made table: 3 stages of 2 steps, H = 4; a full step costs 100 − 10·L MACs, a cached one 30 − 2·L.
+COSTS = {"full": [100, 90, 80, 70, 60], "cached": [30, 28, 26, 24, 22]}
+# Written by `Schedule.to_dict()` before the cache fields existed (a level-only fit run's schedule.json).
+OLD_SCHEDULE = {
+    "levels": [10, 6, 8], "levels_max": 16, "target_level": 8, "steps_per_stage": [1, 1, 1],
+    "partition": {"timesteps": [999.0, 500.0, 0.0], "num_stages": 3, "num_train_timesteps": 1000,
+                  "steps_per_stage": [1, 1, 1]},
+    "store": "runs/x/store", "pruner": "obs", "metric": "ssim", "fitness": 0.75, "extra": {"generation": 3},
+    "store_key": "abc123", "num_stages": 3,
+}
+
+
+def joint(levels, ks, budget=0.8, **kw):
+    return Schedule(levels, 4, 2, [2, 2, 2], cache_intervals=ks, cache_branch=1, mac_budget=budget,
+                    step_costs=COSTS, **kw)
+
+
+def test_stage_costs_and_tolerance_by_hand():
+    from diffes_pl.partition import StepCosts, mac_budget_met, stage_full_steps
+
+    costs = StepCosts.parse(COSTS, 3, 4)
+    assert costs.dense == 100 and costs.dense_macs([2, 2, 2]) == 600
+    assert [stage_full_steps(w, k) for w, k in [(2, 1), (2, 2), (2, 5), (7, 3), (6, 3)]] == [2, 1, 1, 3, 2]
+    assert costs.stage_macs(0, 2, 2, 1) == 160  # 2 full steps at level 2: 2·80
+    assert costs.stage_macs(0, 2, 2, 2) == 80 + 26  # 1 full + 1 cached
+    assert costs.stage_macs(0, 7, 1, 3) == 3 * 90 + 4 * 28  # full at steps 0, 3, 6 of the stage
+    assert costs.trajectory_macs([2, 2, 2], None, [2, 2, 2]) == 480
+    assert costs.trajectory_macs([0, 1, 2], [2, 1, 1], [2, 2, 2]) == (100 + 30) + 180 + 160 == 470
+    assert costs.tolerance([2, 2, 2]) == 10  # one level of one 2-step stage moves 2·10 MACs: half of it
+    assert costs.tolerance([1, 3, 1]) == 15
+    assert costs.budget_macs(0.8, [2, 2, 2]) == 480
+    assert mac_budget_met([0, 1, 2], [2, 1, 1], [2, 2, 2], costs, 0.8)  # 470: 480 − 10, the edge is in
+    assert not mac_budget_met([0, 1, 3], [2, 1, 1], [2, 2, 2], costs, 0.8)  # 450
+    assert not mac_budget_met([2, 2, 1], None, [2, 2, 2], costs, 0.8)  # 500
+    assert mac_budget_met([0, 1, 3], [2, 1, 1], [2, 2, 2], costs, 0.75)  # 450 of 600
+    # per-stage rows (depth pruning): the cached cost differs by stage
+    per_stage = StepCosts.parse({"full": [[10, 8, 6]] * 2, "cached": [[4, 4, 3], [4, 2, 2]]}, 2, 2)
+    assert per_stage.stage_macs(0, 3, 1, 2) == 2 * 8 + 4 and per_stage.stage_macs(1, 3, 1, 2) == 2 * 8 + 2
+    assert per_stage.tolerance([3, 3]) == 3  # 3 steps × the largest drop (2), halved
+    assert per_stage.to_dict() == {"full": [10, 8, 6], "cached": [[4, 4, 3], [4, 2, 2]]}
+
+
+def test_joint_schedules_meet_the_mac_budget_within_the_tolerance():
+    s = joint([2, 2, 2], [1, 1, 1])
+    assert s.caches is False and s.intervals == [1, 1, 1] and s.mac_fraction() == 0.8
+    s = joint([0, 1, 2], [2, 1, 1])
+    assert s.caches and s.mac_fraction() == 470 / 600
+    # the level budget is not what binds a joint schedule: mean level 1 here, target 2
+    assert joint([0, 0, 3], [1, 2, 1]).mac_fraction() == (200 + 130 + 140) / 600
+    with pytest.raises(ScheduleError, match=r"misses the MAC budget: its trajectory costs 0.750000 of the dense "
+                                            r"MACs, the budget is 0.8 ± 0.016667"):
+        joint([0, 1, 3], [2, 1, 1])
+    with pytest.raises(ScheduleError, match="misses the MAC budget"):
+        joint([1, 2, 2], None)  # level-only under a MAC budget: 500 MACs
+
+
+def test_joint_schedules_are_validated_field_by_field():
+    cases = [
+        (dict(cache_intervals=[2, 1]), "3 levels but 2 cache_intervals"),
+        (dict(cache_intervals=[2, 0, 1]), "cache_intervals must be a list of whole numbers ≥ 1"),
+        (dict(cache_intervals=[2, 1.5, 1]), "cache_intervals must be a list of whole numbers ≥ 1"),
+        (dict(cache_intervals=[2, 1, 1], cache_branch=-1), "cache_branch must be a whole number ≥ 0"),
+        (dict(mac_budget=1.5), r"mac_budget must be a number in \(0, 1\]"),
+        (dict(mac_budget=True), r"mac_budget must be a number in \(0, 1\]"),
+        (dict(step_costs={"full": [100, 90]}), "step_costs.full has the wrong shape for 3 stages and H = 4"),
+        (dict(step_costs={"full": [100, 90, 95, 70, 60]}), "step_costs.full increases with the level"),
+        (dict(step_costs={"full": [100, 90, 80, 70, 60.5]}), "step_costs.full must hold whole MAC counts"),
+        (dict(step_costs={"ful": [100] * 5}), "step_costs must be an object with 'full'"),
+        (dict(step_costs={"full": [[100, 90, 80, 70, 60]] * 2 + [[99, 90, 80, 70, 60]]}), "differs between stages"),
+        (dict(step_costs={"full": COSTS["full"], "cached": [100, 95, 85, 75, 65]}), "cached exceeds"),
+        (dict(cache_intervals=[2, 1, 1], step_costs={"full": COSTS["full"]}), "has no 'cached' table"),
+    ]
+    base = dict(cache_intervals=[2, 1, 1], cache_branch=1, mac_budget=0.8, step_costs=COSTS)
+    for change, message in cases:
+        with pytest.raises(ScheduleError, match=message):
+            Schedule([0, 1, 2], 4, 2, [2, 2, 2], **{**base, **change})
+    with pytest.raises(ScheduleError, match="budgeted in MACs: give mac_budget, step_costs"):
+        Schedule([2, 2, 2], 4, 2, [2, 2, 2], cache_intervals=[2, 1, 1], cache_branch=1)
+    with pytest.raises(ScheduleError, match="budgeted in MACs"):
+        Schedule([0, 1, 2], 4, 2, [2, 2, 2], cache_intervals=[2, 1, 1], mac_budget=0.8, step_costs=COSTS)
+    with pytest.raises(ScheduleError, match="mac_budget and step_costs go together"):
+        Schedule([2, 2, 2], 4, 2, [2, 2, 2], mac_budget=0.8)
+    with pytest.raises(ScheduleError, match="mac_budget and step_costs go together"):
+        Schedule([2, 2, 2], 4, 2, [2, 2, 2], step_costs=COSTS)
+    # k = 1 everywhere without a MAC budget is the level-only schedule, level budget and all
+    assert Schedule([2, 2, 2], 4, 2, [2, 2, 2], cache_intervals=[1, 1, 1]).intervals == [1, 1, 1]
+    with pytest.raises(ScheduleError, match="misses the budget"):
+        Schedule([2, 2, 1], 4, 2, [2, 2, 2], cache_intervals=[1, 1, 1])
+
+
+def test_old_schedule_files_load_unchanged(tmp_path):
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps(OLD_SCHEDULE))
+    s = Schedule.load(path)
+    assert (s.cache_intervals, s.cache_branch, s.mac_budget, s.step_costs, s.costs) == (None,) * 5
+    assert s.intervals == [1, 1, 1] and not s.caches and s.mac_fraction() is None
+    assert s.to_dict() == OLD_SCHEDULE  # written back byte-for-byte the same fields
+    s.save(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text()) == OLD_SCHEDULE
+    bad = dict(OLD_SCHEDULE, levels=[10, 6, 9])  # and still refused by the exact level budget
+    path.write_text(json.dumps(bad))
+    with pytest.raises(ScheduleError, match="misses the budget"):
+        Schedule.load(path)
+
+
+def test_joint_schedule_round_trips_through_save_and_load(tmp_path):
+    depth_costs = {"full": [100, 90, 80, 70, 60], "cached": [[30, 28, 26, 24, 22], [30, 30, 28, 28, 26],
+                                                            [30, 29, 28, 27, 26]]}
+    for s in (joint([0, 1, 2], [2, 1, 1], partition=OLD_SCHEDULE["partition"] | {"steps_per_stage": [2, 2, 2]}),
+              Schedule([0, 1, 2], 4, 2, [2, 2, 2], cache_intervals=[2, 1, 1], cache_branch=3, mac_budget=0.78,
+                       step_costs=depth_costs)):
+        s.save(tmp_path / "s.json")
+        back = Schedule.load(tmp_path / "s.json")
+        assert back == s and back.to_dict() == s.to_dict()
+        assert back.mac_fraction() == s.mac_fraction()
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["cache_intervals"] == [2, 1, 1] and data["cache_branch"] == 3 and data["mac_budget"] == 0.78
+    data["cache_intervals"] = [2, 2, 1]  # 470 − 160 + 106 = 416 of 600: off the budget
+    (tmp_path / "s.json").write_text(json.dumps(data))
+    with pytest.raises(ScheduleError, match="schedule.*s.json: schedule .* misses the MAC budget"):
+        Schedule.load(tmp_path / "s.json")

@@ -293,13 +293,24 @@ class DenoiserAdapter(ABC):
 
     def module(self, group: UnitGroup) -> nn.Module:
         """The module currently installed for the group."""
-        return getattr(self.blocks()[group.block], group.attr)
+        return getattr(self._dense_blocks[group.block], group.attr)
 
     def install(self, group: UnitGroup, module: nn.Module) -> None:
-        setattr(self.blocks()[group.block], group.attr, module)
+        # units live in the dense block, whatever its slot holds now (a feature cache's wrapper)
+        setattr(self._dense_blocks[group.block], group.attr, module)
 
     def install_block(self, index: int, block: nn.Module) -> None:
         self.blocks()[index] = block
+
+    # --- feature caching (DESIGN: cache interval) ----------------------------------------------
+    # The residual streams through one block, for block caching: (argument name, position in the
+    # block's forward, index in the block's output tuple, or None when the block returns the tensor).
+    block_io: tuple[tuple[str, int, int | None], ...] = (("hidden_states", 0, None),)
+
+    def cache_points(self) -> "BlockCachePoints | UNetCachePoints":
+        """Where this denoiser can cache features: by default block caching over `blocks()` (every
+        transformer family; `block_io` names the streams); UNets declare their skip branches."""
+        return BlockCachePoints(len(self.blocks()))
 
     def default_levels(self, kind: str = "width") -> int:
         """H: the head count of the narrowest attention (width) or the block count (depth)."""
@@ -331,6 +342,23 @@ class DenoiserAdapter(ABC):
             return args[0] if args else kwargs["hidden_states"]
 
         return self.dense_block(index).register_forward_hook(hook, with_kwargs=True)
+
+
+@dataclass(frozen=True)
+class BlockCachePoints:
+    """Block caching over `adapter.blocks()` (N blocks in forward order): branch b in [0, N) caches
+    the residual that blocks [b, N) add to the streams named by `adapter.block_io`."""
+
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class UNetCachePoints:
+    """DeepCache skip branches of a diffusers UNet (`down_blocks`, `mid_block`, `up_blocks` of
+    `unet`): branch b in [0, len(down_blocks)) keeps down block b and its mirror up block shallow and
+    caches the hidden states the deeper blocks hand to that up block."""
+
+    unet: nn.Module
 
 
 class BlockSlots:

@@ -207,6 +207,8 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
 
     family = "flux"
     samplers = FLUX_SAMPLERS
+    # both kinds of block take (hidden_states, encoder_hidden_states) and return (text, image)
+    block_io = (("hidden_states", 0, 1), ("encoder_hidden_states", 1, 0))
 
     def __init__(self, denoiser: FluxTransformer2DModel, name: str, vae: nn.Module | None = None,
                  image_size: int | None = None, text_len: int = 256, guidance: float = 3.5,

@@ -22,7 +22,7 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from .base import BlockSlots, DenoiserAdapter, TextCondition, UnitGroup
+from .base import BlockSlots, DenoiserAdapter, TextCondition, UNetCachePoints, UnitGroup
 from .dit import TransformerBlockUnits, feed_forward_linears
 from .loading import text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
@@ -107,6 +107,10 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
     # structure (blocks, unit_groups, output_layer, sliced_module: TransformerBlockUnits)
     def skipped_block(self, index: int) -> nn.Module:
         return SkippedTransformerBlock()
+
+    def cache_points(self) -> UNetCachePoints:
+        """DeepCache: the UNet's skip branches (down block b and its mirror up block)."""
+        return UNetCachePoints(self.denoiser)
 
     # calling
     @property

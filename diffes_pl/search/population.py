@@ -14,6 +14,7 @@ level for one level, stages 0 and 2 trade 6 levels for 7.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from typing import Iterable, Iterator, Sequence
@@ -21,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..partition import Schedule, ScheduleError, check_target
+from ..partition import Schedule, ScheduleError, StepCosts, check_target
 
 Individual = tuple[int, ...]
 
@@ -451,14 +452,328 @@ def next_generation(survivors: Sequence[Sequence[int]], n_offspring: int, H: int
     if not survivors:
         raise ValueError("next_generation needs at least one survivor")
     parents = [tuple(int(l) for l in p) for p in survivors]
+    return _offspring(parents, n_offspring, lambda parent: mutate(parent, H, w, gen, max_move, moves_per_child),
+                      seen, max_retries)
+
+
+def _offspring(parents: list, n_offspring: int, make_child, seen: set | frozenset, max_retries: int) -> list:
+    """(child, parent) pairs, parents in turn, each child `make_child(parent)` redrawn up to
+    `max_retries` times while it is in `seen`, a parent, or already made (then kept)."""
     taken = set(seen) | set(parents)
     out = []
     for k in range(n_offspring):
         parent = parents[k % len(parents)]
         for _ in range(max_retries):
-            child = mutate(parent, H, w, gen, max_move, moves_per_child)
+            child = make_child(parent)
             if child not in taken:
                 break
         taken.add(child)
         out.append((child, parent))
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# joint individuals: a level AND a cache interval per stage, under a MAC budget
+#
+# A joint individual is (levels, intervals): two tuples of S integers. Its budget is the trajectory's
+# MACs (`partition.StepCosts`, `partition.mac_budget_met`): within the tolerance T ± τ/2 of the
+# budget, τ being the largest change one level of one stage can make. Every joint operator keeps
+# that band by a level REPAIR: after a move, levels of other stages step one at a time towards the
+# band (raised while the trajectory costs too much, lowered while too little) until inside. A step
+# never jumps over the band (its width is τ ≥ any one-level step), so a repair moves the cost
+# monotonically and ends in the band, or finds no stage left to move (the move is then refused).
+# The level-only operators above are untouched (their random numbers included).
+
+JointIndividual = tuple[Individual, Individual]
+JOINT_INITS = ("hybrid", "random")
+
+
+@dataclass(frozen=True)
+class JointSpace:
+    """The joint search space: H, steps per stage w, the MAC table, the allowed cache intervals (the
+    search draws k from them, capped at the stage's step count; 1 = no caching), the budget. Build
+    it with `joint_space`."""
+
+    H: int
+    w: tuple[int, ...]
+    costs: StepCosts
+    intervals: tuple[int, ...]
+    target_level: float
+    mac_budget: float
+    branch: int | None = None
+
+    @property
+    def S(self) -> int:
+        return len(self.w)
+
+    @property
+    def budget_macs(self) -> int:
+        return self.costs.budget_macs(self.mac_budget, self.w)
+
+    @property
+    def tolerance(self) -> Fraction:
+        """In MACs (the smallest resolution the levels guarantee; `partition.StepCosts.tolerance`)."""
+        return self.costs.tolerance(self.w)
+
+    def stage_intervals(self, stage: int) -> tuple[int, ...]:
+        """The intervals stage `stage` may take: k ≥ w (one full step, the rest cached) all behave
+        alike in a stage of w steps, so they are one choice, k = w."""
+        return tuple(sorted({min(k, self.w[stage]) for k in self.intervals}))
+
+    def cost(self, ind: JointIndividual) -> int:
+        return self.costs.trajectory_macs(ind[0], ind[1], self.w)
+
+    def feasible(self, ind: JointIndividual) -> bool:
+        levels, ks = ind
+        if len(levels) != self.S or len(ks) != self.S or any(not 0 <= l <= self.H for l in levels) \
+                or any(k not in self.stage_intervals(s) for s, k in enumerate(ks)):
+            return False
+        return abs(self.cost(ind) - self.budget_macs) <= self.tolerance
+
+    def schedule(self, ind: JointIndividual, **kw) -> Schedule:
+        """The `Schedule` of a joint individual (kw: partition, store, pruner, metric, fitness, …)."""
+        return Schedule(list(ind[0]), self.H, self.target_level, list(self.w), cache_intervals=list(ind[1]),
+                        cache_branch=self.branch, mac_budget=self.mac_budget, step_costs=self.costs.to_dict(), **kw)
+
+
+def joint_space(H: int, w: Sequence[int], step_costs: dict | StepCosts, target_level: float,
+                intervals: Sequence[int] = (1, 2, 3), branch: int | None = None,
+                mac_budget: float | None = None) -> JointSpace:
+    """The joint space. The MAC budget is `mac_budget` (a fraction of the dense trajectory's MACs) or,
+    by default, what the level-only uniform schedule at `target_level` costs (`uniform`), so that
+    the level-only schedules meeting today's level budget meet it too (exactly when the full-step
+    cost is affine in the level and the same in every stage, as for width pruning with n divisible
+    by H). Raises ScheduleError when no individual meets the budget."""
+    w = _weights(len(w), w)
+    S = len(w)
+    costs = step_costs if isinstance(step_costs, StepCosts) else StepCosts.parse(step_costs, S, H)
+    ks = tuple(sorted(set(int(k) for k in intervals)))
+    if not ks or any(k < 1 for k in ks):
+        raise ScheduleError(f"cache intervals must be whole numbers ≥ 1 (1: no caching); got {list(intervals)}")
+    if ks[-1] > 1 and (costs.cached is None or branch is None):
+        raise ScheduleError(f"cache intervals {list(ks)} cache, so give step_costs with a 'cached' table and the "
+                            f"cache branch it was counted with (caching.budget.step_cost_table(..., branch=b))")
+    if not 0 <= Fraction(str(target_level)) <= H:
+        raise ScheduleError(f"target level {target_level} outside [0, {H}]: choose a level ≤ H = {H}")
+    if mac_budget is None:
+        levels = uniform(S, H, target_level, w)  # raises if the level budget cannot be met
+        macs = costs.trajectory_macs(levels, None, w)
+        mac_budget = macs / costs.dense_macs(w)
+        assert costs.budget_macs(mac_budget, w) == macs  # exact below 2**52 MACs per trajectory
+    space = JointSpace(int(H), w, costs, ks, float(target_level), float(mac_budget), branch)
+    if not _joint_bases(space):
+        raise ScheduleError(f"no schedule of levels in [0, {H}] and cache intervals {list(ks)} meets the MAC budget "
+                            f"{mac_budget} with steps per stage {list(w)}")
+    return space
+
+
+def _stage_cost(space: JointSpace, s: int, level: int, k: int) -> int:
+    return space.costs.stage_macs(s, space.w[s], level, k)
+
+
+def repair_levels(space: JointSpace, levels: Sequence[int], intervals: Sequence[int],
+                  x: Sequence[Fraction] | None = None, frozen: Iterable[int] = (),
+                  gen: torch.Generator | None = None) -> Individual | None:
+    """Levels meeting the MAC budget with `intervals`, reached from `levels` one level of one stage
+    at a time (module note above); stages in `frozen` keep their level. The stage to move: drawn
+    from `gen`, or (gen None) the one whose move adds least to Σ w[s]·(level[s] − x[s])² (x: the
+    starting levels by default), ties to the lowest stage. None if no stage can move further."""
+    S, H, w = space.S, space.H, space.w
+    out = [int(l) for l in levels]
+    ks = [int(k) for k in intervals]
+    x = [Fraction(v) for v in (out if x is None else x)]
+    frozen = set(frozen)
+    stage = [_stage_cost(space, s, out[s], ks[s]) for s in range(S)]
+    cost, target, tol = sum(stage), space.budget_macs, space.tolerance
+    while abs(cost - target) > tol:
+        step = 1 if cost > target else -1  # too many MACs: prune more
+        cands = []
+        for s in range(S):
+            new = out[s] + step
+            if s in frozen or not 0 <= new <= H:
+                continue
+            delta = _stage_cost(space, s, new, ks[s]) - stage[s]
+            if delta != 0:
+                cands.append((w[s] * ((new - x[s]) ** 2 - (out[s] - x[s]) ** 2), s, delta))
+        if not cands:
+            return None
+        _, s, delta = cands[_randint(gen, len(cands))] if gen is not None else min(cands)
+        out[s] += step
+        stage[s] += delta
+        cost += delta
+    return tuple(out)
+
+
+def _joint_bases(space: JointSpace) -> list[JointIndividual]:
+    """The deterministic part of a hybrid population, in this order: the level-only uniform schedule
+    (k = 1), one cache-only schedule per cache interval k > 1 (level 0, k everywhere — capped at each
+    stage's steps —; where caching
+    alone saves more than the budget asks, k is lowered stage by stage, finest cost step first, and
+    where it saves less, levels are repaired up from 0), then the level-only patterned schedules.
+    Level-only ones are today's `uniform` / `patterned` schedules (exact level budget), repaired to
+    the MAC budget where their MACs miss it (stage-dependent costs)."""
+    S, H, w, t = space.S, space.H, space.w, space.target_level
+    out: list[JointIndividual] = []
+    ones = (1,) * S
+
+    def level_only(make) -> None:
+        if 1 not in space.intervals:
+            return
+        try:
+            levels = make()
+        except ScheduleError:  # an explicit mac_budget with a target no level schedule meets exactly
+            return
+        levels = repair_levels(space, levels, ones)
+        if levels is not None:
+            out.append((levels, ones))
+
+    level_only(lambda: uniform(S, H, t, w))
+    if not out and 1 in space.intervals:  # the target level cannot be met exactly: round it
+        level_only(lambda: (min(H, max(0, round(t))),) * S)
+    for k in space.intervals:
+        if k == 1:
+            continue
+        options = [space.stage_intervals(s) for s in range(S)]
+        ks = [min(k, w[s]) for s in range(S)]
+        lowest = space.budget_macs - space.tolerance
+        while sum(_stage_cost(space, s, 0, ks[s]) for s in range(S)) < lowest:
+            lower = [(_stage_cost(space, s, 0, options[s][options[s].index(ks[s]) - 1])
+                      - _stage_cost(space, s, 0, ks[s]), s) for s in range(S) if ks[s] > options[s][0]]
+            if not lower:
+                break
+            s = min(lower)[1]
+            ks[s] = options[s][options[s].index(ks[s]) - 1]
+        levels = repair_levels(space, (0,) * S, ks)
+        if levels is not None:
+            out.append((levels, tuple(ks)))
+    for kind in PATTERNS:
+        level_only(lambda kind=kind: patterned(kind, S, H, t, w))
+    return list(dict.fromkeys(out))
+
+
+def _nearest_levels(x: Sequence[Fraction], H: int) -> list[int]:
+    """x rounded (halves down) and clipped to [0, H]."""
+    return [min(H, max(0, math.ceil(v - Fraction(1, 2)))) for v in x]
+
+
+def random_joint(space: JointSpace, gen: torch.Generator, max_tries: int = 64) -> JointIndividual | None:
+    """A random joint individual: k per stage uniform from the allowed intervals, a real level per
+    stage uniform in [0, H], then the nearest-first level repair. None if `max_tries` draws all fail."""
+    _check_gen(gen)
+    for _ in range(max_tries):
+        options = [space.stage_intervals(s) for s in range(space.S)]
+        ks = tuple(o[_randint(gen, len(o))] for o in options)
+        x = [Fraction(str(_rand(gen))) * space.H for _ in range(space.S)]
+        levels = repair_levels(space, _nearest_levels(x, space.H), ks, x=x)
+        if levels is not None:
+            return levels, ks
+    return None
+
+
+def check_joint_seed(seed: Sequence[Sequence[int]], space: JointSpace, index: int | None = None) -> JointIndividual:
+    """Validates a user (levels, intervals) pair; returns it as tuples or raises ScheduleError."""
+    name = "seed schedule" + (f" #{index}" if index is not None else "")
+    try:
+        levels, ks = seed
+        ind = (tuple(int(l) for l in levels), tuple(int(k) for k in ks))
+        if any(int(v) != v for v in (*levels, *ks)):
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ScheduleError(f"{name} must be (levels, cache intervals): two lists of whole numbers; got {seed!r}") from None
+    if not space.feasible(ind):
+        raise ScheduleError(f"{name} {[list(p) for p in ind]} is not usable: it must have {space.S} levels in "
+                            f"[0, {space.H}], cache intervals in {list(space.intervals)} and meet the MAC budget "
+                            f"{space.mac_budget}")
+    return ind
+
+
+def initial_joint_population(n: int, space: JointSpace, gen: torch.Generator, init: str = "hybrid",
+                             seeds: Iterable[Sequence[Sequence[int]]] = ()) -> list[JointIndividual]:
+    """Up to n distinct joint individuals meeting the MAC budget, user `seeds` first.
+
+    init "hybrid": `_joint_bases` (level-only uniform at k = 1, cache-only at level 0 per k > 1, the
+    level-only patterns), then `random_joint` mixes; "random": mixes only. Deterministic from `gen`.
+    Fewer than n only when 20·n + 100 random draws find no new individual (a tiny space)."""
+    _check_gen(gen)
+    if init not in JOINT_INITS:
+        raise ValueError(f"unknown joint initial population {init!r}; choose one of {', '.join(JOINT_INITS)}")
+    if n < 1:
+        raise ValueError(f"population size must be ≥ 1 (got {n})")
+    out: list[JointIndividual] = []
+    for k, seed in enumerate(seeds):
+        ind = check_joint_seed(seed, space, k)
+        if ind not in out:
+            if len(out) >= n:
+                raise ValueError(f"more distinct seed schedules than the population holds ({n}); "
+                                 "give fewer seeds or a larger population")
+            out.append(ind)
+    for ind in _joint_bases(space) if init == "hybrid" else ():
+        if len(out) < n and ind not in out:
+            out.append(ind)
+    have = set(out)
+    for _ in range(20 * n + 100):
+        if len(out) >= n:
+            break
+        ind = random_joint(space, gen)
+        if ind is not None and ind not in have:
+            out.append(ind)
+            have.add(ind)
+    return out
+
+
+def mutate_joint(ind: JointIndividual, space: JointSpace, gen: torch.Generator, max_move: int,
+                 moves_per_child: int = 1, interval_rate: float = 0.5, max_tries: int = 16) -> JointIndividual:
+    """`moves_per_child` moves, each (with probability `interval_rate`, when more than one interval is
+    allowed) an INTERVAL move — a stage i drawn uniformly takes another allowed k — or else a LEVEL
+    move — stage i moves by ±m levels, m uniform in [1, max_move] within [0, H]; then the other
+    stages' levels are repaired to the MAC budget (stages drawn from `gen`; stage i kept unless it
+    is the only one). A move whose repair fails, or that returns the individual unchanged, is
+    redrawn up to `max_tries` times; the result always meets the budget (the parent if no move
+    works)."""
+    _check_gen(gen)
+    if max_move < 1 or moves_per_child < 1:
+        raise ValueError(f"max_move and moves_per_child must be ≥ 1 (got {max_move}, {moves_per_child})")
+    levels, ks = (tuple(int(l) for l in ind[0]), tuple(int(k) for k in ind[1]))
+    if not space.feasible((levels, ks)):
+        raise ScheduleError(f"parent {[list(levels), list(ks)]} does not meet the joint search space's budget")
+    S, H = space.S, space.H
+    for _ in range(moves_per_child):
+        for _ in range(max_tries):
+            i = _randint(gen, S)
+            new_l, new_k = list(levels), list(ks)
+            if len(space.intervals) > 1 and _rand(gen) < interval_rate:
+                others = [k for k in space.stage_intervals(i) if k != ks[i]]
+                if not others:
+                    continue
+                new_k[i] = others[_randint(gen, len(others))]
+            else:
+                moves = [d for d in range(-max_move, max_move + 1) if d and 0 <= levels[i] + d <= H]
+                if not moves:
+                    continue
+                new_l[i] += moves[_randint(gen, len(moves))]
+            repaired = repair_levels(space, new_l, new_k, frozen=(i,) if S > 1 else (), gen=gen)
+            if repaired is not None and (repaired, tuple(new_k)) != (levels, ks):
+                levels, ks = repaired, tuple(new_k)
+                break
+    return levels, ks
+
+
+def first_changed_joint_stage(parent: JointIndividual, child: JointIndividual) -> int:
+    """The first stage whose (level, k) differs: every stage starts with an empty cache (the refresh
+    rule), so the child's rollout can reuse the parent's latents up to that stage's first step."""
+    return first_changed_stage(list(zip(*parent)), list(zip(*child)))
+
+
+def next_joint_generation(survivors: Sequence[JointIndividual], n_offspring: int, space: JointSpace,
+                          gen: torch.Generator, max_move: int, moves_per_child: int = 1,
+                          seen: set | frozenset = frozenset(), max_retries: int = 32,
+                          interval_rate: float = 0.5) -> list[tuple[JointIndividual, JointIndividual]]:
+    """`next_generation` for joint individuals: n_offspring (child, parent) pairs, parents in turn,
+    each child a `mutate_joint` of its parent, redrawn while it repeats (see `next_generation`)."""
+    _check_gen(gen)
+    if not survivors:
+        raise ValueError("next_joint_generation needs at least one survivor")
+    parents = [(tuple(int(l) for l in p[0]), tuple(int(k) for k in p[1])) for p in survivors]
+    return _offspring(parents, n_offspring,
+                      lambda parent: mutate_joint(parent, space, gen, max_move, moves_per_child, interval_rate),
+                      seen, max_retries)

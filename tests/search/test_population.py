@@ -296,3 +296,156 @@ def test_every_produced_individual_meets_bounds_and_budget(space):
     made += [c for c, _ in P.next_generation(popn[:2], 6, H, w, g, 3, 1, set(popn))]
     for levels in made:
         assert feasible(levels, H, target, w), (levels, H, target, w)
+
+
+# ---------------------------------------------------------------- joint (level, cache interval) individuals
+
+# 3 stages of 2 steps, H = 4: a full step costs 100 − 10·L MACs, a cached one 30 − 2·L (hand-checked
+# in tests/test_partition.py). Target level 2: budget 480 of 600 MACs (0.8), tolerance ±10.
+HAND = {"full": [100, 90, 80, 70, 60], "cached": [30, 28, 26, 24, 22]}
+# DiT-like: full cost affine in the level (n divisible by H), a cached step ~ 1/4 of a full one.
+DIT = {"full": [1000 - 55 * l for l in range(17)], "cached": [260 - 11 * l for l in range(17)]}
+# depth-like, 20 steps in 3 stages: costs per stage (the cached step saves other blocks per stage).
+DEPTH = {"full": [[120 - 10 * l for l in range(7)]] * 3,
+         "cached": [[40 - 5 * min(l, 2) for l in range(7)], [40 - 10 * min(l, 1) for l in range(7)],
+                    [40 - 4 * min(l, 3) for l in range(7)]]}
+SPACES = {
+    "hand": lambda: P.joint_space(4, [2, 2, 2], HAND, 2, intervals=(1, 2), branch=1),
+    "dit": lambda: P.joint_space(16, W10, DIT, 8, intervals=(1, 2, 3, 4), branch=2),
+    "depth": lambda: P.joint_space(6, [7, 7, 6], DEPTH, 2.5, intervals=(1, 2, 3), branch=3),
+    "explicit": lambda: P.joint_space(16, W10, DIT, 8, intervals=(1, 2, 5), branch=2, mac_budget=0.4),
+}
+
+
+def test_joint_space_budget_by_hand():
+    space = SPACES["hand"]()
+    assert (space.budget_macs, space.tolerance, space.mac_budget) == (480, 10, 0.8)
+    assert space.cost(((0, 1, 2), (2, 1, 1))) == 470 and space.feasible(((0, 1, 2), (2, 1, 1)))
+    assert not space.feasible(((0, 1, 3), (2, 1, 1)))  # 450
+    assert not space.feasible(((2, 2, 2), (1, 1, 3)))  # interval 3 is not allowed
+    dit = SPACES["dit"]()
+    assert dit.budget_macs == 20 * (1000 - 55 * 8) and dit.tolerance == 55  # 2 steps × 55, halved
+    with pytest.raises(ScheduleError, match="'cached' table and the cache branch"):
+        P.joint_space(4, [2, 2, 2], HAND, 2, intervals=(1, 2))
+    with pytest.raises(ScheduleError, match="'cached' table"):
+        P.joint_space(4, [2, 2, 2], {"full": HAND["full"]}, 2, intervals=(1, 2), branch=1)
+    with pytest.raises(ScheduleError, match="no schedule of levels"):
+        P.joint_space(4, [2, 2, 2], HAND, 2, intervals=(1,), mac_budget=0.2)  # below every level's cost
+
+
+def test_repair_levels_walks_into_the_band_by_hand():
+    space = SPACES["hand"]()  # 480 ± 10
+    # from (4, 4, 4) at k = 1 (360 MACs) levels come down one at a time, nearest-first, stages in
+    # turn: 380, 400, 420 (3, 3, 3), 440, 460, 480 → (2, 2, 2); from (0, 0, 0) (600) they go up alike
+    assert P.repair_levels(space, (4, 4, 4), (1, 1, 1)) == (2, 2, 2)
+    assert P.repair_levels(space, (0, 0, 0), (1, 1, 1)) == (2, 2, 2)
+    assert P.repair_levels(space, (0, 0, 0), (1, 1, 1), frozen=(0,)) == (0, 3, 3)  # 200 + 140 + 140
+    assert P.repair_levels(space, (0, 0, 0), (1, 1, 1), frozen=(0, 1)) is None  # stage 2 alone: ≥ 520
+    assert P.repair_levels(space, (0, 0, 0), (2, 2, 2)) is None  # 390: only lower levels would help
+    # k = 2 on stage 0 at (2, 2, 2): 106 + 160 + 160 = 426; lowering stage 0 (+12: 118), then 1 and 2 (+20
+    # each) reaches 478
+    assert P.repair_levels(space, (2, 2, 2), (2, 1, 1)) == (1, 1, 1)
+    assert P.repair_levels(space, (1, 1, 1), (2, 1, 1)) == (1, 1, 1)  # already in the band: unchanged
+def test_joint_hybrid_population_holds_level_only_and_cache_only_schedules():
+    space = P.joint_space(4, [2, 2, 2], HAND, 2, intervals=(1, 2), branch=1, mac_budget=0.65)  # 390 ± 10
+    pop = P.initial_joint_population(12, space, gen(0))
+    assert ((0, 0, 0), (2, 2, 2)) in pop  # cache-only: level 0, k = 2 everywhere costs 3·130 = 390
+    assert all(space.feasible(ind) for ind in pop) and len(set(pop)) == len(pop) == 12
+    dit = SPACES["dit"]()
+    pop = P.initial_joint_population(30, dit, gen(1))
+    assert all(dit.feasible(ind) for ind in pop) and len(set(pop)) == 30
+    ones = (1,) * 10
+    assert pop[0] == (P.uniform(10, 16, 8, W10), ones)  # level-only uniform first …
+    # … then cache-only: 2-step stages make k = 2, 3, 4 one choice (one full step, one cached); level 0
+    # with k = 2 costs 10·(1000 + 260) = 12600 MACs, above 11200 + 55: 21 levels (66 MACs each) → 11214
+    assert pop[1] == ((3,) + (2,) * 9, (2,) * 10) and dit.cost(pop[1]) - dit.budget_macs == 14
+    for kind in P.PATTERNS:  # today's patterned schedules, unchanged (affine costs: on budget exactly)
+        assert (P.patterned(kind, 10, 16, 8, W10), ones) in pop
+    assert any(max(ks) > 1 and max(levels) > 0 for levels, ks in pop[7:])  # random mixes
+    assert all(max(ks) <= 2 for _, ks in pop)  # k capped at the 2 steps of a stage
+    level_only = [levels for levels, ks in pop if ks == ones]
+    assert all(budget_met(levels, W10, 8) for levels in level_only)  # affine costs: the exact level budget
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_every_joint_individual_and_every_mutation_meets_the_mac_budget(name):
+    space = SPACES[name]()
+    g = gen(3)
+    pop = P.initial_joint_population(20, space, g) + P.initial_joint_population(10, space, g, init="random")
+    assert pop and all(space.feasible(ind) for ind in pop)
+    moved = 0
+    for parent in pop:
+        for _ in range(10):
+            child = P.mutate_joint(parent, space, g, max_move=3, moves_per_child=1 + _ % 2)
+            assert space.feasible(child), (parent, child, space.cost(child), space.budget_macs)
+            moved += child != parent
+            space.schedule(child)  # a valid Schedule too
+            parent = child
+    assert moved >= 0.9 * 10 * len(pop)
+    kinds = Counter()
+    for child, parent in P.next_joint_generation(pop[:4], 40, space, g, max_move=2):
+        assert space.feasible(child)
+        kinds["levels" if child[1] == parent[1] else "intervals"] += 1
+    assert kinds["levels"] > 5 and (kinds["intervals"] > 5 or len(space.intervals) == 1)
+
+
+def test_joint_operators_are_deterministic_from_the_generator():
+    space = SPACES["depth"]()
+    a = P.initial_joint_population(16, space, gen(7))
+    b = P.initial_joint_population(16, space, gen(7))
+    assert a == b and a != P.initial_joint_population(16, space, gen(8))
+    assert P.next_joint_generation(a[:4], 8, space, gen(1), 2) == P.next_joint_generation(b[:4], 8, space, gen(1), 2)
+
+
+def test_joint_next_generation_avoids_seen_and_reports_the_first_changed_stage():
+    space = SPACES["dit"]()
+    pop = P.initial_joint_population(6, space, gen(0))
+    seen = set(pop)
+    pairs = P.next_joint_generation(pop[:2], 12, space, gen(2), max_move=2, seen=seen)
+    children = [c for c, _ in pairs]
+    assert not set(children) & seen and len(set(children)) == 12
+    assert [p for _, p in pairs] == [pop[0], pop[1]] * 6
+    p = ((8,) * 10, (1,) * 10)
+    assert P.first_changed_joint_stage(p, p) == 10
+    assert P.first_changed_joint_stage(p, ((8,) * 10, (1,) * 3 + (2,) + (1,) * 6)) == 3  # an interval change
+    assert P.first_changed_joint_stage(p, ((8, 8, 9, 7) + (8,) * 6, (1,) * 10)) == 2  # a level change
+
+
+def test_joint_seeds_are_validated_and_kept_first():
+    space = SPACES["hand"]()
+    pop = P.initial_joint_population(5, space, gen(0), seeds=[([0, 1, 2], [2, 1, 1])])
+    assert pop[0] == ((0, 1, 2), (2, 1, 1)) and len(pop) == 5
+    with pytest.raises(ScheduleError, match=r"seed schedule #0 \[\[0, 1, 3\], \[2, 1, 1\]\] is not usable"):
+        P.initial_joint_population(5, space, gen(0), seeds=[([0, 1, 3], [2, 1, 1])])
+    with pytest.raises(ScheduleError, match="two lists of whole numbers"):
+        P.initial_joint_population(5, space, gen(0), seeds=[[0, 1, 2]])
+    schedule = space.schedule(pop[0], pruner="obs")
+    assert schedule.cache_intervals == [2, 1, 1] and schedule.mac_budget == 0.8 and schedule.cache_branch == 1
+
+
+@st.composite
+def joint_spaces(draw):
+    S = draw(st.integers(1, 5))
+    H = draw(st.integers(1, 8))
+    w = draw(st.lists(st.integers(1, 5), min_size=S, max_size=S))
+    drops = draw(st.lists(st.integers(0, 30), min_size=H, max_size=H))
+    full = [1000 - sum(drops[:l]) for l in range(H + 1)]
+    cached = [[min(f, 200 + draw(st.integers(0, 20)) - 3 * l) for l, f in enumerate(full)] for _ in range(S)]
+    cached = [[min(row[: l + 1]) for l in range(H + 1)] for row in cached]  # non-increasing
+    levels = draw(st.lists(st.integers(0, H), min_size=S, max_size=S))
+    target = Fraction(sum(l * x for l, x in zip(levels, w)), sum(w))  # a level budget some schedule meets
+    ks = draw(st.sets(st.integers(1, 6), min_size=1, max_size=3)) | {1}
+    return H, w, {"full": full, "cached": cached}, target, ks, draw(st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(joint_spaces())
+def test_every_joint_individual_meets_the_budget_on_random_spaces(case):
+    H, w, costs, target, ks, seed = case
+    space = P.joint_space(H, w, costs, target, intervals=ks, branch=0)
+    g = gen(seed)
+    pop = P.initial_joint_population(8, space, g)
+    assert pop and len(set(pop)) == len(pop) and all(space.feasible(ind) for ind in pop)
+    for child, parent in P.next_joint_generation(pop[:3], 10, space, g, max_move=2, moves_per_child=2):
+        assert space.feasible(child), (child, parent)
+        space.schedule(child)

@@ -1,0 +1,53 @@
+"""The MAC cost model of joint (level, cache interval) schedules: MACs of one full and one cached
+denoiser step per stage and level, counted by `count_macs` on what routing and caching really run —
+a uniform-level `Router` installed, and for the cached step the declared feature cache on top.
+
+The table (`partition.StepCosts`, recorded in a joint schedule as `step_costs`, so that a
+schedule file checks its own MAC budget):
+- width pruning: every stage at level L removes round(L/H · n) units of every group, so all stages
+  cost the same; one row of H+1 counts (stage 0 is counted);
+- depth pruning: each stage skips its own blocks (`store.block_order(stage)[:L]`), and a cached
+  step saves only the blocks of the deep part, so the cost depends on the stage: S rows.
+"""
+from __future__ import annotations
+
+from ..denoisers.base import DenoiserAdapter
+from ..evaluation.macs import count_macs
+from ..partition import Schedule, StagePartition, StepCosts
+from ..routing import Router
+from ..trajectory import TrajectoryStore
+from . import feature_cache
+from .macs import step_macs
+
+
+def step_cost_table(adapter: DenoiserAdapter, store: TrajectoryStore, partition: StagePartition,
+                    branch: int | None = None, batch_size: int = 1) -> dict:
+    """{"full": …, "cached": …}: MACs of one full and one cached step per level 0..H (width: one row;
+    depth: one row per stage), at `batch_size` (1: the paper's convention, no CFG duplicate).
+
+    branch: the cache branch b of `caching.feature_cache` (None: no cached table, level-only).
+
+    Cost: H+1 routers are built (each prepares every stage, reading the store's compensated weights
+    once in all) and 1–2 forwards are counted per (stage, level) — depth: per stage. Cheap on tiny
+    models; on big ones build the denoiser on the meta device (`dp.load_denoiser(name,
+    weights=False, device="meta")`): `count_macs` runs there without weights or memory, and the
+    prepared weights go to the meta device too (the store is still read from disk).
+    """
+    H, S = store.levels_max, partition.num_stages
+    stages = range(S) if store.depth else range(1)
+    full = [[0] * (H + 1) for _ in stages]
+    cached = None if branch is None else [[0] * (H + 1) for _ in stages]
+    for level in range(H + 1):
+        schedule = Schedule.uniform(level, H, partition.steps_per_stage, partition=partition.to_dict(),
+                                    pruner=store.pruner, store_key=store.key)
+        with Router(adapter, store, schedule) as router:
+            for s in stages:
+                router.install(s)
+                full[s][level] = count_macs(adapter, batch_size)
+                if branch is not None:
+                    with feature_cache(adapter, intervals=2, branch=branch) as cache:
+                        _, cached[s][level] = step_macs(adapter, cache, batch_size)
+    rows = (lambda t: t) if store.depth else (lambda t: t[0])
+    table = {"full": rows(full), "cached": None if cached is None else rows(cached)}
+    StepCosts.parse(table, S, H)  # the invariants every schedule checks (monotone, cached ≤ full)
+    return table
