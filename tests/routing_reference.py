@@ -63,6 +63,25 @@ class MaskingListener:
         self.handles = []
 
 
+def sliced_vs_masked(adapter, keeps, latents, timesteps, cond):
+    """One denoiser call three ways: dense, with the groups in `keeps` (name → kept units) masked on
+    the dense modules, and with them sliced and installed. The dense denoiser is restored afterwards
+    and checked bit for bit. Returns (dense, masked, sliced) outputs."""
+    dense = adapter.predict_noise(latents, timesteps, cond)
+    handles = [adapter.mask_units(g, keeps[g.name]) for g in adapter.unit_groups() if g.name in keeps]
+    masked = adapter.predict_noise(latents, timesteps, cond)
+    for h in handles:
+        h.remove()
+    for g in adapter.unit_groups():
+        if g.name in keeps:
+            adapter.install(g, adapter.sliced_module(g, keeps[g.name]))
+    sliced = adapter.predict_noise(latents, timesteps, cond)
+    adapter.restore_dense()
+    assert adapter.is_dense()
+    torch.testing.assert_close(adapter.predict_noise(latents, timesteps, cond), dense, rtol=0, atol=0)  # bit for bit
+    return dense, masked, sliced
+
+
 def dense_masked_routed(adapter, store, schedule, conditions, **sample_kw):
     """Latents of the dense denoiser, of the schedule applied by masking the dense denoiser, and of the
     schedule routed (router removed afterwards): the three samples every routing test compares."""

@@ -33,8 +33,11 @@ def empty_iqa_cache(tmp_path, monkeypatch):
 
 
 def test_there_are_configs_for_every_family():
-    assert {p.stem.partition("_")[0] for p in CONFIGS} == {"tiny", "dit", "sdxl", "flux"}
-    assert len(CONFIGS) == 20
+    from diffes_pl.denoisers import families
+
+    # every registered family has configs (at least its OBS one), and every config is a family's
+    assert {p.stem.partition("_")[0] for p in CONFIGS} == set(families())
+    assert {f"{name}_obs.yaml" for name in families()} <= {p.name for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -77,6 +77,22 @@ def slice_feed_forward(ff: nn.Module, keep: Tensor, out_weight: Tensor | None) -
                               last_path: sliced_linear(last, cols=keep, weight=out_weight)})
 
 
+def block_unit_groups(prefix: str, index: int, block: nn.Module) -> list[UnitGroup]:
+    """The unit groups of depth unit `index`, a diffusers `BasicTransformerBlock` named `prefix`: the
+    heads of `attn1` and, where the block has one, of the cross-attention `attn2` (SDXL, PixArt), then
+    the channels of `ff`."""
+    groups = []
+    for attr in ("attn1", "attn2"):
+        attn = getattr(block, attr)
+        if attn is None:
+            continue
+        head_dim = attn.to_q.out_features // attn.heads
+        groups.append(UnitGroup(f"{prefix}.{attr}", "heads", index, attr, attn.heads, head_dim))
+    _, last, _, _ = feed_forward_linears(block.ff)
+    groups.append(UnitGroup(f"{prefix}.ff", "channels", index, "ff", last.in_features, 1))
+    return groups
+
+
 class TransformerBlockUnits:
     """Units of denoisers built from diffusers `BasicTransformerBlock`s (DiT, the SDXL UNet): the
     heads of each `Attention` (`to_out[0]` input columns) and the channels of each `FeedForward`
@@ -121,13 +137,7 @@ class DiTAdapter(TransformerBlockUnits, DenoiserAdapter):
         self.num_classes = int(cfg.num_embeds_ada_norm)
         self.null_class = self.num_classes  # DiT's label table has one extra row: the null class
         self._blocks = denoiser.transformer_blocks
-        self._groups = []
-        for i, block in enumerate(self._blocks):
-            attn = block.attn1
-            head_dim = attn.to_q.out_features // attn.heads
-            self._groups.append(UnitGroup(f"blocks.{i}.attn1", "heads", i, "attn1", attn.heads, head_dim))
-            _, last, _, _ = feed_forward_linears(block.ff)
-            self._groups.append(UnitGroup(f"blocks.{i}.ff", "channels", i, "ff", last.in_features, 1))
+        self._groups = [g for i, block in enumerate(self._blocks) for g in block_unit_groups(f"blocks.{i}", i, block)]
         self.capture_dense()
 
     # structure (blocks, unit_groups, output_layer, sliced_module: TransformerBlockUnits)

@@ -22,8 +22,8 @@ import torch
 from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DConditionModel
 from torch import Tensor, nn
 
-from .base import BlockSlots, DenoiserAdapter, TextCondition, UNetCachePoints, UnitGroup
-from .dit import TransformerBlockUnits, feed_forward_linears
+from .base import BlockSlots, DenoiserAdapter, TextCondition, UNetCachePoints
+from .dit import TransformerBlockUnits, block_unit_groups
 from .loading import text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
 from .schedules import Sampler, scheduler_config
@@ -47,6 +47,36 @@ class SkippedTransformerBlock(nn.Module):
         return hidden_states
 
 
+class VAELatents:
+    """What the adapters of denoisers working in the latent space of an SD-style VAE share (SDXL, and
+    PixArt-Σ, which ships SDXL's VAE): the denoiser set up for inference, the declared noise
+    schedule, the VAE with its latent scale (`scaling_factor`; 0.13025 without a VAE) and downsampling
+    factor (8 without a VAE), the latent shape from the denoiser's config, and decoding."""
+
+    def init_latent_denoiser(self, denoiser: nn.Module, name: str, vae: nn.Module | None, noise_schedule: dict,
+                             latent_scale: float | None) -> None:
+        self.denoiser = denoiser.eval().requires_grad_(False)
+        self.name = name
+        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
+        self.noise_schedule = scheduler_config(noise_schedule)
+        if latent_scale is None:
+            latent_scale = float(vae.config.scaling_factor) if vae is not None else SDXL_LATENT_SCALE
+        self.latent_scale = latent_scale
+        self.vae_factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        cfg = self.denoiser.config
+        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
+
+    def decode(self, latents: Tensor) -> Tensor:
+        if self.vae is None:
+            return super().decode(latents)
+        param = next(self.vae.parameters())
+        images = self.vae.decode(latents.to(param.dtype) / self.latent_scale).sample  # [N, 3, 8H, 8W] in [-1, 1]
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+
 def transformer_block_slots(unet: UNet2DConditionModel) -> list[tuple[str, nn.ModuleList, int]]:
     """(path, holding list, index) of every `BasicTransformerBlock`, in forward order: down, mid, up."""
     parts = [(f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
@@ -61,7 +91,7 @@ def transformer_block_slots(unet: UNet2DConditionModel) -> list[tuple[str, nn.Mo
     return slots
 
 
-class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
+class SDXLAdapter(VAELatents, TextConditioned, TransformerBlockUnits, DenoiserAdapter):
     """Adapter for diffusers `UNet2DConditionModel` with SDXL's text-time added conditions."""
 
     family = "sdxl"
@@ -76,32 +106,15 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
         if cfg.addition_embed_type != "text_time":
             raise ValueError(f"{name}: SDXLAdapter needs a UNet with addition_embed_type 'text_time' (SDXL); "
                              f"this one has {cfg.addition_embed_type!r}")
-        self.denoiser = denoiser.eval().requires_grad_(False)
-        self.name = name
-        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
-        self.noise_schedule = scheduler_config(noise_schedule or SDXL_NOISE_SCHEDULE)
-        if latent_scale is None:
-            latent_scale = float(vae.config.scaling_factor) if vae is not None else SDXL_LATENT_SCALE
-        self.latent_scale = latent_scale
+        self.init_latent_denoiser(denoiser, name, vae, noise_schedule or SDXL_NOISE_SCHEDULE, latent_scale)
         self.set_text_encoders(text_encoders)
-        self.vae_factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
         self.image_size = int(image_size or cfg.sample_size * self.vae_factor)  # for the default time ids
         self.pooled_dim = int(cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim)
         slots = transformer_block_slots(denoiser)
         if not slots:
             raise ValueError(f"{name}: the UNet has no transformer blocks (no cross-attention down/up blocks)")
         self._blocks = BlockSlots([(holder, j) for _, holder, j in slots])
-        self._groups = []
-        for i, (path, holder, j) in enumerate(slots):
-            block = holder[j]
-            for attr in ("attn1", "attn2"):
-                attn = getattr(block, attr)
-                if attn is None:
-                    continue
-                head_dim = attn.to_q.out_features // attn.heads
-                self._groups.append(UnitGroup(f"{path}.{attr}", "heads", i, attr, attn.heads, head_dim))
-            _, last, _, _ = feed_forward_linears(block.ff)
-            self._groups.append(UnitGroup(f"{path}.ff", "channels", i, "ff", last.in_features, 1))
+        self._groups = [g for i, (path, holder, j) in enumerate(slots) for g in block_unit_groups(path, i, holder[j])]
         self.capture_dense()
 
     # structure (blocks, unit_groups, output_layer, sliced_module: TransformerBlockUnits)
@@ -112,12 +125,7 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
         """DeepCache: the UNet's skip branches (down block b and its mirror up block)."""
         return UNetCachePoints(self.denoiser)
 
-    # calling
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        cfg = self.denoiser.config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-
+    # calling (latent_shape, decode: VAELatents)
     def predict_noise(self, latents: Tensor, timesteps: Tensor, cond: TextCondition) -> Tensor:
         dtype = latents.dtype
         added = {"text_embeds": cond.pooled_embeds.to(dtype), "time_ids": cond.time_ids.to(dtype)}
@@ -158,13 +166,6 @@ class SDXLAdapter(TextConditioned, TransformerBlockUnits, DenoiserAdapter):
     def _encode_batch(self, encoders: TextEncoders, prompts: list[str]) -> TextCondition:
         embeds, pooled = encode_sdxl(encoders, prompts)  # [B, 77, 2048], [B, 1280]
         return TextCondition(embeds, pooled, self.default_time_ids(len(prompts)))
-
-    def decode(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            return super().decode(latents)
-        param = next(self.vae.parameters())
-        images = self.vae.decode(latents.to(param.dtype) / self.latent_scale).sample  # [N, 3, 8H, 8W] in [-1, 1]
-        return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 # Two CLIP encoders: penultimate hidden states of both, concatenated; the pooled embedding is the

@@ -6,6 +6,9 @@ The encoders are the pipeline's own (transformers `CLIPTextModel`, `CLIPTextMode
   the second encoder's projected pooled output → pooled_embeds [B, 1280] (`StableDiffusionXLPipeline`).
 - FLUX: CLIP `pooler_output` → pooled_embeds [B, 768]; T5 last hidden state padded to `text_len`
   tokens → prompt_embeds [B, 256, 4096] (`FluxPipeline`, schnell's max_sequence_length 256).
+- PixArt-Σ: T5 alone, called with the tokenizer's attention mask; its last hidden state padded to
+  `text_len` tokens → prompt_embeds [B, 300, 4096] and the mask → attention_mask [B, 300]
+  (`PixArtSigmaPipeline.encode_prompt`, max_sequence_length 300).
 
 A tokenizer is either a Hugging Face tokenizer (called with padding="max_length", truncation) or
 any object with `encode_batch(prompts: list[str], max_length: int) -> LongTensor [B, max_length]`.
@@ -102,6 +105,26 @@ def encode_flux(encoders: TextEncoders, prompts: list[str]) -> tuple[Tensor, Ten
                   output_hidden_states=False).pooler_output
     embeds = t5(token_ids(t5_tok, prompts, encoders.max_lengths[1]).to(_device(t5)), output_hidden_states=False)[0]
     return embeds.float().cpu(), pooled.float().cpu()
+
+
+@torch.no_grad()
+def encode_pixart(encoders: TextEncoders, prompts: list[str], max_length: int | None = None) -> tuple[Tensor, Tensor]:
+    """(prompt_embeds [B, L, D_t5] float32, attention_mask [B, L] int64, 1 = token, 0 = padding) as
+    `PixArtSigmaPipeline.encode_prompt` with clean_caption=False: prompts lower-cased and stripped,
+    padded to L = `max_length` (default `max_lengths[0]`: `text_len`, 300), T5 called WITH the mask
+    (padding is masked in T5's own self-attention too). The pipeline's default clean_caption=True also
+    runs its bs4/ftfy caption cleaner (URLs, HTML, odd punctuation); without those it does this."""
+    from transformers import PreTrainedTokenizerBase
+
+    (tok,), (t5,) = encoders.tokenizers, encoders.encoders
+    length = encoders.max_lengths[0] if max_length is None else max_length
+    if not isinstance(tok, PreTrainedTokenizerBase):
+        raise TypeError(f"PixArt needs a Hugging Face tokenizer (it returns the attention mask); got {type(tok).__name__}")
+    tokens = tok([p.lower().strip() for p in prompts], padding="max_length", max_length=length, truncation=True,
+                 add_special_tokens=True, return_tensors="pt")
+    mask = tokens.attention_mask.long()  # [B, L]
+    embeds = t5(tokens.input_ids.to(_device(t5)), attention_mask=mask.to(_device(t5)))[0]  # [B, L, D_t5]
+    return embeds.float().cpu(), mask
 
 
 def load_text_encoders(source: str, family: str, device: Any, dtype: torch.dtype | None,

@@ -11,7 +11,7 @@ from diffes_pl.denoisers import TextCondition
 from diffes_pl.denoisers.flux import FluxAdapter, JointProjOut, pack_latents, unpack_latents
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
-from routing_reference import dense_masked_routed, random_store
+from routing_reference import dense_masked_routed, random_store, sliced_vs_masked
 
 STEPS, STAGES = 4, 2
 
@@ -42,20 +42,7 @@ def _inputs(adapter, batch=3):
 
 
 def _sliced_vs_masked(adapter, keeps):
-    x, t, c = _inputs(adapter)
-    dense = adapter.predict_noise(x, t, c)
-    handles = [adapter.mask_units(g, keeps[g.name]) for g in adapter.unit_groups() if g.name in keeps]
-    masked = adapter.predict_noise(x, t, c)
-    for h in handles:
-        h.remove()
-    for g in adapter.unit_groups():
-        if g.name in keeps:
-            adapter.install(g, adapter.sliced_module(g, keeps[g.name]))
-    sliced = adapter.predict_noise(x, t, c)
-    adapter.restore_dense()
-    assert adapter.is_dense()
-    torch.testing.assert_close(adapter.predict_noise(x, t, c), dense, rtol=0, atol=0)  # restored bit for bit
-    return dense, masked, sliced
+    return sliced_vs_masked(adapter, keeps, *_inputs(adapter))
 
 
 def test_structure_and_packing(flux):

@@ -60,3 +60,29 @@ def hand_hessians(adapter, groups, run):
 def run_items(adapter, items):
     """A `run` for `hand_hessians`: the denoiser on each calibration item alone."""
     return lambda: [adapter.predict_noise(b["latents"][None], b["timesteps"][None], b["cond"][None]) for b in items]
+
+
+def assert_obs_beats_wanda(adapter, stores, stage, hessians, levels_max):
+    """At `stage`, for every group and every level that keeps a unit: the layer reconstruction error
+    trace(ΔW · H · ΔWᵀ) of `stores["obs"]` ≤ that of `stores["wanda"]`, where ΔW is the output layer's
+    dense weight minus its pruned form (removed columns zero; kept ones the store's compensated weight,
+    or unchanged) and H = `hessians[group]`. Level(s) removing every unit give every pruner the same
+    empty layer and are skipped. Returns how many (group, level) pairs were compared."""
+    compared = 0
+    for g in adapter.unit_groups():
+        w = adapter.output_layer(g).weight.detach()
+        for level in range(1, levels_max + 1):
+            removed = g.removed_at(level, levels_max)
+            if removed == g.size:
+                continue
+            errors = {}
+            for name, store in stores.items():
+                cols = g.columns(torch.sort(store.order(stage, g.name)[removed:]).values)
+                pruned = torch.zeros_like(w)
+                comp = store.weight(stage, g.name, level)
+                pruned[:, cols] = w[:, cols] if comp is None else comp.to(w.dtype)
+                delta = (w - pruned).double()
+                errors[name] = float(torch.trace(delta @ hessians[g.name] @ delta.T))
+            assert errors["obs"] <= errors["wanda"] * (1 + 1e-6), (stage, g.name, level, errors)
+            compared += 1
+    return compared
