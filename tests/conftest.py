@@ -187,7 +187,7 @@ def text_models():
     from types import SimpleNamespace
 
     return SimpleNamespace(build_tiny_sdxl=build_tiny_sdxl, build_tiny_flux=build_tiny_flux, tiny_vae=tiny_vae,
-                           tiny_tokenizer=tiny_tokenizer, save_pipeline_folder=save_pipeline_folder,
+                           tiny_tokenizer=tiny_tokenizer, tiny_clip=_clip, save_pipeline_folder=save_pipeline_folder,
                            write_caption_folder=write_caption_folder, CAPTIONS=CAPTIONS)
 
 

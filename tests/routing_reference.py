@@ -50,9 +50,9 @@ class MaskingListener:
                 continue
             keep = keep_from_order(store.order(stage, group.name), removed)
             weight = store.weight(stage, group.name, level)
-            if weight is None:
-                self.handles.append(self.adapter.mask_units(group, keep))
-            else:
+            # masked (both output layers where a unit feeds two: FLUX's and SD3's joint heads) ...
+            self.handles.append(self.adapter.mask_units(group, keep))
+            if weight is not None:  # ... and the compensated weight on the kept columns of the output layer
                 cols = group.columns(keep)
                 self.handles.append(self.adapter.output_layer(group).register_forward_hook(
                     lambda m, args, out, c=cols, w=weight: F.linear(args[0][..., c], w.to(args[0].dtype), m.bias)))
@@ -98,3 +98,23 @@ def dense_masked_routed(adapter, store, schedule, conditions, **sample_kw):
     with Router(adapter, store, schedule) as router:
         routed = dp.sample(adapter, conditions, router=router, output="latents", **sample_kw)
     return dense, masked, routed
+
+
+def masking_callback(masker, partition):
+    """A diffusers `callback_on_step_end` that applies `masker` (a MaskingListener) inside a pipeline the
+    way `Router.pipeline_callback` routes: stage 0 now, the stage of step i + 1 after step i."""
+    masker.on_step(0, partition.step_to_stage[0])
+
+    def callback(_pipe, step, _t, _kw):
+        if step + 1 < partition.num_steps:
+            masker.on_step(step + 1, partition.step_to_stage[step + 1])
+        return {}
+
+    return callback
+
+
+def mixed_keeps(adapter, seed=0):
+    """Kept units (sorted) of every unit group: in turn half, one, none and all of its units, at random."""
+    g = torch.Generator().manual_seed(seed)
+    return {grp.name: torch.sort(torch.randperm(grp.size, generator=g)[:[grp.size // 2, 1, 0, grp.size][i % 4]]).values
+            for i, grp in enumerate(adapter.unit_groups())}

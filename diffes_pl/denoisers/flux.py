@@ -35,9 +35,9 @@ from torch.utils.hooks import RemovableHandle
 from .base import (BlockSlots, ConstantOutput, DenoiserAdapter, HandleGroup, TextCondition, UnitGroup, sliced_linear,
                    with_children)
 from .dit import feed_forward_linears, slice_feed_forward
-from .loading import text_to_image_folder, text_to_image_hub
+from .loading import ShiftedVAELatents, text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
-from .schedules import FLOW_MATCHING, Sampler, scheduler_config
+from .schedules import FLOW_MATCHING, Sampler
 from .text import TextConditioned, TextEncoders, encode_flux
 
 # FLUX.1-schnell's scheduler config: rectified flow (calibration noises as x_σ = (1 − σ) x0 + σ ε).
@@ -91,14 +91,20 @@ class SkippedFluxBlock(nn.Module):
 
 
 class ConstantJointOutput(nn.Module):
-    """A double-stream attention with every head removed: each stream gets its output bias."""
+    """A two-stream attention (FLUX double-stream, SD3 joint) with every head removed: each stream gets
+    its output bias. An attention without `to_add_out` (SD3's last, context_pre_only block) returns
+    the text stream's per-head outputs unprojected, which with no heads left are [B, L, 0] (the block
+    discards them)."""
 
     def __init__(self, attn: nn.Module) -> None:
         super().__init__()
         self.image = ConstantOutput(attn.to_out[0].bias, attn.to_out[0].out_features)
-        self.text = ConstantOutput(attn.to_add_out.bias, attn.to_add_out.out_features)
+        add_out = getattr(attn, "to_add_out", None)
+        self.text = None if add_out is None else ConstantOutput(add_out.bias, add_out.out_features)
 
     def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, *args: Any, **kwargs: Any):
+        if self.text is None:
+            return self.image(hidden_states), encoder_hidden_states.new_zeros((*encoder_hidden_states.shape[:-1], 0))
         return self.image(hidden_states), self.text(encoder_hidden_states)
 
 
@@ -189,7 +195,9 @@ def column_mask_hook(layer: nn.Linear, cols: Tensor) -> RemovableHandle:
 
 
 def slice_flux_attention(attn: nn.Module, group: UnitGroup, keep: Tensor, out_weight: Tensor | None) -> nn.Module:
-    """A `FluxAttention` keeping heads `keep`: q/k/v rows of both streams, both output layers' columns."""
+    """A two-stream attention (`FluxAttention`, SD3's joint `Attention`) keeping heads `keep`: q/k/v
+    rows of both streams, both output layers' columns. SD3's last block is context_pre_only: it has
+    no `to_add_out`, so only the text stream's q/k/v projections lose rows there."""
     if getattr(attn, "fused_projections", False):
         raise ValueError(f"{group.name}: fused q/k/v projections cannot be sliced; call unfuse_qkv_projections() first")
     if len(keep) == 0:
@@ -198,11 +206,12 @@ def slice_flux_attention(attn: nn.Module, group: UnitGroup, keep: Tensor, out_we
     names = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
     children = {n: sliced_linear(getattr(attn, n), rows=rows) for n in names}
     children["to_out.0"] = sliced_linear(attn.to_out[0], cols=rows, weight=out_weight)
-    children["to_add_out"] = sliced_linear(attn.to_add_out, cols=rows)
+    if getattr(attn, "to_add_out", None) is not None:
+        children["to_add_out"] = sliced_linear(attn.to_add_out, cols=rows)
     return with_children(attn, children, heads=len(keep), inner_dim=len(rows))
 
 
-class FluxAdapter(TextConditioned, DenoiserAdapter):
+class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
     """Adapter for diffusers `FluxTransformer2DModel` (rectified flow, T5 + CLIP conditioning)."""
 
     family = "flux"
@@ -215,19 +224,8 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
                  noise_schedule: dict | None = None, text_encoders: TextEncoders | None = None) -> None:
         """`image_size` defaults to the VAE's sample_size (FLUX: 1024) or 1024; the latent side is
         image_size / the VAE's downsampling (8 for FLUX's VAE). `text_len`: T5 tokens (schnell 256)."""
-        self.denoiser = denoiser.eval().requires_grad_(False)
-        self.name = name
-        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
-        self.noise_schedule = scheduler_config(noise_schedule or FLUX_NOISE_SCHEDULE)
-        self.latent_scale, self.latent_shift = FLUX_LATENT_SCALE, FLUX_LATENT_SHIFT
-        if vae is not None:
-            self.latent_scale = float(vae.config.scaling_factor)
-            self.latent_shift = float(vae.config.shift_factor or 0.0)
-        factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-        image_size = int(image_size or (vae.config.sample_size if vae is not None else 1024))
-        self.latent_size = image_size // factor
-        if self.latent_size % 2:
-            raise ValueError(f"image_size {image_size} gives an odd latent size; use a multiple of {2 * factor}")
+        self.init_shifted_latents(denoiser, name, vae, noise_schedule or FLUX_NOISE_SCHEDULE, FLUX_LATENT_SCALE,
+                                  FLUX_LATENT_SHIFT, image_size, multiple=2)  # 2×2 patches
         self.text_len = text_len
         self.set_text_encoders(text_encoders)
         self.guidance = guidance  # embedded guidance, read only by guidance-distilled models (FLUX.1-dev)
@@ -400,14 +398,6 @@ class FluxAdapter(TextConditioned, DenoiserAdapter):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
         return [(hidden, output[1]), (text, output[0])]
-
-    def decode(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            return super().decode(latents)
-        param = next(self.vae.parameters())
-        z = latents.to(param.dtype) / self.latent_scale + self.latent_shift
-        images = self.vae.decode(z).sample  # [N, 3, 8H, 8W] in [-1, 1]
-        return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 # CLIP gives the pooled embedding only; T5's last hidden states, padded to `text_len`, are the prompt
