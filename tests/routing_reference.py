@@ -28,6 +28,54 @@ def random_store(adapter, path, levels_max, partition, compensated=False, depth=
     return TrajectoryStore.write(path, manifest, stages)
 
 
+class Handles:
+    """Several hook handles removed together (a masked unit that feeds two output layers)."""
+
+    def __init__(self, handles):
+        self.handles = list(handles)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def column_mask_hook(layer, cols):
+    """Zeroes every input column of `layer` except `cols` (a forward pre-hook)."""
+    mask = torch.zeros(layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
+    mask[torch.as_tensor(cols).to(mask.device)] = 1
+    return layer.register_forward_pre_hook(lambda _m, args: (args[0] * mask, *args[1:]))
+
+
+def mask_units(adapter, group, keep):
+    """The masking reference that slicing must equal: the removed units' input columns of the dense
+    output layer zeroed — and, for heads shared by two streams (FLUX's and SD3's joint attention, whose
+    text stream has its own output layer `to_add_out`), of that layer too. Returns a removable handle."""
+    cols = group.columns(keep)
+    dense = adapter.dense_module(group)
+    handles = [column_mask_hook(adapter.output_layer(group, dense), cols)]
+    text_out = getattr(dense, "to_add_out", None) if group.kind == "heads" else None
+    if text_out is not None:
+        handles.append(column_mask_hook(text_out, cols))
+    return Handles(handles)
+
+
+def mask_block(adapter, index):
+    """Makes block `index` return its input streams (the dense block still runs): each stream the
+    block returns (`adapter.block_io`: argument name, position, output index) is its input."""
+
+    def hook(_module, args, kwargs, output):
+        inputs = [kwargs[name] if name in kwargs else args[position] for name, position, _ in adapter.block_io]
+        if adapter.block_io[0][2] is None:  # the block returns the one stream
+            return inputs[0]
+        out = list(output)
+        for x, (_, _, index_out) in zip(inputs, adapter.block_io):
+            if out[index_out] is not None:  # SD3's context_pre_only last block returns no text stream
+                out[index_out] = x
+        return tuple(out)
+
+    return adapter.dense_block(index).register_forward_hook(hook, with_kwargs=True)
+
+
 class MaskingListener:
     """Per stage, hooks on the dense modules: removed units' input columns zeroed (or the stored
     compensated weight applied on the kept columns), skipped blocks masked."""
@@ -42,7 +90,7 @@ class MaskingListener:
         self.clear()
         self.stage, level, store = stage, self.schedule.levels[stage], self.store
         if store.depth:
-            self.handles = [self.adapter.mask_block(i) for i in store.block_order(stage)[:level].tolist()]
+            self.handles = [mask_block(self.adapter, i) for i in store.block_order(stage)[:level].tolist()]
             return
         for group in self.adapter.unit_groups():
             removed = group.removed_at(level, store.levels_max)
@@ -51,7 +99,7 @@ class MaskingListener:
             keep = keep_from_order(store.order(stage, group.name), removed)
             weight = store.weight(stage, group.name, level)
             # masked (both output layers where a unit feeds two: FLUX's and SD3's joint heads) ...
-            self.handles.append(self.adapter.mask_units(group, keep))
+            self.handles.append(mask_units(self.adapter, group, keep))
             if weight is not None:  # ... and the compensated weight on the kept columns of the output layer
                 cols = group.columns(keep)
                 self.handles.append(self.adapter.output_layer(group).register_forward_hook(
@@ -68,7 +116,7 @@ def sliced_vs_masked(adapter, keeps, latents, timesteps, cond):
     the dense modules, and with them sliced and installed. The dense denoiser is restored afterwards
     and checked bit for bit. Returns (dense, masked, sliced) outputs."""
     dense = adapter.predict_noise(latents, timesteps, cond)
-    handles = [adapter.mask_units(g, keeps[g.name]) for g in adapter.unit_groups() if g.name in keeps]
+    handles = [mask_units(adapter, g, keeps[g.name]) for g in adapter.unit_groups() if g.name in keeps]
     masked = adapter.predict_noise(latents, timesteps, cond)
     for h in handles:
         h.remove()

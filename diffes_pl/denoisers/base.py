@@ -17,7 +17,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
 from ..partition import units_removed
 from .schedules import Sampler, find_sampler, is_flow_matching
@@ -318,30 +317,16 @@ class DenoiserAdapter(ABC):
             return len(self.blocks())
         return min(g.size for g in self.unit_groups() if g.kind == "heads")
 
-    # --- masking (the reference that slicing must equal) -----------------------------------
-    def mask_units(self, group: UnitGroup, keep: Tensor) -> RemovableHandle:
-        """Zeroes the removed units' input columns of the dense output layer (a forward pre-hook)."""
-        layer = self.output_layer(group, self.dense_module(group))
-        mask = torch.zeros(layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
-        mask[group.columns(keep).to(mask.device)] = 1
-
-        def hook(_module: nn.Module, args: tuple) -> tuple:
-            return (args[0] * mask,) + tuple(args[1:])
-
-        return layer.register_forward_pre_hook(hook)
-
     def block_streams(self, args: tuple, kwargs: dict, output: Any) -> list[tuple[Tensor, Tensor]]:
         """(input, output) pairs [B, N, D] of the residual streams of one block call, from a forward
-        hook's arguments: the hidden states in and out (FLUX overrides: image and text streams)."""
-        return [(args[0] if args else kwargs["hidden_states"], output)]
-
-    def mask_block(self, index: int) -> RemovableHandle:
-        """Makes block `index` return its input hidden states (the dense block still runs)."""
-
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return args[0] if args else kwargs["hidden_states"]
-
-        return self.dense_block(index).register_forward_hook(hook, with_kwargs=True)
+        hook's arguments, in `block_io` order (DiT/SDXL/PixArt: the hidden states; FLUX/SD3: image,
+        then text — a stream the block does not return, SD3's context_pre_only last block, is left out)."""
+        pairs = []
+        for name, position, index in self.block_io:
+            y = output if index is None else output[index]
+            if y is not None:
+                pairs.append((kwargs[name] if name in kwargs else args[position], y))
+        return pairs
 
 
 @dataclass(frozen=True)
@@ -456,17 +441,6 @@ class TextCondition:
                 raise ValueError(f"cannot concatenate conditions where only one has {f.name}")
             out[f.name] = None if x is None or y is None else torch.cat([x, y])
         return TextCondition(**out)
-
-
-class HandleGroup:
-    """Several hook handles removed together (a masked unit that feeds two output layers)."""
-
-    def __init__(self, handles: Sequence[RemovableHandle]) -> None:
-        self.handles = list(handles)
-
-    def remove(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 def keep_from_order(order: Tensor, removed: int) -> Tensor:

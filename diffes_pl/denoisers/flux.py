@@ -32,7 +32,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .base import (BlockSlots, ConstantOutput, DenoiserAdapter, HandleGroup, TextCondition, UnitGroup, sliced_linear,
+from .base import (BlockSlots, ConstantOutput, DenoiserAdapter, TextCondition, UnitGroup, sliced_linear,
                    with_children)
 from .dit import feed_forward_linears, slice_feed_forward
 from .loading import ShiftedVAELatents, text_to_image_folder, text_to_image_hub
@@ -187,13 +187,6 @@ def dispatch_to_taps(layer: nn.Linear, taps: list[ColumnTap]) -> RemovableHandle
     return layer.register_forward_pre_hook(hook)
 
 
-def column_mask_hook(layer: nn.Linear, cols: Tensor) -> RemovableHandle:
-    """Zeroes every input column of `layer` except `cols` (a forward pre-hook)."""
-    mask = torch.zeros(layer.in_features, dtype=layer.weight.dtype, device=layer.weight.device)
-    mask[cols.to(mask.device)] = 1
-    return layer.register_forward_pre_hook(lambda _m, args: (args[0] * mask, *args[1:]))
-
-
 def slice_flux_attention(attn: nn.Module, group: UnitGroup, keep: Tensor, out_weight: Tensor | None) -> nn.Module:
     """A two-stream attention (`FluxAttention`, SD3's joint `Attention`) keeping heads `keep`: q/k/v
     rows of both streams, both output layers' columns. SD3's last block is context_pre_only: it has
@@ -329,22 +322,6 @@ class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
     def is_dense(self) -> bool:
         return super().is_dense() and all(self.dense_block(k).proj_out is l for k, l in self._proj_out.items())
 
-    # masking references
-    def mask_units(self, group: UnitGroup, keep: Tensor) -> RemovableHandle | HandleGroup:
-        handle = super().mask_units(group, keep)
-        if self.is_single(group) or group.kind != "heads":
-            return handle
-        text_out = self.dense_module(group).to_add_out  # the text stream loses the same heads
-        return HandleGroup([handle, column_mask_hook(text_out, group.columns(keep))])
-
-    def mask_block(self, index: int) -> RemovableHandle:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-            return text, hidden
-
-        return self.dense_block(index).register_forward_hook(hook, with_kwargs=True)
-
     # calling
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -392,12 +369,6 @@ class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
     def _encode_batch(self, encoders: TextEncoders, prompts: list[str]) -> TextCondition:
         embeds, pooled = encode_flux(encoders, prompts)  # [B, text_len, 4096], [B, 768]
         return TextCondition(embeds, pooled)
-
-    def block_streams(self, args: tuple, kwargs: dict, output: Any) -> list[tuple[Tensor, Tensor]]:
-        """(input, output) of both streams of a double- or single-stream block: image, then text."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-        return [(hidden, output[1]), (text, output[0])]
 
 
 # CLIP gives the pooled embedding only; T5's last hidden states, padded to `text_len`, are the prompt

@@ -38,11 +38,10 @@ import torch
 import torch.nn.functional as F
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from .base import DenoiserAdapter, HandleGroup, TextCondition, UnitGroup
+from .base import DenoiserAdapter, TextCondition, UnitGroup
 from .dit import TransformerBlockUnits, feed_forward_linears
-from .flux import SkippedFluxBlock, column_mask_hook, slice_flux_attention
+from .flux import SkippedFluxBlock, slice_flux_attention
 from .loading import ShiftedVAELatents, text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
 from .schedules import FLOW_MATCHING, Sampler
@@ -133,33 +132,6 @@ class SD3Adapter(ShiftedVAELatents, TextConditioned, TransformerBlockUnits, Deno
 
     def skipped_block(self, index: int) -> nn.Module:
         return SkippedJointBlock(self.dense_block(index).context_pre_only)
-
-    # masking references
-    def mask_units(self, group: UnitGroup, keep: Tensor) -> RemovableHandle | HandleGroup:
-        handle = super().mask_units(group, keep)
-        text_out = getattr(self.dense_module(group), "to_add_out", None) if group.kind == "heads" else None
-        if text_out is None:  # channels, attn2, or the last block's context_pre_only attention
-            return handle
-        return HandleGroup([handle, column_mask_hook(text_out, group.columns(keep))])  # the text stream loses them too
-
-    def mask_block(self, index: int) -> RemovableHandle:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-            return self._stream_inputs(args, kwargs)[::-1]  # (text, image), as the block returns them
-
-        return self.dense_block(index).register_forward_hook(hook, with_kwargs=True)
-
-    @staticmethod
-    def _stream_inputs(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor]:
-        """(hidden_states, encoder_hidden_states) a block was called with."""
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
-        return hidden, text
-
-    def block_streams(self, args: tuple, kwargs: dict, output: Any) -> list[tuple[Tensor, Tensor]]:
-        """(input, output) of the image stream and, where the block returns it, the text stream (the
-        context_pre_only last block returns None for it)."""
-        hidden, text = self._stream_inputs(args, kwargs)
-        return [(hidden, output[1])] + ([] if output[0] is None else [(text, output[0])])
 
     # calling
     @property

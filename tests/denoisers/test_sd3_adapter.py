@@ -21,7 +21,7 @@ from diffes_pl.denoisers.sd3 import SD3Adapter, SkippedJointBlock
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
 from pruners.test_text_pruners import test_obs_beats_wanda_on_reconstruction as obs_beats_wanda
-from routing_reference import (MaskingListener, dense_masked_routed, masking_callback, mixed_keeps, random_store,
+from routing_reference import (mask_block, MaskingListener, dense_masked_routed, masking_callback, mixed_keeps, random_store,
                                sliced_vs_masked)
 from sd3_models import CLIP_TOKENS, T5_TOKENS, build_tiny_sd3, pipeline, save_sd3_folder
 
@@ -145,7 +145,7 @@ def test_skipped_blocks_equal_masked(sd3, sd35, dual):
     adapter = sd35 if dual else sd3
     x, t, c = _inputs(adapter)
     skip = [0, 2]  # a full joint block and the context_pre_only last one
-    handles = [adapter.mask_block(i) for i in skip]
+    handles = [mask_block(adapter, i) for i in skip]
     masked = adapter.predict_noise(x, t, c)
     for h in handles:
         h.remove()

@@ -8,7 +8,7 @@ import diffes_pl as dp
 from diffes_pl.denoisers import ConstantOutput, TextCondition, keep_from_order
 from diffes_pl.partition import Schedule, StagePartition
 from diffes_pl.routing import Router
-from routing_reference import dense_masked_routed, random_store
+from routing_reference import mask_units, mask_block, dense_masked_routed, random_store
 
 STEPS, STAGES = 4, 2
 
@@ -32,7 +32,7 @@ def _inputs(adapter, batch=3):
 
 
 def _masked(adapter, x, t, c, keeps):
-    handles = [adapter.mask_units(g, keeps[g.name]) for g in adapter.unit_groups() if g.name in keeps]
+    handles = [mask_units(adapter, g, keeps[g.name]) for g in adapter.unit_groups() if g.name in keeps]
     out = adapter.predict_noise(x, t, c)
     for h in handles:
         h.remove()
@@ -85,7 +85,7 @@ def test_cross_attention_slices_key_value_rows(sdxl):
 def test_skipped_blocks_equal_masked(sdxl):
     x, t, c = _inputs(sdxl)
     skip = [0, 4, 10]
-    handles = [sdxl.mask_block(i) for i in skip]
+    handles = [mask_block(sdxl, i) for i in skip]
     masked = sdxl.predict_noise(x, t, c)
     for h in handles:
         h.remove()
