@@ -77,6 +77,7 @@ class SampleGrid(L.Callback):
         from torchvision.utils import save_image
 
         import diffes_pl as dp
+        from diffes_pl.caching import schedule_cache
 
         adapter, prompts = context.adapter, context.prompts
         if prompts:
@@ -85,8 +86,14 @@ class SampleGrid(L.Callback):
             conditions = torch.arange(self.num) % (adapter.num_classes or self.num)  # None: text-conditioned
         kw = dict(steps=context.steps, guidance=context.guidance, seed=self.seed, sampler=context.sampler)
         dense = dp.sample(adapter, conditions, **kw)
-        with dp.Router(adapter, context.store, pl_module.best_schedule()) as router:
-            pruned = dp.sample(adapter, conditions, router=router, **kw)
+        schedule = pl_module.best_schedule()
+        with dp.Router(adapter, context.store, schedule) as router:
+            cache = schedule_cache(adapter, schedule)  # a joint schedule's cache; None: level-only
+            try:
+                pruned = dp.sample(adapter, conditions, router=router, cache=cache, **kw)
+            finally:
+                if cache is not None:
+                    cache.remove()
         out = context.root_dir / self.dirname
         out.mkdir(parents=True, exist_ok=True)
         grid = torch.cat([dense, pruned]).float()

@@ -113,6 +113,9 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
     if pruner_name == "obsdiff":  # the OBS-Diff baseline: OBS, one stage, sequential timestep-weighted calibration
         assert model.pruner.passes > 1 and model.pruner.hparams.timestep_weighting and hp.num_stages == 1
         pruner_name = "obs"
+    if pruner_name == "joint":  # the joint search (a level and a cache interval per stage) over OBS
+        assert hp.cache_intervals and 1 in hp.cache_intervals and 0 < hp.mac_budget <= 1
+        pruner_name = "obs"
     assert model.pruner.name == pruner_name
     assert type(model.pruner).__name__ == raw["model"]["pruner"]["class_path"].rsplit(".", 1)[1]
     for key, value in (raw["model"]["pruner"].get("init_args") or {}).items():

@@ -145,10 +145,13 @@ def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
     return (grid * 255).round().to(torch.uint8)
 
 
-def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float) -> Tensor:
-    """Images [B, C, H, W] in [0, 1] of batch b (module-level so that tests can count calls)."""
+def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float,
+                 cache=None) -> Tensor:
+    """Images [B, C, H, W] in [0, 1] of batch b (module-level so that tests can count calls); `cache`:
+    the joint schedule's feature cache (`caching.schedule_cache`), None for a level-only one."""
     cond = image_set.conditions(b, adapter.num_classes)
-    return sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler,
+    kw = {} if cache is None else {"cache": cache}
+    return sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler, **kw,
                   noise=image_set.noise(b, adapter.latent_shape))
 
 
@@ -162,6 +165,7 @@ class SamplingModule(L.LightningModule):
         object.__setattr__(self, "adapter", adapter)  # the denoiser is not this module's state
         self.kw = dict(sampler=sampler, steps=steps, guidance=guidance)
         self.router = None
+        self.cache = None  # a joint schedule's feature cache (after the router)
         self.sampled = 0
 
     def on_predict_start(self) -> None:
@@ -171,8 +175,15 @@ class SamplingModule(L.LightningModule):
             from ..routing import Router
 
             self.router = Router(self.adapter, self.store, self.schedule)  # weights prepared once
+            if self.schedule.caches:
+                from ..caching import schedule_cache
+
+                self.cache = schedule_cache(self.adapter, self.schedule)
 
     def on_predict_end(self) -> None:
+        if self.cache is not None:
+            self.cache.remove()
+            self.cache = None
         if self.router is not None:
             self.router.remove()
             self.router = None
@@ -180,7 +191,8 @@ class SamplingModule(L.LightningModule):
     def predict_step(self, batch: Tensor, batch_idx: int) -> None:
         for b in batch.tolist():
             if not self.image_set.batch_path(b).is_file():  # a padded duplicate may already exist
-                self.image_set.save(b, sample_batch(self.image_set, b, self.adapter, self.router, **self.kw))
+                kw = self.kw if self.cache is None else {**self.kw, "cache": self.cache}
+                self.image_set.save(b, sample_batch(self.image_set, b, self.adapter, self.router, **kw))
                 self.sampled += 1
 
     def predict_dataloader(self):
@@ -226,8 +238,9 @@ def ensure_images(image_set: ImageSet, adapter, store=None, schedule=None, *, sa
 
 @torch.no_grad()
 def latency_per_image(adapter, router, *, batch_size: int, sampler: str, steps: int, guidance: float,
-                      repeats: int = 3, warmup: int = 1) -> float:
-    """Median seconds per image of a full sampling run (all steps + decode) at `batch_size`."""
+                      repeats: int = 3, warmup: int = 1, cache=None) -> float:
+    """Median seconds per image of a full sampling run (all steps + decode) at `batch_size` (`cache`:
+    a joint schedule's feature cache, after the router)."""
     cond = (torch.arange(batch_size) % adapter.num_classes) if adapter.conditioning == "class" else \
         [""] * batch_size
     noise = seeded_noise((batch_size, *adapter.latent_shape), 0)
@@ -237,7 +250,8 @@ def latency_per_image(adapter, router, *, batch_size: int, sampler: str, steps: 
         if cuda:
             torch.cuda.synchronize(adapter.device)
         start = time.perf_counter()
-        sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler, noise=noise)
+        sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler, noise=noise,
+               **({} if cache is None else {"cache": cache}))
         if cuda:
             torch.cuda.synchronize(adapter.device)
         if i >= warmup:

@@ -106,6 +106,8 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     sets = {}
     for name, schedule in {"dense": None, **routed}.items():
         settings = base if schedule is None else {**base, "store": store.key, "partition": schedule.partition}
+        if schedule is not None and schedule.caches:  # cached images differ: key them to the cache too
+            settings = {**settings, "cache_intervals": schedule.intervals, "cache_branch": schedule.cache_branch}
         sets[name] = ImageSet(run / "eval", name, None if schedule is None else schedule.levels, settings,
                               config.num_images, prompts)
         sampled = ensure_images(sets[name], adapter, store, schedule, trainer=trainer, launched=launched, **kw)
@@ -122,14 +124,25 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     rows = {}
     for name, schedule in {"dense": None, **routed}.items():
         router = Router(adapter, store, schedule) if schedule is not None else None
+        cache = None
         try:
-            macs = schedule_macs(adapter, router, partition)
+            if schedule is not None and schedule.caches:  # routed + cached: the schedule's own MAC table
+                from ..caching import schedule_cache
+
+                cache = schedule_cache(adapter, schedule)
+                macs = schedule.costs.trajectory_macs(schedule.levels, schedule.intervals, schedule.steps_per_stage)
+            else:
+                macs = schedule_macs(adapter, router, partition)
             latency = latency_per_image(adapter, router, batch_size=config.latency_batch_size,
-                                        repeats=config.latency_repeats, **kw) if config.latency_batch_size else None
+                                        repeats=config.latency_repeats, cache=cache,
+                                        **kw) if config.latency_batch_size else None
         finally:
+            if cache is not None:
+                cache.remove()
             if router is not None:
                 router.remove()
         rows[name] = {"levels": None if schedule is None else schedule.levels,
+                      **({"intervals": schedule.intervals} if schedule is not None and schedule.caches else {}),
                       "sparsity": 0.0 if schedule is None else schedule.sparsity,
                       "macs": macs, "latency_s": latency, **metrics[name]}
     for row in rows.values():
@@ -210,6 +223,8 @@ def print_table(rows: dict, title: str = "evaluation") -> None:
             value = row.get(key)
             cells.append("" if value is None else _macs(value) if key == "macs" else fmt.format(value))
         levels = "dense" if row.get("levels") is None else " ".join(map(str, row["levels"]))
+        if row.get("intervals") is not None:  # a cached schedule: levels / cache intervals
+            levels += " / k " + " ".join(map(str, row["intervals"]))
         table.add_row(name, levels, *cells)
     Console(width=200).print(table)
 

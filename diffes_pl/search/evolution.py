@@ -8,6 +8,12 @@ and the search's own `torch.Generator`. One `step()` is one generation: make the
 the best. `state_dict()` / `load_state_dict()` are the whole search, so a search stopped after any
 generation and restored continues exactly as an uninterrupted one.
 
+A joint search (the engine has a `population.JointSpace`) works the same way on (levels, cache
+intervals) pairs: `initial_joint_population` / `next_joint_generation` under the MAC budget, prefix
+reuse from `first_changed_joint_stage` (exact: every stage starts with a full step), archive rows
+with `intervals` and `macs` (fraction of the dense trajectory's). A level-only search is untouched:
+same operators, same random numbers, same archive and checkpoint.
+
 `DiffES` (module.py) drives it under `Trainer.fit`, one generation per epoch, and hands `step` an
 evaluator that splits the new schedules across ranks and gathers their fitness; alone, `step`
 evaluates them in this process.
@@ -24,7 +30,7 @@ from ..fitness import FitnessInputs, Metric
 from . import population as pop
 from .rollouts import RolloutEngine
 
-Individual = tuple[int, ...]
+Individual = tuple  # levels (S ints), or in a joint search a (levels, cache intervals) pair of tuples
 # the new schedules of a generation, each with the survivor it was mutated from (None: initial)
 Pending = list[tuple[Individual, Individual | None]]
 # evaluates pending schedules → (fitness values, denoiser steps), float64 tensors in the same order
@@ -52,7 +58,10 @@ class EvolutionarySearch:
         self.engine, self.metric = engine, metric
         self.offspring, self.num_survivors = offspring, survivors
         self.max_move, self.moves_per_child = max_move, moves_per_child
+        self.space = engine.space  # population.JointSpace (joint search) or None (level-only)
         self.init, self.seeds = init, [tuple(s) for s in seeds]
+        if self.space is not None:  # a joint seed is [levels, intervals]; plain levels mean k = 1 everywhere
+            self.seeds = [s if s and isinstance(s[0], (list, tuple)) else (s, (1,) * len(s)) for s in self.seeds]
         self.generator = torch.Generator().manual_seed(seed)
         self.survivors: list[Individual] = []
         self.fitness: dict[Individual, float] = {}
@@ -87,6 +96,13 @@ class EvolutionarySearch:
         `offspring` mutants of the survivors."""
         engine = self.engine
         H, w = engine.levels_max, engine.partition.steps_per_stage
+        if self.space is not None:
+            if self.generation == 0 and not self.survivors:
+                return [(ind, None) for ind in pop.initial_joint_population(
+                    self.offspring + self.num_survivors, self.space, self.generator, init=self.init,
+                    seeds=self.seeds)]
+            return pop.next_joint_generation(self.survivors, self.offspring, self.space, self.generator,
+                                             self.max_move, self.moves_per_child, set(self.fitness))
         if self.generation == 0 and not self.survivors:
             return [(ind, None) for ind in pop.initial_population(
                 self.offspring + self.num_survivors, len(w), H, engine.target_level, w, self.generator,
@@ -115,8 +131,9 @@ class EvolutionarySearch:
             return self.fitness[levels], 0
         start, cached = 0, None
         if self.engine.resumable:
+            first_changed = pop.first_changed_joint_stage if self.space is not None else pop.first_changed_stage
             for source, entries in self.entries.items():
-                shared = pop.first_changed_stage(source, levels)
+                shared = first_changed(source, levels)
                 if shared > start:
                     start, cached = shared, entries
         before = self.engine.nfe
@@ -147,8 +164,7 @@ class EvolutionarySearch:
         for i, (levels, parent) in enumerate(todo):
             value = float(values[i])
             self.fitness[levels] = value
-            self.archive.append({"generation": generation, "levels": list(levels), "fitness": value,
-                                 "nfe": int(nfes[i]), "parent": list(parent) if parent is not None else None})
+            self.archive.append(self._record(generation, levels, value, int(nfes[i]), parent))
         pool = {ind: self.metric.score(self.fitness[ind]) for ind in {*self.survivors, *(c for c, _ in candidates)}}
         self.survivors = pop.select(pool, self.num_survivors, higher_is_better=True)
         self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}
@@ -158,26 +174,53 @@ class EvolutionarySearch:
                 "evaluated": float(len(todo)), "nfe": float(self.nfe_history[-1]),
                 "nfe_total": float(sum(self.nfe_history))}
 
+    def _record(self, generation: int, individual: Individual, value: float, nfe: int,
+                parent: Individual | None) -> dict:
+        """The archive row (evaluations.jsonl) of one evaluated schedule."""
+        if self.space is None:
+            return {"generation": generation, "levels": list(individual), "fitness": value, "nfe": nfe,
+                    "parent": list(parent) if parent is not None else None}
+        levels, intervals = individual
+        macs = self.space.cost(individual) / self.space.costs.dense_macs(self.space.w)
+        return {"generation": generation, "levels": list(levels), "intervals": list(intervals), "macs": macs,
+                "fitness": value, "nfe": nfe, "parent": _lists(parent) if parent is not None else None}
+
     # --- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The whole search (plain types and CPU tensors), as the run's checkpoint stores it."""
+        """The whole search (plain types and CPU tensors), as the run's checkpoint stores it. Joint
+        individuals are stored as [levels, intervals] lists."""
         return {
-            "survivors": [list(s) for s in self.survivors],
-            "fitness": [[list(k), v] for k, v in self.fitness.items()],
+            "survivors": [_lists(s) for s in self.survivors],
+            "fitness": [[_lists(k), v] for k, v in self.fitness.items()],
             "archive": self.archive,
-            "entries": {json.dumps(list(k)): v for k, v in self.entries.items()},
+            "entries": {json.dumps(_lists(k)): v for k, v in self.entries.items()},
             "generator": self.generator.get_state(),
             "nfe_history": self.nfe_history,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        self.survivors = [tuple(s) for s in state["survivors"]]
-        self.fitness = {tuple(k): v for k, v in state["fitness"]}
+        joint = [bool(s) and isinstance(s[0], (list, tuple)) for s in state["survivors"]]
+        if any(joint) != (self.space is not None):
+            raise ValueError(f"the checkpoint holds a {'joint' if any(joint) else 'level-only'} search and this "
+                             f"run is a {'joint' if self.space is not None else 'level-only'} one (model.cache_intervals "
+                             "differs); restore it, or start a new search with --overwrite true")
+        self.survivors = [_tuples(s) for s in state["survivors"]]
+        self.fitness = {_tuples(k): v for k, v in state["fitness"]}
         self.archive = state["archive"]
-        self.entries = {tuple(json.loads(k)): v for k, v in state["entries"].items()}
+        self.entries = {_tuples(json.loads(k)): v for k, v in state["entries"].items()}
         self.generator.set_state(state["generator"])
         self.nfe_history = state["nfe_history"]
 
     def _decode(self, latents: Tensor) -> Tensor:
         adapter = self.engine.adapter
         return adapter.decode(latents.to(adapter.device)).cpu()
+
+
+def _tuples(x):
+    """Nested lists → nested tuples (a level vector, or a joint (levels, intervals) pair)."""
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else int(x)
+
+
+def _lists(x):
+    """Nested tuples → nested lists (JSON and checkpoint form)."""
+    return [_lists(v) for v in x] if isinstance(x, (list, tuple)) else x

@@ -34,6 +34,12 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
     for label, schedule in {"dense": None, **schedules}.items():
         if schedule is None:
             latents, images, macs = ref_latents, ref_images, dense_macs
+        elif schedule.mac_budget is not None:  # joint: routed + cached, MACs from its own cost table
+            engine.space = schedule_space(schedule)
+            latents, _ = engine.run((tuple(schedule.levels), tuple(schedule.intervals)))
+            engine.space = None
+            images = adapter.decode(latents.to(adapter.device)).cpu()
+            macs = schedule.costs.trajectory_macs(schedule.levels, schedule.intervals, schedule.steps_per_stage)
         else:
             latents, _ = engine.run(tuple(schedule.levels))
             images = adapter.decode(latents.to(adapter.device)).cpu()
@@ -42,6 +48,27 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
         inputs = FitnessInputs(images, latents, ref_images, ref_latents, probes.conditions)
         row = {"levels": None if schedule is None else schedule.levels, "macs": macs,
                "mac_ratio": dense_macs / macs}
+        if schedule is not None and schedule.mac_budget is not None:
+            row["intervals"] = schedule.intervals
         row.update({n: float(get_metric(n)(inputs)) for n in names})
         results[label] = row
     return results
+
+
+class _ScheduleSpace:
+    """The one-schedule stand-in for a joint search space that `RolloutEngine` needs to roll out a
+    joint schedule as written (its own step costs, branch and budget)."""
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule_ = schedule
+        self.branch = schedule.cache_branch
+
+    def schedule(self, individual, partition=None) -> Schedule:
+        levels, intervals = individual
+        assert list(levels) == self.schedule_.levels and list(intervals) == self.schedule_.intervals
+        return self.schedule_
+
+
+def schedule_space(schedule: Schedule) -> _ScheduleSpace:
+    """What `RolloutEngine(space=…)` needs to roll out the joint `schedule` (router + its cache)."""
+    return _ScheduleSpace(schedule)

@@ -57,7 +57,7 @@ class DiffES(L.LightningModule):
         max_move: int = 5,
         moves_per_child: int = 1,
         init: str = "hybrid",
-        seeds: list[list[int]] | None = None,
+        seeds: list[list[int] | list[list[int]]] | None = None,
         metric: str = "ssim",
         num_probes: int = 64,
         probe_seed: int = 1234,
@@ -66,6 +66,9 @@ class DiffES(L.LightningModule):
         dtype: str = "float32",
         resident_routing: bool = True,
         prompts: list[str] | None = None,
+        cache_intervals: list[int] | None = None,
+        cache_branch: int | None = None,
+        mac_budget: float | None = None,
     ) -> None:
         """
         Args:
@@ -81,7 +84,8 @@ class DiffES(L.LightningModule):
             offspring: children per generation. survivors: individuals kept (elitist).
             max_move: largest level-switch move. moves_per_child: moves applied per child.
             init: initial population: hybrid (uniform + patterned + random), uniform, random, patterned.
-            seeds: user schedules put into the initial population.
+            seeds: user schedules put into the initial population (a joint search: [levels, intervals]
+                pairs, or plain levels meaning cache interval 1 in every stage).
             metric: fitness: ssim, psnr, latent_mse, class_accuracy, digits_fid, topiq, clipiqa, or
                 `package.module:function`.
             num_probes: probes (seeded noise + labels) the fitness is measured on.
@@ -95,6 +99,19 @@ class DiffES(L.LightningModule):
                 elsewhere): probe i is prompts[i % len(prompts)] with its own seeded latent, encoded
                 once by the denoiser's text encoders; CFG's unconditional half is the adapter's null
                 condition.
+            cache_intervals: the cache intervals k the search may give each stage (e.g. [1, 2, 3]; 1: no
+                caching, k > 1: the deep part is recomputed every k-th step of the stage and reused
+                between; every stage starts with a full step). Set, the search is JOINT: a level AND a
+                cache interval per stage under a MAC budget (`mac_budget`); schedule.json then holds
+                cache_intervals, cache_branch, mac_budget and the step-cost table, and `diffes-pl test`
+                / `dp.sample(..., cache=caching.schedule_cache(adapter, schedule))` sample it routed and
+                cached. None (default): the level-only search.
+            cache_branch: where the cached deep part starts (block caching: the first cached block b,
+                in [0, N); DeepCache: the UNet skip branch). Default: the middle block (N // 2) for
+                block caching, branch 0 for DeepCache. Only with cache_intervals.
+            mac_budget: the joint search's budget, a fraction in (0, 1] of the dense trajectory's MACs.
+                Default: what the level-only uniform schedule at target_level costs, so level-only
+                schedules meeting today's level budget meet it too. Only with cache_intervals.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pruner"])
@@ -104,6 +121,8 @@ class DiffES(L.LightningModule):
         self._tick = nn.Parameter(torch.zeros(1))  # the no-op optimizer's parameter (see configure_optimizers)
         self.context: RunContext | None = None  # `prepare` builds it (loads the denoiser)
         self.search: EvolutionarySearch | None = None  # `setup("fit")` builds it
+        self.cache_branch: int | None = None  # b of a joint search, resolved by `prepare`
+        self.space = None  # population.JointSpace of a joint search, built by `setup("fit")`
 
     # --- validation before any work ------------------------------------------------------------
     def _validate(self) -> None:
@@ -121,6 +140,7 @@ class DiffES(L.LightningModule):
             problems.append(f"levels (H) must be ≥ 1 (got {hp.levels})")
         if hp.levels is not None and not 0 <= hp.target_level <= hp.levels:
             problems.append(f"target_level {hp.target_level} is above H = {hp.levels}: choose target_level ≤ levels")
+        problems += self._cache_problems()
         if hp.dtype not in ("float32", "float16", "bfloat16"):
             problems.append(f"dtype must be float32, float16 or bfloat16 (got {hp.dtype!r})")
         if problems:
@@ -138,6 +158,34 @@ class DiffES(L.LightningModule):
             raise ValueError(f"{hp.denoiser} is class-conditional: model.prompts is for text-conditioned denoisers "
                              "(SDXL, FLUX); remove it")
 
+    def _cache_problems(self) -> list[str]:
+        """One-line refusals of the cache settings (before any work)."""
+        from .population import JOINT_INITS
+
+        hp, problems = self.hparams, []
+        ks = hp.cache_intervals
+        if ks is None:
+            if hp.cache_branch is not None or hp.mac_budget is not None:
+                problems.append("cache_branch and mac_budget belong to the joint search: set cache_intervals "
+                                "(e.g. [1, 2, 3]) too, or remove them")
+            return problems
+        if not isinstance(ks, (list, tuple)) or not ks or \
+                any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
+            problems.append(f"cache_intervals must be a non-empty list of whole numbers ≥ 1 (1: no caching), e.g. "
+                            f"[1, 2, 3]; got {ks!r}")
+        elif len(set(ks)) != len(ks):
+            problems.append(f"cache_intervals {list(ks)} repeats a value: list each interval once")
+        b = hp.cache_branch
+        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
+            problems.append(f"cache_branch must be a whole number ≥ 0 (the cache branch b); got {b!r}")
+        m = hp.mac_budget
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1):
+            problems.append(f"mac_budget must be a fraction in (0, 1] of the dense trajectory's MACs; got {m!r}")
+        if hp.init not in JOINT_INITS:
+            problems.append(f"a joint search (cache_intervals set) takes init {' or '.join(JOINT_INITS)} "
+                            f"(got {hp.init!r})")
+        return problems
+
     # --- the run context (CLI: before fit / predict / test) ---------------------------------------
     def prepare(self, root_dir: str | Path = ".", device: torch.device | str = "cpu") -> RunContext:
         """The run context of a run in `root_dir` (`context`): loads the denoiser on `device` and fixes
@@ -150,6 +198,8 @@ class DiffES(L.LightningModule):
             partition = StagePartition.from_scheduler(adapter.make_scheduler(hp.sampler), hp.steps, hp.num_stages)
             levels_max = int(hp.levels or adapter.default_levels("depth" if self.pruner.depth else "width"))
             check_target(hp.target_level, levels_max, partition.steps_per_stage)
+            if hp.cache_intervals is not None:
+                self.cache_branch = resolve_cache_branch(adapter, hp.cache_branch)
             self.context = RunContext(root_dir, store_path, adapter, partition, levels_max, hp.target_level,
                                       hp.sampler, hp.steps, hp.guidance, hp.dtype, self.metric, hp.prompts,
                                       hp.probe_batch_size)
@@ -190,12 +240,24 @@ class DiffES(L.LightningModule):
                                 f"{store.num_stages} stages; this run needs H = {context.levels_max} and "
                                 f"{partition.num_stages} stages")
         probes = Probes.make(adapter, hp.num_probes, hp.probe_seed, prompts=hp.prompts)
+        self.space = self.joint_space() if hp.cache_intervals is not None else None
         engine = RolloutEngine(adapter, store, partition, probes, sampler=hp.sampler, guidance=hp.guidance,
                                batch_size=hp.probe_batch_size, levels_max=context.levels_max,
-                               target_level=hp.target_level, resident=hp.resident_routing)
+                               target_level=hp.target_level, resident=hp.resident_routing, space=self.space)
         self.search = EvolutionarySearch(engine, self.metric, offspring=hp.offspring, survivors=hp.survivors,
                                          max_move=hp.max_move, moves_per_child=hp.moves_per_child, init=hp.init,
                                          seeds=hp.seeds or [], seed=hp.search_seed)
+
+    def joint_space(self):
+        """The joint (level, cache interval) search space of this run: the step-cost table is counted
+        once (`caching.budget.step_cost_table`, at the cache branch) and recorded in every schedule."""
+        from ..caching.budget import step_cost_table
+        from .population import joint_space
+
+        hp, context = self.hparams, self.context
+        table = step_cost_table(context.adapter, context.store, context.partition, branch=self.cache_branch)
+        return joint_space(context.levels_max, context.partition.steps_per_stage, table, hp.target_level,
+                           intervals=hp.cache_intervals, branch=self.cache_branch, mac_budget=hp.mac_budget)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The search optimizes nothing, yet it keeps a no-op optimizer (SGD, lr 0) over one placeholder
@@ -251,6 +313,12 @@ class DiffES(L.LightningModule):
     def best_schedule(self) -> Schedule:
         """The best schedule so far, with what it was searched on (store, pruner, metric)."""
         search, context = self.search, self.context
+        if self.space is not None:
+            return self.space.schedule(search.best, partition=context.partition.to_dict(),
+                                       store=str(context.store_path.resolve()), pruner=self.pruner.name,
+                                       metric=context.metric.name, fitness=search.best_fitness,
+                                       extra={"generations": search.generation, "finished": False},
+                                       store_key=context.store.key)
         return Schedule(list(search.best), context.levels_max, context.target_level,
                         context.partition.steps_per_stage, partition=context.partition.to_dict(),
                         store=str(context.store_path.resolve()), pruner=self.pruner.name, metric=context.metric.name,
@@ -275,3 +343,25 @@ class DiffES(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.search.load_state_dict(checkpoint["diffes"])
+
+
+def resolve_cache_branch(adapter, branch: int | None) -> int:
+    """The cache branch b of a joint search: `branch`, checked against what the adapter declares, or
+    by default the middle block (block caching) / skip branch 0 (DeepCache)."""
+    from ..denoisers.base import BlockCachePoints, UNetCachePoints
+
+    points = adapter.cache_points()
+    if isinstance(points, BlockCachePoints):
+        count, what = points.num_blocks, "blocks (block caching: the first cached block)"
+        default = count // 2
+    elif isinstance(points, UNetCachePoints):
+        count, what = len(points.unet.down_blocks), "UNet skip branches (DeepCache)"
+        default = 0
+    else:
+        raise ValueError(f"{adapter.name} declares cache points of type {type(points).__name__}, which no cache "
+                         "implements: remove model.cache_intervals")
+    if branch is None:
+        return default
+    if not 0 <= branch < count:
+        raise ValueError(f"cache_branch {branch} is outside [0, {count}): {adapter.name} has {count} {what}")
+    return int(branch)

@@ -18,6 +18,8 @@ from ..routing import Router
 from ..sampling import prepare_scheduler, rollout, seeded_noise
 from ..trajectory import TrajectoryStore
 
+Individual = Any  # levels (tuple of S ints), or a joint (levels, cache intervals) pair of tuples
+
 
 @dataclass
 class Probes:
@@ -56,11 +58,16 @@ class Probes:
 
 
 class RolloutEngine:
-    """Runs probes through the router for a schedule, caching the latents entering every stage."""
+    """Runs probes through the router for a schedule, caching the latents entering every stage.
+
+    With a joint search space (`space`, `population.joint_space`), a schedule is a (levels, cache
+    intervals) pair: the rollout installs the router and, after it, the feature cache of the
+    space's branch (`caching.feature_cache`). Every stage starts with a full step (the refresh rule),
+    so nothing but the latents crosses a stage boundary and stage-prefix reuse stays exact."""
 
     def __init__(self, adapter: DenoiserAdapter, store: TrajectoryStore | None, partition: StagePartition,
                  probes: Probes, *, sampler: str, guidance: float, batch_size: int | None = None,
-                 levels_max: int = 0, target_level: float = 0, resident: bool = True) -> None:
+                 levels_max: int = 0, target_level: float = 0, resident: bool = True, space: Any = None) -> None:
         self.adapter = adapter
         self.store = store
         self.partition = partition
@@ -71,6 +78,7 @@ class RolloutEngine:
         self.levels_max = levels_max
         self.target_level = target_level
         self.resident = resident  # Router(resident=False): one shared buffer per layer, far less memory
+        self.space = space  # population.JointSpace of a joint (level, cache interval) search; None: level-only
         self.nfe = 0  # sampling steps run over the probe set (full rollout = partition.num_steps)
 
     @property
@@ -78,19 +86,42 @@ class RolloutEngine:
         """Whether a rollout may start from cached stage-entry latents (no multistep history)."""
         return not self.adapter.sampler(self.sampler).multistep
 
+    @property
+    def joint(self) -> bool:
+        """Whether schedules are (levels, cache intervals) pairs."""
+        return self.space is not None
+
     def _schedule(self, levels) -> Schedule:
+        if self.joint:
+            return self.space.schedule(levels, partition=self.partition.to_dict())
         return Schedule(list(levels), self.levels_max, self.target_level, self.partition.steps_per_stage,
                         partition=self.partition.to_dict())
 
+    def _listeners(self, individual: Individual) -> list:
+        """[router] or, for a joint individual, [router, its feature cache] (router first)."""
+        router = Router(self.adapter, self.store, self._schedule(individual), resident=self.resident)
+        if not self.joint or all(int(k) == 1 for k in individual[1]):  # no stage caches: the router alone
+            return [router]
+        from ..caching import feature_cache  # caching builds on routing; imported late
+
+        levels, intervals = individual
+        try:
+            return [router, feature_cache(self.adapter, [int(k) for k in intervals], self.space.branch,
+                                          levels=levels)]
+        except BaseException:
+            router.remove()
+            raise
+
     @torch.no_grad()
-    def run(self, levels: tuple[int, ...] | None, start_stage: int = 0,
+    def run(self, levels: Individual | None, start_stage: int = 0,
             start_latents: list[Tensor] | None = None) -> tuple[Tensor, list[Tensor]]:
         """Final latents [P, C, H, W] and the latents entering each stage (list of S tensors, CPU).
 
-        `levels=None` runs the dense denoiser. With `start_stage > 0`, `start_latents` (the
-        parent's stage-entry latents) supply the state entering that stage."""
+        `levels=None` runs the dense denoiser; a joint search's schedules are (levels, intervals)
+        pairs. With `start_stage > 0`, `start_latents` (the parent's stage-entry latents) supply the
+        state entering that stage."""
         adapter, partition = self.adapter, self.partition
-        router = None if levels is None else Router(adapter, self.store, self._schedule(levels), resident=self.resident)
+        listeners = [] if levels is None else self._listeners(levels)
         first_step = partition.steps_of_stage(start_stage).start if start_stage < partition.num_stages else partition.num_steps
         x = (self.probes.noise if start_stage == 0 else start_latents[start_stage]) if start_stage < partition.num_stages else start_latents[-1]
         entries: list[Tensor] = list(start_latents[:start_stage]) if start_stage else []
@@ -115,12 +146,12 @@ class RolloutEngine:
                 latents = rollout(adapter, scheduler, latents, cond, guidance=self.guidance, partition=partition,
                                   noise_seeds=seeds,
                                   steps=range(first_step, partition.num_steps),
-                                  listeners=[router] if router is not None else [], on_latents=keep)
+                                  listeners=listeners, on_latents=keep)
                 finals.append(latents.cpu())
                 per_batch_entries.append(seen)
         finally:
-            if router is not None:
-                router.remove()
+            for listener in reversed(listeners):  # the cache unwraps first, then the router restores
+                listener.remove()
         self.nfe += partition.num_steps - first_step
         for s in range(len(per_batch_entries[0])):
             entries.append(torch.cat([batch[s] for batch in per_batch_entries]))

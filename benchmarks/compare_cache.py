@@ -1,0 +1,156 @@
+"""Feature caching, pruning and both, at the same MAC budgets, on probes the searches never saw
+(issue 13 item 4).
+
+    python benchmarks/compare_cache.py                   # built-in model, OBS, 50 % and 35 % of dense MACs
+    python benchmarks/compare_cache.py --tiny            # smoke run: proves the script works; numbers meaningless
+
+Rows, per MAC budget (a fraction of the dense trajectory's MACs):
+- dense;
+- cache-only, uniform interval: level 0 in every stage, the largest allowed k everywhere (its MACs
+  are what caching alone reaches: with stages of w steps at most w − 1 of every w steps are cached);
+- level-only Diff-ES: the search with cache interval 1 in every stage (`model.cache_intervals [1]`),
+  budgeted in MACs like the others (for width pruning the same search as the level budget);
+- level-only + fixed cache interval (the paper's stacking): levels searched with k fixed in every
+  stage (`model.cache_intervals [k]`) at the same MAC budget;
+- joint search: a level and an interval per stage (`model.cache_intervals [1, 2, 3]`).
+Every search runs `diffes-pl fit` on one shared trajectory store (resumed when a run stopped, skipped
+when finished). Scored on fresh probes (another seed, more probes): SSIM and PSNR vs dense, plus
+the denoiser's declared metrics (class accuracy and digits-FID for the built-in model); MACs (from
+the schedules' own cost tables); CPU latency per image (routed + cached, median of repeats).
+Prints a table; writes benchmarks/results/compare_cache.json (`--tiny`: compare_cache_tiny.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+# the smoke setting of the test suite (tests/tiny_search.py): 4 stages of 2 steps, few probes
+TINY = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
+        "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
+        "--data.nsamples", "4", "--data.batch_size", "4"]
+
+
+def fit(common: list[str], run: Path) -> None:
+    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped)."""
+    done = run / "schedule.json"
+    if done.exists() and json.loads(done.read_text())["extra"].get("finished"):
+        return
+    resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
+    subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(ROOT / "configs/tiny_joint.yaml"))
+    parser.add_argument("--runs", default=str(ROOT / "runs/compare_cache"))
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35])
+    parser.add_argument("--fixed-interval", type=int, default=2, help="k of the stacking row")
+    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3], help="k values of the joint search")
+    parser.add_argument("--generations", type=int, default=30)
+    parser.add_argument("--eval-probes", type=int, default=500)
+    parser.add_argument("--eval-seed", type=int, default=99991)
+    parser.add_argument("--latency-batch-size", type=int, default=8)
+    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke setting: 4 stages of 8 steps, 1 generation, 16 probes, 1 latency repeat")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.tiny:
+        args.generations, args.eval_probes, args.latency_batch_size, args.latency_repeats = 1, 16, 2, 1
+    extra = TINY if args.tiny else []
+    out = Path(args.out or Path(__file__).parent / "results" / f"compare_cache{'_tiny' if args.tiny else ''}.json")
+    runs = Path(args.runs + ("_tiny" if args.tiny else ""))
+    searches = {"level-only Diff-ES": [1], f"level-only + fixed k={args.fixed_interval}": [args.fixed_interval],
+                "joint search": sorted(set(args.intervals))}
+
+    from diffes_pl.caching import schedule_cache
+    from diffes_pl.caching.budget import step_cost_table
+    from diffes_pl.cli import DiffESCLI
+    from diffes_pl.evaluation.generate import latency_per_image
+    from diffes_pl.partition import Schedule, StepCosts
+    from diffes_pl.routing import Router
+    from diffes_pl.search.holdout import evaluate_schedules
+
+    def run_dir(budget: float, ks: list[int]) -> Path:
+        slug = "level" if ks == [1] else f"fixed{ks[0]}" if len(ks) == 1 else "joint"
+        return runs / f"{budget:g}" / slug
+
+    def common(budget: float, name: str, ks: list[int]) -> list[str]:
+        return ["--config", args.config, *extra, "--trainer.default_root_dir", str(run_dir(budget, ks)),
+                "--trainer.max_epochs", str(args.generations), "--model.store", str(runs / "store"),
+                "--model.cache_intervals", json.dumps(ks), "--model.mac_budget", str(budget)]
+
+    for budget in args.budgets:  # the searches (sequential: one shared store, calibrated once)
+        for name, ks in searches.items():
+            fit(common(budget, name, ks), run_dir(budget, ks))
+
+    first = common(args.budgets[0], "joint search", searches["joint search"])
+    cli = DiffESCLI(args=first, run=False)  # run=False: no subcommand
+    module, trainer = cli.model, cli.trainer
+    module.ensure_store(trainer, cli.datamodule, log=lambda *_: None)
+    context = module.prepare(trainer.default_root_dir)
+    adapter, partition, store = context.adapter, context.partition, context.store
+    H, w, S = context.levels_max, partition.steps_per_stage, partition.num_stages
+    table = step_cost_table(adapter, store, partition, branch=module.cache_branch)
+    costs = StepCosts.parse(table, S, H)
+    k_max = max(max(args.intervals), args.fixed_interval)
+    cache_only_ks = [min(k_max, ws) for ws in w]
+    cache_only_macs = costs.trajectory_macs([0] * S, cache_only_ks, w)
+    dense_macs = costs.dense_macs(w)
+    cache_only = Schedule([0] * S, H, 0, list(w), partition=partition.to_dict(), cache_intervals=cache_only_ks,
+                          cache_branch=module.cache_branch, mac_budget=cache_only_macs / dense_macs, step_costs=table)
+
+    report: dict = {"config": args.config, "tiny": args.tiny, "generations": args.generations,
+                    "eval_probes": args.eval_probes, "eval_seed": args.eval_seed, "cache_branch": module.cache_branch,
+                    "budgets": {}}
+    for budget in args.budgets:
+        schedules = {f"cache-only k={max(cache_only_ks)}": cache_only}
+        search_fitness = {}
+        for name, ks in searches.items():
+            schedules[name] = Schedule.load(run_dir(budget, ks) / "schedule.json")
+            search_fitness[name] = schedules[name].fitness
+        results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
+        for name, row in results.items():
+            schedule = schedules.get(name)
+            row["mac_fraction"] = row["macs"] / results["dense"]["macs"]
+            row["search_fitness"] = search_fitness.get(name)
+            router = cache = None
+            try:
+                if schedule is not None:
+                    router = Router(adapter, store, schedule)
+                    cache = schedule_cache(adapter, schedule)
+                row["latency_s"] = latency_per_image(adapter, router, batch_size=args.latency_batch_size,
+                                                     sampler=context.sampler, steps=context.steps,
+                                                     guidance=context.guidance, repeats=args.latency_repeats,
+                                                     cache=cache)
+            finally:
+                if cache is not None:
+                    cache.remove()
+                if router is not None:
+                    router.remove()
+        report["budgets"][f"{budget:g}"] = results
+        print(f"\nMAC budget {100 * budget:g} % of dense; {S} stages of {list(w)} steps, H = {H}, cache branch "
+              f"{module.cache_branch}; {args.eval_probes} unseen probes{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
+        print(f"{'schedule':30s} {'levels / intervals':34s} {'MACs %':>7s} {'SSIM':>7s} {'PSNR':>6s} "
+              f"{'acc %':>6s} {'dFID':>7s} {'ms/img':>8s}")
+        for name, row in results.items():
+            shown = "dense" if row["levels"] is None else \
+                " ".join(map(str, row["levels"])) + " / " + " ".join(map(str, row.get("intervals", [1] * S)))
+            acc = f"{100 * row['class_accuracy']:6.1f}" if "class_accuracy" in row else f"{'':>6s}"
+            fid = f"{row['digits_fid']:7.3f}" if "digits_fid" in row else f"{'':>7s}"
+            print(f"{name:30s} {shown:34s} {100 * row['mac_fraction']:7.2f} {row['ssim']:7.4f} {row['psnr']:6.2f} "
+                  f"{acc} {fid} {1000 * row['latency_s']:8.2f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
