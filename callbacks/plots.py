@@ -34,7 +34,11 @@ class SearchPlots(L.Callback):
         gens = sorted({r["generation"] for r in archive})
         best, running = [], None
         for g in gens:
-            vals = [r["fitness"] for r in archive if r["generation"] == g]
+            # raced-out children were scored on a probe subset only: not comparable with the best
+            vals = [r["fitness"] for r in archive if r["generation"] == g and not r.get("raced_out")]
+            if not vals:
+                best.append(running)
+                continue
             top = max(vals, key=lambda v: sign * v)
             running = top if running is None or sign * top > sign * running else running
             best.append(running)

@@ -172,11 +172,17 @@ class DiffESCLI(LightningCLI):
 
     def after_fit(self) -> None:
         search = self.model.search
+        if search is None or not search.survivors:
+            self._log("search: nothing evaluated")
+            return
+        cost, reason = search.cost(), self.model.stop_reason()
+        raced = sum(bool(r.get("raced_out")) for r in search.archive)
         self._log(f"search: {search.generation} generations, {len(search.archive)} schedules evaluated "
-                  f"({self.restored} restored from the checkpoint, {search.evaluated_here} evaluated by this run); "
-                  f"best {search.metric.name} {search.best_fitness:.4f} → "
-                  f"{self.model.context.root_dir / 'schedule.json'}" if search is not None and search.survivors else
-                  "search: nothing evaluated")
+                  f"({self.restored} restored from the checkpoint, {search.evaluated_here} evaluated by this run"
+                  f"{f'; {raced} raced out on the probe subset' if search.racing is not None else ''}); "
+                  f"cost {cost['probe_steps']:,} probe-steps, {cost['macs'] / 1e12:.3g} TMAC; "
+                  f"best {search.metric.name} {search.best_fitness:.4f} → {self.model.context.root_dir / 'schedule.json'}"
+                  + (f"; stopped early, {reason}" if reason else ""))
 
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException

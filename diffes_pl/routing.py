@@ -15,7 +15,7 @@ dense model instead of S.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
@@ -72,7 +72,8 @@ class Router:
     """Stage-conditioned weights on one denoiser (see module docstring)."""
 
     def __init__(self, adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule,
-                 device: str | torch.device | None = None, resident: bool = True) -> None:
+                 device: str | torch.device | None = None, resident: bool = True,
+                 stages: Sequence[int] | None = None) -> None:
         """
         Args:
             adapter: the denoiser to route (one instance; its dense modules are never modified).
@@ -81,6 +82,8 @@ class Router:
             device: where the prepared weights live (default: the denoiser's device).
             resident: True keeps every stage's sliced weights resident (swap by reference);
                 False shares one buffer per dense layer across stages, refilled at stage boundaries.
+            stages: prepare only these stages (default: all); installing another one is an error.
+                The search's batched rollouts run one stage at a time and need one stage's weights.
         """
         self.adapter = adapter
         self.store = store
@@ -93,9 +96,10 @@ class Router:
         self._stages: list[dict] = []
         self._refills: list[list[tuple]] = []
         for stage, level in enumerate(schedule.levels):
-            self._stages.append(self._prepare(stage, level))
+            prepared = self._prepare(stage, level) if stages is None or stage in stages else None
+            self._stages.append(prepared)
             if not resident:
-                self._refills.append(self._share(self._stages[-1]))
+                self._refills.append(self._share(prepared) if prepared is not None else [])
         self._current: int | None = None
 
     # --- validation ----------------------------------------------------------------------------
@@ -190,6 +194,9 @@ class Router:
         """Swaps in stage `stage`'s modules (by reference)."""
         adapter = self.adapter
         prepared = self._stages[stage]
+        if prepared is None:
+            raise RoutingError(f"stage {stage} was not prepared by this router (built with stages=…): build it "
+                               "with that stage")
         groups, blocks = prepared["groups"], prepared["blocks"]
         if not self.resident:
             with torch.no_grad():
@@ -243,7 +250,7 @@ class Router:
         seen: set[int] = set()
         total = 0
         for prepared in self._stages:
-            for module in prepared["groups"].values():
+            for module in (prepared or {"groups": {}})["groups"].values():
                 for p in module.parameters():
                     storage = p.untyped_storage()
                     if storage.data_ptr() not in dense and storage.data_ptr() not in seen:

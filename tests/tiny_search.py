@@ -65,3 +65,19 @@ def text_family_search(tmp_path: Path, text_models, folder: Path, model: dict, g
     assert again_schedule | {"store": None} == schedule | {"store": None}
     assert [(r["levels"], r["fitness"], r["nfe"]) for r in again] == [(r["levels"], r["fitness"], r["nfe"]) for r in records]
     return schedule, records
+
+
+def calibrated_search(root: Path, max_epochs: int, callbacks: list | None = None, **settings):
+    """A small Wanda `DiffES` (module, Trainer) whose store is calibrated in `root` (4 calibration
+    images), as `diffes-pl fit` has them before the search starts."""
+    import lightning as L
+
+    from diffes_pl.data.calibration import CalibrationDataModule
+    from diffes_pl.pruners import WandaPruner
+    from diffes_pl.search.module import DiffES
+
+    module = DiffES(pruner=WandaPruner(), **settings)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root, callbacks=callbacks or [])
+    module.ensure_store(trainer, CalibrationDataModule(nsamples=4, batch_size=4), log=lambda *_: None)
+    return module, trainer

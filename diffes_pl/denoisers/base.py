@@ -423,7 +423,7 @@ class TextCondition:
     def __len__(self) -> int:
         return self.prompt_embeds.shape[0]
 
-    def __getitem__(self, index: slice | int) -> "TextCondition":
+    def __getitem__(self, index: slice | int | torch.Tensor) -> "TextCondition":
         index = slice(index, index + 1) if isinstance(index, int) else index
         return self.map(lambda t: t[index])
 

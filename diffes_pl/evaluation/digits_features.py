@@ -56,7 +56,12 @@ class DigitsFID:
 
 
 @torch.no_grad()
+def class_hits(images: Tensor, labels: Tensor) -> Tensor:
+    """[N] 1.0 where the digits classifier reads image [1, 8, 8] (in [0, 1]) as its conditioning label."""
+    clf = load_digits_classifier(images.device)
+    return (clf(images * 2 - 1).argmax(dim=1) == labels.to(images.device)).float()
+
+
 def class_accuracy(images: Tensor, labels: Tensor) -> float:
     """Share of images [N, 1, 8, 8] in [0, 1] the digits classifier reads as their conditioning label."""
-    clf = load_digits_classifier(images.device)
-    return float((clf(images * 2 - 1).argmax(dim=1) == labels.to(images.device)).float().mean())
+    return float(class_hits(images, labels).mean())

@@ -27,24 +27,40 @@ class FitnessInputs:
 
 @dataclass(frozen=True)
 class Metric:
+    """A fitness metric. `per_probe` (optional) gives one value per probe [P], higher is better, whose
+    mean orders schedules as the metric does: what racing (`search.racing`) compares on a probe subset.
+    Metrics without it (digits-FID, a set statistic) cannot be raced."""
+
     name: str
     fn: Callable[[FitnessInputs], float]
     higher_is_better: bool
+    per_probe: Callable[[FitnessInputs], Tensor] | None = None
 
     def __call__(self, inputs: FitnessInputs) -> float:
         return float(self.fn(inputs))
+
+    def probe_values(self, inputs: FitnessInputs) -> Tensor:
+        """[P] float64 per-probe values (higher is better); ValueError if the metric has none."""
+        if self.per_probe is None:
+            raise ValueError(f"fitness metric {self.name!r} has no per-probe values, so it cannot be raced: use ssim, "
+                             "psnr, latent_mse, class_accuracy, topiq or clipiqa, or turn racing off (race_probes: null)")
+        return self.per_probe(inputs).detach().double().cpu().reshape(-1)
 
     def score(self, value: float) -> float:
         """The value oriented so that higher is better (what selection maximises)."""
         return value if self.higher_is_better else -value
 
 
-def _ssim(x: FitnessInputs) -> float:
+def _ssim(x: FitnessInputs, reduction: str = "elementwise_mean") -> Tensor:
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     kernel = min(11, x.images.shape[-1] - (1 - x.images.shape[-1] % 2))  # odd, ≤ image side
     return structural_similarity_index_measure(x.images.float(), x.reference_images.float(), data_range=1.0,
-                                               kernel_size=kernel)
+                                               kernel_size=kernel, reduction=reduction)
+
+
+def _ssim_per_probe(x: FitnessInputs) -> Tensor:
+    return _ssim(x, reduction="none")  # [P]; their mean is the SSIM
 
 
 def _psnr(x: FitnessInputs) -> float:
@@ -53,14 +69,33 @@ def _psnr(x: FitnessInputs) -> float:
     return peak_signal_noise_ratio(x.images.float(), x.reference_images.float(), data_range=1.0)
 
 
+def _per_probe_mse(a: Tensor, b: Tensor) -> Tensor:
+    return ((a.float() - b.float()) ** 2).flatten(1).mean(dim=1)  # [P]
+
+
+def _negative_image_mse(x: FitnessInputs) -> Tensor:
+    # PSNR = 10 log10(1 / mean MSE) over all pixels: the mean of −MSE per probe orders schedules as PSNR does
+    return -_per_probe_mse(x.images, x.reference_images)
+
+
 def _latent_mse(x: FitnessInputs) -> float:
     return torch.mean((x.latents.float() - x.reference_latents.float()) ** 2)
+
+
+def _negative_latent_mse(x: FitnessInputs) -> Tensor:
+    return -_per_probe_mse(x.latents, x.reference_latents)
 
 
 def _class_accuracy(x: FitnessInputs) -> float:
     from ..evaluation.digits_features import class_accuracy
 
     return class_accuracy(x.images, x.conditions)
+
+
+def _class_hits(x: FitnessInputs) -> Tensor:
+    from ..evaluation.digits_features import class_hits
+
+    return class_hits(x.images, x.conditions)
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,10 +113,10 @@ def _digits_fid(x: FitnessInputs) -> float:
 
 
 METRICS: dict[str, Metric] = {m.name: m for m in [
-    Metric("ssim", _ssim, True),
-    Metric("psnr", _psnr, True),
-    Metric("latent_mse", _latent_mse, False),
-    Metric("class_accuracy", _class_accuracy, True),
+    Metric("ssim", _ssim, True, _ssim_per_probe),
+    Metric("psnr", _psnr, True, _negative_image_mse),
+    Metric("latent_mse", _latent_mse, False, _negative_latent_mse),
+    Metric("class_accuracy", _class_accuracy, True, _class_hits),
     Metric("digits_fid", _digits_fid, False),
 ]}
 IQA = {"topiq": ("topiq_nr", True), "clipiqa": ("clipiqa", True)}

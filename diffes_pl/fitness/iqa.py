@@ -55,13 +55,20 @@ def iqa_metric(name: str, pyiqa_name: str, higher_is_better: bool):
     check_weights(name, pyiqa_name)
     holder: dict = {}
 
-    def fn(x):
+    def per_image(x):
+        """[P] scores, one per image (the metric is their mean)."""
         if "m" not in holder:
             import pyiqa
 
             holder["m"] = pyiqa.create_metric(pyiqa_name, device=x.images.device, as_loss=False,
                                               **CREATE_KWARGS[pyiqa_name])
         images = x.images if x.images.shape[1] == 3 else x.images.repeat(1, 3, 1, 1)
-        return holder["m"](images).mean()
+        return holder["m"](images).reshape(-1)
 
-    return Metric(name, fn, higher_is_better)
+    def fn(x):
+        return per_image(x).mean()
+
+    def per_probe(x):  # oriented: higher is better
+        return per_image(x) if higher_is_better else -per_image(x)
+
+    return Metric(name, fn, higher_is_better, per_probe)

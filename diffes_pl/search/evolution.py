@@ -14,27 +14,75 @@ reuse from `first_changed_joint_stage` (exact: every stage starts with a full st
 with `intervals` and `macs` (fraction of the dense trajectory's). A level-only search is untouched:
 same operators, same random numbers, same archive and checkpoint.
 
-`DiffES` (module.py) drives it under `Trainer.fit`, one generation per epoch, and hands `step` an
-evaluator that splits the new schedules across ranks and gathers their fitness; alone, `step`
-evaluates them in this process.
+With racing (`racing.Racing`), a generation scores its new children on a probe subset first and
+finishes only those that can still reach the worst survivor; the survivors' per-probe values (on
+all probes) and the raced-out children are part of the state.
+
+`DiffES` (module.py) drives it under `Trainer.fit`, one generation per epoch, and tells `step` its
+rank, the world size and how to sum a tensor over ranks (the new schedules are split across them);
+alone, `step` evaluates them in this process.
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..fitness import FitnessInputs, Metric
+from ..partition import StepCosts
 from . import population as pop
+from .racing import Racing
 from .rollouts import RolloutEngine
 
 Individual = tuple  # levels (S ints), or in a joint search a (levels, cache intervals) pair of tuples
 # the new schedules of a generation, each with the survivor it was mutated from (None: initial)
 Pending = list[tuple[Individual, Individual | None]]
-# evaluates pending schedules → (fitness values, denoiser steps), float64 tensors in the same order
-Evaluator = Callable[[Pending], tuple[Tensor, Tensor]]
+# sums a tensor over the processes of a run (each process fills only its own slots; None: one process)
+Reduce = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class Scored:
+    """One schedule rolled out on some probes (all P, or a racing subset)."""
+
+    latents: Tensor  # [p, C, H, W] final latents, CPU
+    entries: list[Tensor]  # S tensors [p, C, H, W]: the latents entering each stage
+    value: float  # the metric on these probes (on all P: the fitness)
+    per_probe: Tensor | None  # [p] float64 per-probe values (racing only)
+    nfe: int  # sampling steps run
+    probe_steps: int  # probes × sampling steps run
+    macs: int  # denoiser MACs spent (the CFG pair counts twice)
+
+
+@dataclass
+class Round:
+    """What one evaluation round gives every process: per pending schedule (zeros where a schedule was
+    not in the round), summed over processes."""
+
+    values: Tensor  # [n] float64
+    per_probe: Tensor  # [n, p] float64 (p = 0 without racing)
+    nfe: Tensor  # [n]
+    probe_steps: Tensor  # [n]
+    macs: Tensor  # [n]
+
+    @classmethod
+    def zeros(cls, n: int, p: int) -> "Round":
+        z = lambda *shape: torch.zeros(*shape, dtype=torch.float64)  # noqa: E731
+        return cls(z(n), z(n, p), z(n), z(n), z(n))
+
+    def fill(self, i: int, scored: Scored) -> None:
+        self.values[i], self.nfe[i] = scored.value, scored.nfe
+        self.probe_steps[i], self.macs[i] = scored.probe_steps, scored.macs
+        if scored.per_probe is not None and self.per_probe.shape[1]:
+            self.per_probe[i] = scored.per_probe
+
+    def reduced(self, reduce: Reduce | None) -> "Round":
+        if reduce is None:
+            return self
+        return Round(*(reduce(t) for t in (self.values, self.per_probe, self.nfe, self.probe_steps, self.macs)))
 
 
 class EvolutionarySearch:
@@ -48,14 +96,34 @@ class EvolutionarySearch:
         max_move: largest level-switch move. moves_per_child: moves applied per child.
         init: initial population (`population.INITS`). seeds: user schedules put into it.
         seed: seed of the search's own generator (population, mutation).
+        racing: score children on a probe subset first (`racing.Racing`); None: every child on all
+            probes. The metric must give per-probe values.
 
     Building it rolls the probes out once with the dense denoiser: the reference of every fitness.
+    It also counts the MACs of one denoiser step per stage and level (the cost meter's table:
+    the joint space's own, or `caching.budget.step_cost_table` for a level-only search).
+
+    Cost meter: every schedule's archive row holds the probe-steps (one probe through one denoiser
+    step; the CFG pair counts once) and the denoiser MACs (CFG pair counted twice) its evaluation
+    spent; `cost()` sums them with the dense reference rollout's.
     """
 
     def __init__(self, engine: RolloutEngine, metric: Metric, *, offspring: int, survivors: int, max_move: int,
                  moves_per_child: int = 1, init: str = "hybrid", seeds: Sequence[Sequence[int]] = (),
-                 seed: int = 0) -> None:
+                 seed: int = 0, racing: Racing | None = None) -> None:
         self.engine, self.metric = engine, metric
+        self.num_probes = len(engine.probes.noise)
+        self.racing = racing
+        if racing is not None:
+            racing.check(self.num_probes)
+            if metric.per_probe is None:
+                metric.probe_values(None)  # raises: the metric cannot be raced
+            # A probe's rollout can differ in the last bits with the batch it runs in (CPU kernels block
+            # by batch size). Probe batches that divide the subset size make the subset's batches and
+            # the rest's the very batches of a full rollout: a finished child's fitness is exactly
+            # its full evaluation's, whichever way it was reached.
+            engine.batch_size = max(d for d in range(1, racing.probes + 1)
+                                    if racing.probes % d == 0 and d <= engine.batch_size)
         self.offspring, self.num_survivors = offspring, survivors
         self.max_move, self.moves_per_child = max_move, moves_per_child
         self.space = engine.space  # population.JointSpace (joint search) or None (level-only)
@@ -67,11 +135,17 @@ class EvolutionarySearch:
         self.fitness: dict[Individual, float] = {}
         self.archive: list[dict] = []
         self.entries: dict[Individual, list[Tensor]] = {}
+        self.per_probe: dict[Individual, Tensor] = {}  # racing: survivors' per-probe values on all P probes
+        self.raced_out: dict[Individual, float] = {}  # racing: children stopped on the subset (their subset value)
         self.nfe_history: list[int] = []  # denoiser steps per generation
+        self.cost_history: list[dict[str, int]] = []  # per generation: probe_steps, macs
         self.evaluated_here = 0  # schedules evaluated by this process (a restored search holds the rest)
+        self.costs = self._step_costs()
         self.reference_latents, _ = engine.run(None)
         self.reference_images = self._decode(self.reference_latents)
-        engine.nfe = 0
+        self.reference_cost = {"probe_steps": engine.probe_steps,
+                               "macs": self._macs(None, range(engine.partition.num_stages), self.num_probes)}
+        engine.nfe = engine.probe_steps = 0
 
     # --- state ------------------------------------------------------------------------------------
     @property
@@ -102,88 +176,264 @@ class EvolutionarySearch:
                     self.offspring + self.num_survivors, self.space, self.generator, init=self.init,
                     seeds=self.seeds)]
             return pop.next_joint_generation(self.survivors, self.offspring, self.space, self.generator,
-                                             self.max_move, self.moves_per_child, set(self.fitness))
+                                             self.max_move, self.moves_per_child, self.known())
         if self.generation == 0 and not self.survivors:
             return [(ind, None) for ind in pop.initial_population(
                 self.offspring + self.num_survivors, len(w), H, engine.target_level, w, self.generator,
                 init=self.init, seeds=self.seeds)]
         return pop.next_generation(self.survivors, self.offspring, H, w, self.generator, self.max_move,
-                                   self.moves_per_child, set(self.fitness))
+                                   self.moves_per_child, self.known())
+
+    def known(self) -> set[Individual]:
+        """Schedules evaluated already (raced out included): mutation draws new ones in their place."""
+        return set(self.fitness) | set(self.raced_out)
 
     def pending(self, candidates: Pending) -> Pending:
         """The candidates not in the fitness cache, each once, in order."""
         todo, seen = [], set()
         for levels, parent in candidates:
-            if levels not in self.fitness and levels not in seen:
+            # a child raced out once stays out: the bar (the worst survivor) only rises
+            if levels not in self.fitness and levels not in self.raced_out and levels not in seen:
                 seen.add(levels)
                 todo.append((levels, parent))
         return todo
 
     def evaluate(self, levels: Individual, parent: Individual | None = None) -> tuple[float, int]:
-        """Fitness of a schedule (cached) and the denoiser steps it cost.
-
-        The rollout starts from the longest stage prefix shared with any schedule whose stage-entry
-        latents are cached (the survivors and this generation's evaluated schedules — the parent
-        among them): the latents entering stage k depend only on the levels of stages < k, so the
-        result is identical to a full rollout. `parent` is kept for the archive; it needs no special
-        treatment here."""
+        """Fitness of a schedule on all probes (cached) and the denoiser steps it cost (`parent` is for
+        the archive only). Rolled out from the longest stage prefix shared with a cached schedule
+        (`_score`)."""
         if levels in self.fitness:
             return self.fitness[levels], 0
+        scored = self._full(levels)
+        return scored.value, scored.nfe
+
+    def _start(self, individual: Individual, sources: dict[Individual, list[Tensor]]) -> tuple[int, list | None]:
+        """The longest stage prefix `individual` shares with one of `sources` (stage-entry latents): the
+        latents entering stage k depend only on the stages < k, so starting there is exact."""
         start, cached = 0, None
         if self.engine.resumable:
             first_changed = pop.first_changed_joint_stage if self.space is not None else pop.first_changed_stage
-            for source, entries in self.entries.items():
-                shared = first_changed(source, levels)
+            for source, entries in sources.items():
+                shared = first_changed(source, individual)
                 if shared > start:
                     start, cached = shared, entries
-        before = self.engine.nfe
-        latents, entries = self.engine.run(levels, start, cached if start else None)
-        value = self.metric(FitnessInputs(self._decode(latents), latents, self.reference_images,
-                                          self.reference_latents, self.engine.probes.conditions))
-        self.fitness[levels] = value
-        self.entries[levels] = entries
+        return start, cached if start else None
+
+    def _score(self, individual: Individual, probes: Tensor, sources: dict[Individual, list[Tensor]]) -> Scored:
+        """Rolls `individual` out on `probes` (indices) from the longest prefix shared with `sources`
+        (those probes' stage-entry latents): identical to a full rollout."""
+        engine = self.engine
+        start, cached = self._start(individual, sources)
+        nfe, probe_steps = engine.nfe, engine.probe_steps
+        latents, entries = engine.run(individual, start, cached, probes=probes)
+        return self._scored(individual, probes, latents, entries, engine.nfe - nfe, engine.probe_steps - probe_steps,
+                            range(start, engine.partition.num_stages))
+
+    def _score_many(self, individuals: list[Individual], probes: Tensor,
+                    sources: dict[Individual, list[Tensor]]) -> list[Scored]:
+        """`_score` for several schedules at once (`RolloutEngine.run_many`: candidates sharing a
+        stage's configuration share its denoiser calls; shared prefixes run once — each schedule is
+        charged the stages it ran first)."""
+        jobs = [(ind, *self._start(ind, sources)) for ind in individuals]
+        w = self.engine.partition.steps_per_stage
+        return [self._scored(ind, probes, latents, entries, sum(w[s] for s in paid),
+                             len(probes) * sum(w[s] for s in paid), paid)
+                for ind, (latents, entries, paid) in zip(individuals, self.engine.run_many(jobs, probes))]
+
+    def _scored(self, individual: Individual, probes: Tensor, latents: Tensor, entries: list[Tensor], nfe: int,
+                probe_steps: int, stages) -> Scored:
+        inputs = self._inputs(latents, probes)
+        per_probe = self.metric.probe_values(inputs) if self.racing is not None else None
+        return Scored(latents, entries, self.metric(inputs), per_probe, nfe, probe_steps,
+                      self._macs(individual, stages, len(probes)))
+
+    def _full(self, individual: Individual) -> Scored:
+        """Scores `individual` on all probes and caches it (fitness, stage-entry latents)."""
+        scored = self._score(individual, torch.arange(self.num_probes), self.entries)
+        self._keep(individual, scored)
         self.evaluated_here += 1
-        return value, self.engine.nfe - before
+        return scored
+
+    def _finish(self, individual: Individual, first: Scored, second: Scored | None = None) -> Scored:
+        """Completes a racing child scored on the subset (`first`): the remaining probes are rolled out
+        (from the longest prefix shared with a fully scored schedule; `second` if done already) and the
+        fitness is the metric on ALL probes' images — the same value a full evaluation gives."""
+        if second is None:
+            rest = self.racing.rest(self.num_probes)
+            second = self._score(individual, rest, self._sliced(self.entries, rest))
+        latents = torch.cat([first.latents, second.latents])  # subset = the first m probes: probe order
+        inputs = self._inputs(latents, torch.arange(self.num_probes))
+        # the cost fields are what this call spent (the subset's was counted with the first round)
+        scored = Scored(latents, [torch.cat(pair) for pair in zip(first.entries, second.entries)],
+                        self.metric(inputs), self.metric.probe_values(inputs), second.nfe, second.probe_steps,
+                        second.macs)
+        self._keep(individual, scored)
+        return scored
+
+    @staticmethod
+    def _sliced(sources: dict[Individual, list[Tensor]], probes: Tensor) -> dict[Individual, list[Tensor]]:
+        return {ind: [e[probes] for e in entries] for ind, entries in sources.items()}
+
+    def _keep(self, individual: Individual, scored: Scored) -> None:
+        self.fitness[individual] = scored.value
+        self.entries[individual] = scored.entries
+        if scored.per_probe is not None:
+            self.per_probe[individual] = scored.per_probe
+
+    def _inputs(self, latents: Tensor, probes: Tensor) -> FitnessInputs:
+        return FitnessInputs(self._decode(latents), latents, self.reference_images[probes],
+                             self.reference_latents[probes], self.engine.probes.conditions[probes])
 
     def evaluate_here(self, todo: Pending) -> tuple[Tensor, Tensor]:
-        """The default evaluator: every pending schedule, in this process."""
+        """Every pending schedule on all probes, in this process: (fitness values, denoiser steps)."""
         values = torch.zeros(len(todo), dtype=torch.float64)
         nfes = torch.zeros(len(todo), dtype=torch.float64)
         for i, item in enumerate(todo):
             values[i], nfes[i] = self.evaluate(*item)
         return values, nfes
 
-    def step(self, evaluate: Evaluator | None = None) -> dict[str, float]:
-        """Runs one generation: candidates, their evaluation (`evaluate`, default `evaluate_here`;
-        it must return the same values on every process), selection. Returns the generation's
-        statistics (best and median fitness, schedules evaluated, denoiser steps)."""
+    def _round(self, todo: Pending, which: Sequence[int], score: Callable[[int], Scored], width: int,
+               reduce: Reduce | None, rank: int, world: int, before_each: Callable[[], None] | None) -> Round:
+        """Scores todo[i] for i in `which` — this process takes every `world`-th (by i, so that a
+        racing child finishes where it started) — and sums the results over processes."""
+        out = Round.zeros(len(todo), width)
+        for i in which:
+            if i % world == rank:
+                if before_each is not None:
+                    before_each()
+                out.fill(i, score(i))
+        return out.reduced(reduce)
+
+    def _ahead(self, todo: Pending, which, rank: int, world: int, probes: Tensor,
+               sources: dict[Individual, list[Tensor]]) -> dict[int, Scored]:
+        """This process's share of `which` scored at once (`_score_many`), by index into `todo`."""
+        mine = [i for i in which if i % world == rank]
+        return dict(zip(mine, self._score_many([todo[i][0] for i in mine], probes, sources)))
+
+    def step(self, reduce: Reduce | None = None, rank: int = 0, world: int = 1,
+             before_each: Callable[[], None] | None = None) -> dict[str, float]:
+        """Runs one generation: candidates, their evaluation, selection. Several processes split the
+        new schedules (process `rank` of `world`; `reduce` sums a tensor over them, so that every
+        process ends with the same fitness values); `before_each` runs before each rollout (the
+        run's stop check). Returns the generation's statistics (best and median fitness, schedules
+        evaluated and raced out, denoiser steps, probe-steps and MACs spent)."""
         generation = self.generation
         candidates = self.candidates()
         todo = self.pending(candidates)
-        values, nfes = (evaluate or self.evaluate_here)(todo)
+        n, P = len(todo), self.num_probes
+        width = P if self.racing is not None else 0
+        cut = self.survivors[-1] if self.racing is not None and len(self.survivors) >= self.num_survivors else None
+        batched = self.engine.batch_candidates
+        every = torch.arange(P)
+        if cut is None:  # every new schedule on all probes
+            ready = self._ahead(todo, range(n), rank, world, every, self.entries) if batched else {}
+            for i, scored in ready.items():
+                self._keep(todo[i][0], scored)
+                self.evaluated_here += 1
+            full = self._round(todo, range(n), lambda i: ready[i] if batched else self._full(todo[i][0]), width,
+                               reduce, rank, world, before_each)
+            rows = {i: (full, i, P, False) for i in range(n)}
+            spent = [full]
+        else:  # racing: all on the subset, then the contenders on the rest
+            subset = self.racing.subset(P)
+            sources = self._sliced({ind: self.entries[ind] for ind in self.survivors if ind in self.entries}, subset)
+            firsts: dict[int, Scored] = self._ahead(todo, range(n), rank, world, subset, sources) if batched else {}
+            self.evaluated_here += len(firsts)
+
+            def first(i: int) -> Scored:
+                if i not in firsts:
+                    firsts[i] = scored = self._score(todo[i][0], subset, sources)
+                    sources[todo[i][0]] = scored.entries  # this generation's subset rollouts are prefixes too
+                    self.evaluated_here += 1
+                return firsts[i]
+
+            sub = self._round(todo, range(n), first, len(subset), reduce, rank, world, before_each)
+            bar = self.per_probe[cut][subset]
+            promoted = [i for i in range(n) if self.racing.can_reach(sub.per_probe[i], bar, P)]
+            rest = self.racing.rest(P)
+            seconds = self._ahead(todo, promoted, rank, world, rest, self._sliced(self.entries, rest)) \
+                if batched else {}
+            full = self._round(todo, promoted, lambda i: self._finish(todo[i][0], firsts[i], seconds.get(i)), width,
+                               reduce, rank, world, before_each)
+            rows = {i: (full, i, P, False) if i in promoted else (sub, i, len(subset), True) for i in range(n)}
+            spent = [sub, full]
         for i, (levels, parent) in enumerate(todo):
-            value = float(values[i])
-            self.fitness[levels] = value
-            self.archive.append(self._record(generation, levels, value, int(nfes[i]), parent))
-        pool = {ind: self.metric.score(self.fitness[ind]) for ind in {*self.survivors, *(c for c, _ in candidates)}}
+            result, j, probes, raced_out = rows[i]
+            value = float(result.values[j])
+            if raced_out:
+                self.raced_out[levels] = value
+            else:
+                self.fitness[levels] = value
+                if width:
+                    self.per_probe[levels] = result.per_probe[j].clone()
+            cost = [int(sum(float(r.probe_steps[i]) for r in spent)), int(sum(float(r.macs[i]) for r in spent))]
+            nfe = int(sum(float(r.nfe[i]) for r in spent))
+            self.archive.append(self._record(generation, levels, value, nfe, parent, probes, *cost, raced_out))
+        pool = {ind: self.metric.score(self.fitness[ind])
+                for ind in {*self.survivors, *(c for c, _ in candidates)} if ind in self.fitness}
         self.survivors = pop.select(pool, self.num_survivors, higher_is_better=True)
         self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}
-        self.nfe_history = self.nfe_history + [int(nfes.sum())]
-        scores = torch.tensor([self.fitness[c] for c, _ in candidates], dtype=torch.float64)
-        return {"best_fitness": self.best_fitness, "median_fitness": float(scores.median()),
-                "evaluated": float(len(todo)), "nfe": float(self.nfe_history[-1]),
-                "nfe_total": float(sum(self.nfe_history))}
+        self.per_probe = {ind: self.per_probe[ind] for ind in self.survivors if ind in self.per_probe}
+        records = self.archive[len(self.archive) - n:]
+        self.nfe_history = self.nfe_history + [sum(r["nfe"] for r in records)]
+        self.cost_history = self.cost_history + [{"probe_steps": sum(r["probe_steps"] for r in records),
+                                                  "macs": sum(r["macs_spent"] for r in records)}]
+        scored = [self.fitness[c] for c, _ in candidates if c in self.fitness] or [self.best_fitness]
+        total = self.cost()
+        return {"best_fitness": self.best_fitness, "median_fitness": float(torch.tensor(scored).median()),
+                "evaluated": float(n), "raced_out": float(sum(r.get("raced_out", False) for r in records)),
+                "nfe": float(self.nfe_history[-1]), "nfe_total": float(sum(self.nfe_history)),
+                "probe_steps": float(self.cost_history[-1]["probe_steps"]),
+                "probe_steps_total": float(total["probe_steps"]),
+                "macs": float(self.cost_history[-1]["macs"]), "macs_total": float(total["macs"])}
 
-    def _record(self, generation: int, individual: Individual, value: float, nfe: int,
-                parent: Individual | None) -> dict:
-        """The archive row (evaluations.jsonl) of one evaluated schedule."""
+    # --- cost meter -------------------------------------------------------------------------------
+    def cost(self) -> dict[str, int]:
+        """What the search has spent so far: probe-steps and denoiser MACs, the dense reference
+        rollout included (`reference_*`: that part alone)."""
+        return {"probe_steps": self.reference_cost["probe_steps"] + sum(c["probe_steps"] for c in self.cost_history),
+                "macs": self.reference_cost["macs"] + sum(c["macs"] for c in self.cost_history),
+                "reference_probe_steps": self.reference_cost["probe_steps"],
+                "reference_macs": self.reference_cost["macs"], "generations": self.generation}
+
+    def _step_costs(self) -> StepCosts:
+        """MACs of one denoiser step per stage and level (and cached step, in a joint search)."""
+        if self.space is not None:
+            return self.space.costs
+        from ..caching.budget import step_cost_table  # counts MACs on routed stages; imported late
+
+        engine = self.engine
+        table = step_cost_table(engine.adapter, engine.store, engine.partition)
+        return StepCosts.parse(table, engine.partition.num_stages, engine.levels_max)
+
+    def _macs(self, individual: Individual | None, stages, probes: int) -> int:
+        """Denoiser MACs of rolling `probes` probes through `stages` of `individual` (None: dense);
+        the CFG pair is two forwards."""
+        w = self.engine.partition.steps_per_stage
+        cfg = 1 if self.engine.guidance == 1.0 else 2
+        if individual is None:
+            per_probe = self.costs.dense * sum(w[s] for s in stages)
+        else:
+            levels, intervals = individual if self.space is not None else (individual, (1,) * len(w))
+            per_probe = sum(self.costs.stage_macs(s, w[s], levels[s], intervals[s]) for s in stages)
+        return per_probe * probes * cfg
+
+    def _record(self, generation: int, individual: Individual, value: float, nfe: int, parent: Individual | None,
+                probes: int, probe_steps: int, macs_spent: int, raced_out: bool) -> dict:
+        """The archive row (evaluations.jsonl) of one evaluated schedule: `fitness` on `probes` probes
+        (racing: a raced-out child's is its subset value, marked `raced_out`), and what it cost."""
         if self.space is None:
-            return {"generation": generation, "levels": list(individual), "fitness": value, "nfe": nfe,
-                    "parent": list(parent) if parent is not None else None}
-        levels, intervals = individual
-        macs = self.space.cost(individual) / self.space.costs.dense_macs(self.space.w)
-        return {"generation": generation, "levels": list(levels), "intervals": list(intervals), "macs": macs,
-                "fitness": value, "nfe": nfe, "parent": _lists(parent) if parent is not None else None}
+            row = {"generation": generation, "levels": list(individual), "fitness": value, "nfe": nfe,
+                   "parent": list(parent) if parent is not None else None}
+        else:
+            levels, intervals = individual
+            macs = self.space.cost(individual) / self.space.costs.dense_macs(self.space.w)
+            row = {"generation": generation, "levels": list(levels), "intervals": list(intervals), "macs": macs,
+                   "fitness": value, "nfe": nfe, "parent": _lists(parent) if parent is not None else None}
+        row.update(probes=probes, probe_steps=probe_steps, macs_spent=macs_spent)
+        if self.racing is not None:
+            row["raced_out"] = raced_out
+        return row
 
     # --- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -196,6 +446,9 @@ class EvolutionarySearch:
             "entries": {json.dumps(_lists(k)): v for k, v in self.entries.items()},
             "generator": self.generator.get_state(),
             "nfe_history": self.nfe_history,
+            "cost_history": self.cost_history,
+            "per_probe": [[_lists(k), v] for k, v in self.per_probe.items()],
+            "raced_out": [[_lists(k), v] for k, v in self.raced_out.items()],
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,6 +463,13 @@ class EvolutionarySearch:
         self.entries = {_tuples(json.loads(k)): v for k, v in state["entries"].items()}
         self.generator.set_state(state["generator"])
         self.nfe_history = state["nfe_history"]
+        # checkpoints written before the cost meter: their generations' cost is unknown (counted as 0)
+        self.cost_history = state.get("cost_history", [{"probe_steps": 0, "macs": 0}] * len(self.nfe_history))
+        self.per_probe = {_tuples(k): v for k, v in state.get("per_probe", [])}
+        self.raced_out = {_tuples(k): v for k, v in state.get("raced_out", [])}
+        if self.racing is not None and any(ind not in self.per_probe for ind in self.survivors):
+            raise ValueError("the checkpoint's search ran without racing (its survivors have no per-probe values): "
+                             "resume it with race_probes: null, or start a new search with --overwrite true")
 
     def _decode(self, latents: Tensor) -> Tensor:
         adapter = self.engine.adapter

@@ -32,8 +32,9 @@ from ..pruners.base import Pruner, build_store, store_key_fields
 from ..pruners.obs import OBSPruner
 from ..run import RunContext
 from ..trajectory import TrajectoryStore
-from .evolution import EvolutionarySearch, Pending
+from .evolution import EvolutionarySearch
 from .population import INITS
+from .racing import Racing
 from .resume import GenerationCheckpoint
 from .rollouts import Probes, RolloutEngine
 
@@ -69,6 +70,11 @@ class DiffES(L.LightningModule):
         cache_intervals: list[int] | None = None,
         cache_branch: int | None = None,
         mac_budget: float | None = None,
+        race_probes: int | None = None,
+        race_confidence: float = 2.0,
+        stop_patience: int | None = None,
+        stop_delta: float = 0.0,
+        batch_candidates: bool = False,
     ) -> None:
         """
         Args:
@@ -112,6 +118,22 @@ class DiffES(L.LightningModule):
             mac_budget: the joint search's budget, a fraction in (0, 1] of the dense trajectory's MACs.
                 Default: what the level-only uniform schedule at target_level costs, so level-only
                 schedules meeting today's level budget meet it too. Only with cache_intervals.
+            race_probes: racing: score every child on the first `race_probes` probes first and finish
+                (on all probes) only those whose upper confidence bound can still reach the worst
+                survivor (`search/racing.py`); about num_probes / 4 saves most. Survivors are always
+                compared on all probes. None (default): every child on all probes. Needs a metric
+                with per-probe values (ssim, psnr, latent_mse, class_accuracy, topiq, clipiqa).
+            race_confidence: z of racing's bound (larger: fewer children stopped early, safer).
+            stop_patience: stop the search after this many generations in which the best fitness did
+                not improve by more than `stop_delta` (Lightning's EarlyStopping on `best_fitness`; the
+                checkpoint and schedule.json record why it stopped). None (default): run every
+                generation, so results stay comparable.
+            stop_delta: the improvement of the best fitness that counts (with stop_patience).
+            batch_candidates: evaluate a generation's children together, stage by stage: children
+                continuing with the same level (and cache interval) in a stage share its denoiser calls
+                (their latents concatenated, `probe_batch_size` rows per call — chosen from free GPU
+                memory when not given), shared prefixes run once. For GPUs; fitness equals one by one
+                up to float rounding. Multistep samplers (dpm) run one by one.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pruner"])
@@ -141,11 +163,24 @@ class DiffES(L.LightningModule):
         if hp.levels is not None and not 0 <= hp.target_level <= hp.levels:
             problems.append(f"target_level {hp.target_level} is above H = {hp.levels}: choose target_level ≤ levels")
         problems += self._cache_problems()
+        if hp.race_probes is not None:
+            try:
+                Racing(hp.race_probes, hp.race_confidence).check(hp.num_probes)
+            except ValueError as err:
+                problems.append(str(err))
+        if hp.stop_patience is not None and (isinstance(hp.stop_patience, bool) or not isinstance(hp.stop_patience, int)
+                                             or hp.stop_patience < 1):
+            problems.append(f"stop_patience must be a whole number ≥ 1 of generations (got {hp.stop_patience!r}); "
+                            "null runs every generation")
+        if not hp.stop_delta >= 0:
+            problems.append(f"stop_delta must be ≥ 0 (got {hp.stop_delta!r})")
         if hp.dtype not in ("float32", "float16", "bfloat16"):
             problems.append(f"dtype must be float32, float16 or bfloat16 (got {hp.dtype!r})")
         if problems:
             raise ValueError("; ".join(problems))
         self.metric = get_metric(hp.metric)  # unknown metric → ValueError now
+        if hp.race_probes is not None and self.metric.per_probe is None:
+            self.metric.probe_values(None)  # raises: this metric cannot be raced (names the ones that can)
         family = check_name(hp.denoiser).family  # unknown model / missing folder → error now
         text = family.conditioning == "text"
         if hp.prompts is not None and (not isinstance(hp.prompts, (list, tuple)) or
@@ -244,9 +279,16 @@ class DiffES(L.LightningModule):
         engine = RolloutEngine(adapter, store, partition, probes, sampler=hp.sampler, guidance=hp.guidance,
                                batch_size=hp.probe_batch_size, levels_max=context.levels_max,
                                target_level=hp.target_level, resident=hp.resident_routing, space=self.space)
+        if hp.batch_candidates:
+            from ..memory import probe_rows_that_fit
+
+            engine.batch_candidates = True
+            engine.batch_rows = hp.probe_batch_size or probe_rows_that_fit(adapter, hp.guidance)
         self.search = EvolutionarySearch(engine, self.metric, offspring=hp.offspring, survivors=hp.survivors,
                                          max_move=hp.max_move, moves_per_child=hp.moves_per_child, init=hp.init,
-                                         seeds=hp.seeds or [], seed=hp.search_seed)
+                                         seeds=hp.seeds or [], seed=hp.search_seed,
+                                         racing=None if hp.race_probes is None else
+                                         Racing(hp.race_probes, hp.race_confidence))
 
     def joint_space(self):
         """The joint (level, cache interval) search space of this run: the step-cost table is counted
@@ -272,30 +314,46 @@ class DiffES(L.LightningModule):
         return torch.optim.SGD([self._tick], lr=0.0)
 
     def configure_callbacks(self):
-        # the CLI gives the Trainer one already (so Lightning adds no default ModelCheckpoint)
-        return [] if any(isinstance(c, GenerationCheckpoint) for c in self.trainer.callbacks) else [GenerationCheckpoint()]
+        callbacks = []
+        if self.hparams.stop_patience is not None:  # stop when converged: Lightning's own EarlyStopping
+            from lightning.pytorch.callbacks import EarlyStopping
+
+            callbacks.append(EarlyStopping(monitor="best_fitness", mode="max" if self.metric.higher_is_better else "min",
+                                           patience=self.hparams.stop_patience, min_delta=self.hparams.stop_delta,
+                                           check_on_train_epoch_end=True, strict=True))
+        # the CLI gives the Trainer a checkpoint already (so Lightning adds no default ModelCheckpoint)
+        if not any(isinstance(c, GenerationCheckpoint) for c in self.trainer.callbacks):
+            callbacks.append(GenerationCheckpoint())
+        return callbacks
+
+    def stop_reason(self) -> str | None:
+        """Why the search stopped before its last generation (stop_patience), or None."""
+        from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
+
+        for callback in self.trainer.callbacks if self._trainer is not None else []:
+            if isinstance(callback, EarlyStopping) and callback.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+                return (f"converged: best {self.metric.name} improved by no more than {callback.min_delta:g} "
+                        f"in {callback.patience} generations (stopped after generation {callback.stopped_epoch + 1})")
+        return None
+
+    def on_train_end(self) -> None:
+        reason = self.stop_reason()
+        if reason is not None:  # stopped early by convergence: the search is done
+            self.write_outputs(finished=True)
 
     def train_dataloader(self):
         return torch.utils.data.DataLoader([0], batch_size=1)  # one tick per generation
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
-        statistics = self.search.step(self._evaluate_across_ranks)
+        statistics = self.search.step(self._sum_over_ranks if self.trainer.world_size > 1 else None,
+                                      rank=self.global_rank, world=self.trainer.world_size,
+                                      before_each=self._stop_if_terminated)
         self.optimizers().step()  # no-op: makes `global_step` count generations
         self.log_dict(statistics, prog_bar=True, on_epoch=True, on_step=False, batch_size=1)
 
-    def _evaluate_across_ranks(self, todo: Pending) -> tuple[torch.Tensor, torch.Tensor]:
-        """Evaluates the generation's new schedules split across ranks (rank r takes every W-th), then
-        sums the fitness values and denoiser steps so that every rank holds them all."""
-        world, rank = self.trainer.world_size, self.global_rank
-        values = torch.zeros(len(todo), dtype=torch.float64)
-        nfes = torch.zeros(len(todo), dtype=torch.float64)
-        for i in range(rank, len(todo), world):
-            self._stop_if_terminated()
-            values[i], nfes[i] = self.search.evaluate(*todo[i])
-        if world > 1:  # each slot is non-zero on one rank only: the sum is exact
-            values = self.trainer.strategy.reduce(values.to(self.device), reduce_op="sum").cpu()
-            nfes = self.trainer.strategy.reduce(nfes.to(self.device), reduce_op="sum").cpu()
-        return values, nfes
+    def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Each slot of a generation's results is non-zero on one rank only: the sum is exact."""
+        return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").cpu()
 
     def _stop_if_terminated(self) -> None:
         """A SIGTERM stops a single-process search between two rollouts: the generation under way is
@@ -317,13 +375,23 @@ class DiffES(L.LightningModule):
             return self.space.schedule(search.best, partition=context.partition.to_dict(),
                                        store=str(context.store_path.resolve()), pruner=self.pruner.name,
                                        metric=context.metric.name, fitness=search.best_fitness,
-                                       extra={"generations": search.generation, "finished": False},
-                                       store_key=context.store.key)
+                                       extra=self._extra(), store_key=context.store.key)
         return Schedule(list(search.best), context.levels_max, context.target_level,
                         context.partition.steps_per_stage, partition=context.partition.to_dict(),
                         store=str(context.store_path.resolve()), pruner=self.pruner.name, metric=context.metric.name,
-                        fitness=search.best_fitness, extra={"generations": search.generation, "finished": False},
-                        store_key=context.store.key)
+                        fitness=search.best_fitness, extra=self._extra(), store_key=context.store.key)
+
+    def _extra(self) -> dict:
+        """schedule.json's `extra`: generations run, whether finished, what the search cost and, if it
+        stopped early, why."""
+        extra = {"generations": self.search.generation, "finished": False, "cost": self.search.cost()}
+        if self.hparams.race_probes is not None:
+            extra["racing"] = {"probes": self.hparams.race_probes, "of": self.hparams.num_probes,
+                               "confidence": self.hparams.race_confidence}
+        reason = self.stop_reason() if self._trainer is not None else None
+        if reason is not None:
+            extra["stopped"] = reason
+        return extra
 
     def write_outputs(self, finished: bool) -> None:
         """schedule.json (best so far; `extra.finished` says whether the search completed) and
@@ -339,7 +407,8 @@ class DiffES(L.LightningModule):
 
     # --- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["diffes"] = {**self.search.state_dict(), "store_key": self.context.store.key}
+        checkpoint["diffes"] = {**self.search.state_dict(), "store_key": self.context.store.key,
+                                "stopped": self.stop_reason()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.search.load_state_dict(checkpoint["diffes"])

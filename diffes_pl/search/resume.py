@@ -27,9 +27,9 @@ CHECKPOINT = Path("checkpoints") / "last.ckpt"
 # the files a search writes into its run folder (a finished or stopped search is recognised by them)
 OUTPUTS = ("schedule.json", "evaluations.jsonl", "checkpoints", "plots")
 # settings a resumed search may change: they decide how fast the fitness is computed, not its value
-# or the search's course (fitness is batch-size independent; shared-buffer routing rolls out what
-# resident routing does — both tested)
-FREE_TO_CHANGE = {"probe_batch_size", "resident_routing"}
+# (to float rounding: a kernel's last bits may depend on the batch) or the search's course
+# (shared-buffer routing rolls out what resident routing does — tested), or only when it stops
+FREE_TO_CHANGE = {"probe_batch_size", "resident_routing", "batch_candidates", "stop_patience", "stop_delta"}
 
 
 class ResumeError(ValueError):

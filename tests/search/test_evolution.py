@@ -1,17 +1,15 @@
 """The search as a plain object: driven without a Trainer it makes the same generations as DiffES
 under Trainer.fit, and its state_dict restores it exactly."""
-import lightning as L
 import pytest
 import torch
 
-from diffes_pl.data.calibration import CalibrationDataModule
 from diffes_pl.fitness import get_metric
 from diffes_pl.partition import budget_met
-from diffes_pl.pruners import WandaPruner
 from diffes_pl.search.evolution import EvolutionarySearch
-from diffes_pl.search.module import DiffES
 from diffes_pl.search.resume import GenerationCheckpoint
 from diffes_pl.search.rollouts import Probes, RolloutEngine
+
+from tiny_search import calibrated_search
 
 SETTINGS = dict(target_level=4, levels=8, num_stages=4, steps=8, num_probes=6, offspring=6, survivors=2, max_move=2)
 
@@ -19,11 +17,7 @@ SETTINGS = dict(target_level=4, levels=8, num_stages=4, steps=8, num_probes=6, o
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """DiffES under Trainer.fit for 2 generations (its store calibrated first, as `diffes-pl fit` does)."""
-    root = tmp_path_factory.mktemp("fit")
-    module = DiffES(pruner=WandaPruner(), **SETTINGS)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=root, callbacks=[GenerationCheckpoint()])
-    module.ensure_store(trainer, CalibrationDataModule(nsamples=4, batch_size=4), log=lambda *_: None)
+    module, trainer = calibrated_search(tmp_path_factory.mktemp("fit"), 2, [GenerationCheckpoint()], **SETTINGS)
     trainer.fit(module)
     return module, trainer
 
