@@ -12,15 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
+from _runs import fit, load_run, same_budget_schedules
 
-from diffes_pl.cli import DiffESCLI
-from diffes_pl.partition import Schedule
-from diffes_pl.search import baselines
 from diffes_pl.search.holdout import evaluate_schedules
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,37 +33,16 @@ def main() -> None:
     run = Path(args.run)
     common = ["--config", args.config, "--trainer.default_root_dir", str(run),
               "--trainer.max_epochs", str(args.generations)]
-    if not (run / "schedule.json").exists() or not json.loads((run / "schedule.json").read_text())["extra"]["finished"]:
-        resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
-        subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
-    cli = DiffESCLI(args=common, run=False)  # run=False: no subcommand
-    module, trainer = cli.model, cli.trainer
-    module.ensure_store(trainer, cli.datamodule, log=lambda *_: None)
-    module.trainer = trainer
-    module.setup("fit")
-    search, context = module.search, module.context
-    searched = Schedule.load(run / "schedule.json")
-    archive = [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
-    n_evals = len(archive)
-    hp = module.hparams
-    H, w, S = context.levels_max, context.partition.steps_per_stage, context.partition.num_stages
-
-    def evaluate(levels) -> float:
-        value, _ = search.evaluate(tuple(levels), None)
-        return search.metric.score(value)
-
-    gen = torch.Generator().manual_seed(hp.search_seed + 1)
-    rand = baselines.random_search(evaluate, n_evals, S, H, hp.target_level, w, gen)
-    greedy = baselines.greedy_search(evaluate, n_evals, S, H, hp.target_level, w, hp.max_move)
-    mk = lambda levels: Schedule(list(levels), H, hp.target_level, w, partition=context.partition.to_dict())  # noqa: E731
-    schedules = {
-        "uniform": mk([int(hp.target_level)] * S),
-        "mosaicdiff heuristic": mk(baselines.mosaicdiff_schedule(S, H, hp.target_level, w)),
-        f"random search ({rand.evals_used} evals)": mk(rand[0]),
-        f"greedy search ({greedy.evals_used} evals)": mk(greedy[0]),
-        f"Diff-ES ({n_evals} evals)": searched,
-    }
-    search_fitness = {name: search.fitness.get(tuple(s.levels)) or evaluate(s.levels) for name, s in schedules.items()}
+    fit(common, run)
+    module, context, _ = load_run(common)
+    hp, H, S = module.hparams, context.levels_max, context.partition.num_stages
+    found, info = same_budget_schedules(module, run)
+    n_evals = info["evaluations"]
+    used = {"random search": info["random"]["evals_used"], "greedy search": info["greedy"]["evals_used"],
+            "Diff-ES": n_evals}
+    label = lambda name: f"{name} ({used[name]} evals)" if name in used else name
+    schedules = {label(name): s for name, s in found.items()}
+    search_fitness = {label(name): v for name, v in info["search_fitness"].items()}
     results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
     print(f"\nBuilt-in model, {module.pruner.name}, target level {hp.target_level} of {H} "
           f"({100 * hp.target_level / H:.1f} % sparsity), {S} stages; evaluation on {args.eval_probes} unseen probes")
@@ -76,8 +50,8 @@ def main() -> None:
           f"{'dFID':>7s} {'MACs x':>7s}")
     for name, row in results.items():
         levels = "dense" if row["levels"] is None else " ".join(map(str, row["levels"]))
-        fit = search_fitness.get(name)
-        print(f"{name:32s} {levels:32s} {'' if fit is None else f'{fit:11.4f}':>11s} {row['ssim']:7.4f} "
+        value = search_fitness.get(name)
+        print(f"{name:32s} {levels:32s} {'' if value is None else f'{value:11.4f}':>11s} {row['ssim']:7.4f} "
               f"{row['psnr']:6.2f} {100 * row['class_accuracy']:6.1f} {row['digits_fid']:7.3f} {row['mac_ratio']:7.3f}")
     out = {"config": args.config, "generations": args.generations, "evaluations": n_evals,
            "eval_probes": args.eval_probes, "eval_seed": args.eval_seed,

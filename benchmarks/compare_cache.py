@@ -2,6 +2,7 @@
 (issue 13 item 4).
 
     python benchmarks/compare_cache.py                   # built-in model, OBS, 50 % and 35 % of dense MACs
+    python benchmarks/compare_cache.py --stages 5 --intervals 1 2 3 4   # 4-step stages: k = 2, 3, 4 differ
     python benchmarks/compare_cache.py --tiny            # smoke run: proves the script works; numbers meaningless
 
 Rows, per MAC budget (a fraction of the dense trajectory's MACs):
@@ -23,26 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from _runs import TINY as SMOKE
+from _runs import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-# the smoke setting of the test suite (tests/tiny_search.py): 4 stages of 2 steps, few probes
-TINY = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
-        "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
-        "--data.nsamples", "4", "--data.batch_size", "4"]
-
-
-def fit(common: list[str], run: Path) -> None:
-    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped)."""
-    done = run / "schedule.json"
-    if done.exists() and json.loads(done.read_text())["extra"].get("finished"):
-        return
-    resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
-    subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
+# the smoke setting of the test suite (tests/tiny_search.py): 4 stages of 2 steps, few probes, Wanda
+TINY = ["--model.pruner", "diffes_pl.pruners.WandaPruner", *SMOKE]
 
 
 def main() -> None:
@@ -57,15 +47,20 @@ def main() -> None:
     parser.add_argument("--eval-seed", type=int, default=99991)
     parser.add_argument("--latency-batch-size", type=int, default=8)
     parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--stages", type=int, default=None,
+                        help="stages of the 20-step partition (default: the config's 10, 2 steps each, where "
+                             "k = 3 acts as k = 2); e.g. 5 (4 steps each: k = 2, 3, 4 differ). Own runs and store: "
+                             "<runs>_s<stages>")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke setting: 4 stages of 8 steps, 1 generation, 16 probes, 1 latency repeat")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.tiny:
         args.generations, args.eval_probes, args.latency_batch_size, args.latency_repeats = 1, 16, 2, 1
-    extra = TINY if args.tiny else []
-    out = Path(args.out or Path(__file__).parent / "results" / f"compare_cache{'_tiny' if args.tiny else ''}.json")
-    runs = Path(args.runs + ("_tiny" if args.tiny else ""))
+    extra = (TINY if args.tiny else []) + ([] if args.stages is None else ["--model.num_stages", str(args.stages)])
+    suffix = ("_tiny" if args.tiny else "") + ("" if args.stages is None else f"_s{args.stages}")
+    out = Path(args.out or Path(__file__).parent / "results" / f"compare_cache{suffix}.json")
+    runs = Path(args.runs + suffix)
     searches = {"level-only Diff-ES": [1], f"level-only + fixed k={args.fixed_interval}": [args.fixed_interval],
                 "joint search": sorted(set(args.intervals))}
 
@@ -120,6 +115,7 @@ def main() -> None:
             schedule = schedules.get(name)
             row["mac_fraction"] = row["macs"] / results["dense"]["macs"]
             row["search_fitness"] = search_fitness.get(name)
+            row["generations"] = None if name not in searches else schedule.extra.get("generations")
             router = cache = None
             try:
                 if schedule is not None:

@@ -13,11 +13,16 @@ An export folder holds:
                          the routed one needs `load` below.
     routes/              a trajectory store cut down to what the schedule uses: per stage, the
                          removal orders and the compensated weights at that stage's level only
-    schedule.json        levels, partition, H
+    schedule.json        levels, partition, H; for a joint schedule also its cache (per-stage
+                         `cache_intervals`, `cache_branch`, `mac_budget` and the `step_costs` table):
+                         caching needs no weights, so the routes are the same
     export.json          what the folder is (format, denoiser name and family, noise schedule)
 `load` rebuilds the adapter with `load_denoiser` on `pipeline/` (diffusers' own `from_pretrained`),
 opens `routes/` and returns the adapter and a Router: sampling with it reproduces the routed samples
-exactly, for every family (DiT, SDXL, FLUX).
+exactly, for every family (DiT, SDXL, FLUX). An export whose schedule caches is opened with
+`load_cached` (adapter, router and the schedule's feature cache, to pass to `dp.sample(...,
+cache=cache)`); `load` refuses it, since the router alone would run every step in full — not the
+schedule that was searched and reported.
 
 A single-stage, uniformly pruned denoiser cannot be written for diffusers' `from_pretrained`: in
 `DiTTransformer2DModel`, the SDXL UNet's `Transformer2DModel` and FLUX's blocks an attention's width
@@ -155,7 +160,28 @@ def _quiet_diffusers():
 
 
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DenoiserAdapter, Router]:
-    """(adapter, router) from an export folder; no trajectory store needed."""
+    """(adapter, router) from an export folder; no trajectory store needed. Refuses an export whose
+    schedule caches (use `load_cached`)."""
+    schedule = Schedule.load(Path(path) / "schedule.json") if (Path(path) / "schedule.json").exists() else None
+    if schedule is not None and schedule.caches:
+        raise ValueError(f"{path}: this export's schedule caches (cache intervals {schedule.intervals}, branch "
+                         f"{schedule.cache_branch}); a router alone would run every step in full. Open it with "
+                         f"diffes_pl.export.load_cached(path) → (adapter, router, cache) and sample with "
+                         f"dp.sample(..., router=router, cache=cache)")
+    return _load(path, device)
+
+
+def load_cached(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """(adapter, router, cache) from an export folder: the cache its schedule asks for
+    (`caching.schedule_cache`; None for a level-only schedule), built on the loaded denoiser. Remove
+    the cache (`cache.remove()`) before the router."""
+    from .caching import schedule_cache
+
+    adapter, router = _load(path, device)
+    return adapter, router, schedule_cache(adapter, router.schedule)
+
+
+def _load(path: str | os.PathLike, device: str | torch.device) -> tuple[DenoiserAdapter, Router]:
     path = Path(path)
     info_path = path / "export.json"
     if not info_path.exists():

@@ -6,7 +6,7 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl import export
-from diffes_pl.partition import Schedule
+from diffes_pl.partition import Schedule, StepCosts
 
 from .test_routing import STAGES, STEPS, _store
 
@@ -25,6 +25,37 @@ def test_export_load_sample_identical(tiny, tmp_path):
     routes = dp.TrajectoryStore.open(tmp_path / "exported" / "routes")
     g = tiny.unit_groups()[0].name
     assert routes.weight(0, g, 3) is not None and "weight.1" not in " ".join(routes.keys(0))  # only used levels
+
+
+def test_a_joint_schedule_exports_with_its_cache(tiny, tmp_path):
+    """A schedule with cache intervals exports its cache settings (schedule.json): `load_cached`
+    samples exactly what routed + cached sampling did; `load` refuses it (the router alone would
+    run every step in full)."""
+    from diffes_pl.caching import schedule_cache
+    from diffes_pl.caching.budget import step_cost_table
+
+    store, partition = _store(tiny, tmp_path / "store", compensated=True)
+    table = step_cost_table(tiny, store, partition, branch=2)
+    w = partition.steps_per_stage
+    costs = StepCosts.parse(table, len(w), store.levels_max)
+    levels, ks = [3, 1], [2, 1]
+    schedule = Schedule(levels, store.levels_max, 2, w, partition=partition.to_dict(), cache_intervals=ks,
+                        cache_branch=2, step_costs=table,
+                        mac_budget=costs.trajectory_macs(levels, ks, w) / costs.dense_macs(w))
+    labels = [1, 4, 8]
+    kw = dict(steps=STEPS, guidance=2.0, seed=3)
+    with dp.Router(tiny, store, schedule) as router, schedule_cache(tiny, schedule) as cache:
+        routed = dp.sample(tiny, labels, router=router, cache=cache, **kw)
+    export.save(tiny, store, schedule, tmp_path / "exported")
+    shutil.rmtree(tmp_path / "store")
+    with pytest.raises(ValueError, match="schedule caches .*load_cached"):
+        export.load(tmp_path / "exported")
+    adapter, router, cache = export.load_cached(tmp_path / "exported")
+    assert cache is not None and cache.rule.intervals == (2, 1) and cache.branch == 2
+    assert torch.equal(dp.sample(adapter, labels, router=router, cache=cache, **kw), routed)
+    assert not torch.equal(dp.sample(adapter, labels, router=router, **kw), routed)  # uncached differs
+    cache.remove()
+    router.remove()
 
 
 def test_load_refuses_other_folders(tmp_path):

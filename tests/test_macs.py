@@ -1,12 +1,5 @@
-import torch
-
 import diffes_pl as dp
-from diffes_pl.denoisers import keep_from_order
-
-
-def _uniform_level(adapter, level, levels_max):
-    for g in adapter.unit_groups():
-        adapter.install(g, adapter.sliced_module(g, keep_from_order(torch.arange(g.size), g.removed_at(level, levels_max))))
+from diffes_pl.evaluation.macs import install_uniform_width as _uniform_level
 
 
 def test_dit_xl_macs_match_facts():

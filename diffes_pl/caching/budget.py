@@ -12,7 +12,7 @@ schedule file checks its own MAC budget):
 from __future__ import annotations
 
 from ..denoisers.base import DenoiserAdapter
-from ..evaluation.macs import count_macs
+from ..evaluation.macs import count_macs, install_uniform_width
 from ..partition import Schedule, StagePartition, StepCosts
 from ..routing import Router
 from ..trajectory import TrajectoryStore
@@ -43,11 +43,41 @@ def step_cost_table(adapter: DenoiserAdapter, store: TrajectoryStore, partition:
         with Router(adapter, store, schedule) as router:
             for s in stages:
                 router.install(s)
-                full[s][level] = count_macs(adapter, batch_size)
-                if branch is not None:
-                    with feature_cache(adapter, intervals=2, branch=branch) as cache:
-                        _, cached[s][level] = step_macs(adapter, cache, batch_size)
+                full[s][level], cached_macs = _step_costs(adapter, branch, batch_size)
+                if cached is not None:
+                    cached[s][level] = cached_macs
     rows = (lambda t: t) if store.depth else (lambda t: t[0])
     table = {"full": rows(full), "cached": None if cached is None else rows(cached)}
     StepCosts.parse(table, S, H)  # the invariants every schedule checks (monotone, cached ≤ full)
     return table
+
+
+def width_step_cost_table(adapter: DenoiserAdapter, levels_max: int, branch: int | None = None,
+                          batch_size: int = 1) -> dict:
+    """`step_cost_table` of width pruning without a store: every level counted with the first units
+    of every group kept (`evaluation.macs.install_uniform_width`) — width MACs depend only on how
+    many units a group keeps, so the table equals the store's (tests/caching/test_budget.py). For
+    MAC columns of architectures one cannot calibrate here, e.g. SDXL on the meta device
+    (`dp.load_denoiser(name, weights=False, device="meta")`). One row of H+1 counts."""
+    full, cached = [], None if branch is None else []
+    try:
+        for level in range(levels_max + 1):
+            install_uniform_width(adapter, level, levels_max)
+            f, c = _step_costs(adapter, branch, batch_size)
+            full.append(f)
+            if cached is not None:
+                cached.append(c)
+    finally:
+        adapter.restore_dense()
+    table = {"full": full, "cached": cached}
+    StepCosts.parse(table, 1, levels_max)
+    return table
+
+
+def _step_costs(adapter: DenoiserAdapter, branch: int | None, batch_size: int) -> tuple[int, int | None]:
+    """(MACs of a full step, of a cached step at `branch` — None without a branch) of what is installed."""
+    full = count_macs(adapter, batch_size)
+    if branch is None:
+        return full, None
+    with feature_cache(adapter, intervals=2, branch=branch) as cache:
+        return full, step_macs(adapter, cache, batch_size)[1]

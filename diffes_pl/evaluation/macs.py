@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..denoisers.base import DenoiserAdapter
+from ..denoisers.base import DenoiserAdapter, keep_from_order
 
 
 def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
@@ -34,6 +34,17 @@ def count_macs(adapter: DenoiserAdapter, batch_size: int = 1, timestep: float = 
     with FlopCounterMode(display=False, custom_mapping=_CUSTOM) as counter:
         adapter.predict_noise(latents, t, cond)
     return counter.get_total_flops() // 2
+
+
+def install_uniform_width(adapter: DenoiserAdapter, level: int, levels_max: int) -> None:
+    """Installs level `level` of `levels_max` of width pruning in every unit group with the FIRST
+    units kept, no store needed: a MAC count depends only on how many units each group keeps
+    (round(L/H · n) removed), never on which, so this counts what any width-pruned stage at that
+    level runs (also on the meta device). For MAC counting only (the weights are not compensated);
+    `adapter.restore_dense()` undoes it."""
+    for group in adapter.unit_groups():
+        keep = keep_from_order(torch.arange(group.size), group.removed_at(level, levels_max))
+        adapter.install(group, adapter.sliced_module(group, keep))
 
 
 def schedule_macs(adapter: DenoiserAdapter, router, partition) -> int:

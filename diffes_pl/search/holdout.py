@@ -5,6 +5,8 @@ benchmarks/compare_baselines.py compare the searched schedule with the baselines
 and latency on many images are `diffes-pl test` (evaluation/report.py)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..evaluation.macs import schedule_macs
@@ -15,25 +17,46 @@ from ..run import RunContext
 from .rollouts import Probes, RolloutEngine
 
 
+def _engine(context: RunContext, num_probes: int, probe_seed: int) -> tuple[RolloutEngine, Probes]:
+    probes = Probes.make(context.adapter, num_probes, probe_seed, prompts=context.prompts)
+    return RolloutEngine(context.adapter, context.store, context.partition, probes, sampler=context.sampler,
+                         guidance=context.guidance, batch_size=context.probe_batch_size,
+                         levels_max=context.levels_max, target_level=context.target_level), probes
+
+
+@torch.no_grad()
+def dense_outputs(context: RunContext, num_probes: int = 256, probe_seed: int = 99991) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, images) of the dense model on the probes `evaluate_schedules` makes, sampled as
+    `context` samples: pass them as its `reference` to score another run's schedules (another
+    sampler or step count) against this run's dense outputs."""
+    engine, _ = _engine(context, num_probes, probe_seed)
+    latents, _ = engine.run(None)
+    return latents, context.adapter.decode(latents.to(context.adapter.device)).cpu()
+
+
 @torch.no_grad()
 def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_probes: int = 256,
-                       probe_seed: int = 99991, metrics=("ssim", "psnr")) -> dict:
+                       probe_seed: int = 99991, metrics=("ssim", "psnr"),
+                       extra_metrics: dict[str, Callable[[FitnessInputs], float]] | None = None,
+                       reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """{name: {levels, macs, mac_ratio, <metric>: value}} for the dense model (`dense`) and each
-    schedule, on `num_probes` fresh probes seeded with `probe_seed`, sampled as the run samples."""
+    schedule, on `num_probes` fresh probes seeded with `probe_seed`, sampled as the run samples.
+    `extra_metrics`: more columns, {name: callable of the row's FitnessInputs} (e.g. digits-FID
+    against another real set). `reference`: the (latents, images) the reference metrics compare
+    with (`dense_outputs` of another context on the same probes); default this context's dense
+    model. `mac_ratio` is always against this context's dense model."""
     adapter, partition, store = context.adapter, context.partition, context.store
-    probes = Probes.make(adapter, num_probes, probe_seed, prompts=context.prompts)
-    engine = RolloutEngine(adapter, store, partition, probes, sampler=context.sampler, guidance=context.guidance,
-                           batch_size=context.probe_batch_size, levels_max=context.levels_max,
-                           target_level=context.target_level)
-    ref_latents, _ = engine.run(None)
-    ref_images = adapter.decode(ref_latents.to(adapter.device)).cpu()
+    engine, probes = _engine(context, num_probes, probe_seed)
+    dense_latents, _ = engine.run(None)
+    dense_images = adapter.decode(dense_latents.to(adapter.device)).cpu()
+    ref_latents, ref_images = (dense_latents, dense_images) if reference is None else reference
     declared = adapter.evaluation_reference
     names = list(metrics) + (list(declared.metrics) if declared is not None else [])
     results = {}
     dense_macs = schedule_macs(adapter, None, partition)
     for label, schedule in {"dense": None, **schedules}.items():
         if schedule is None:
-            latents, images, macs = ref_latents, ref_images, dense_macs
+            latents, images, macs = dense_latents, dense_images, dense_macs
         elif schedule.mac_budget is not None:  # joint: routed + cached, MACs from its own cost table
             engine.space = schedule_space(schedule)
             latents, _ = engine.run((tuple(schedule.levels), tuple(schedule.intervals)))
@@ -51,6 +74,7 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
         if schedule is not None and schedule.mac_budget is not None:
             row["intervals"] = schedule.intervals
         row.update({n: float(get_metric(n)(inputs)) for n in names})
+        row.update({n: float(fn(inputs)) for n, fn in (extra_metrics or {}).items()})
         results[label] = row
     return results
 

@@ -609,7 +609,11 @@ def _joint_bases(space: JointSpace) -> list[JointIndividual]:
     (k = 1), one cache-only schedule per cache interval k > 1 (level 0, k everywhere — capped at each
     stage's steps —; where caching
     alone saves more than the budget asks, k is lowered stage by stage, finest cost step first, and
-    where it saves less, levels are repaired up from 0), then the level-only patterned schedules.
+    where it saves less, levels are repaired up from 0), then the level-only patterned schedules,
+    then for every k > 1 the STACKING schedules: k fixed in every stage (capped at its steps) with the
+    uniform and each patterned level schedule repaired to the MAC budget (levels lowered, nearest
+    first, since caching already saves MACs) — what a search with `intervals=(k,)` starts from, so
+    the joint search's start contains the paper's stacking search's.
     Level-only ones are today's `uniform` / `patterned` schedules (exact level budget), repaired to
     the MAC budget where their MACs miss it (stage-dependent costs)."""
     S, H, w, t = space.S, space.H, space.w, space.target_level
@@ -648,6 +652,20 @@ def _joint_bases(space: JointSpace) -> list[JointIndividual]:
             out.append((levels, tuple(ks)))
     for kind in PATTERNS:
         level_only(lambda kind=kind: patterned(kind, S, H, t, w))
+    for k in space.intervals:  # the stacking schedules: k fixed in every stage, levels level-only-style
+        if k == 1:
+            continue
+        ks = tuple(min(k, w[s]) for s in range(S))
+        starts = [(min(H, max(0, round(t))),) * S]  # used when the target level cannot be met exactly
+        for make in [lambda: uniform(S, H, t, w)] + [lambda kind=kind: patterned(kind, S, H, t, w) for kind in PATTERNS]:
+            try:
+                starts.append(make())
+            except ScheduleError:
+                pass
+        for start in starts[1:] or starts:
+            levels = repair_levels(space, start, ks)
+            if levels is not None:
+                out.append((levels, ks))
     return list(dict.fromkeys(out))
 
 
@@ -692,7 +710,7 @@ def initial_joint_population(n: int, space: JointSpace, gen: torch.Generator, in
     """Up to n distinct joint individuals meeting the MAC budget, user `seeds` first.
 
     init "hybrid": `_joint_bases` (level-only uniform at k = 1, cache-only at level 0 per k > 1, the
-    level-only patterns), then `random_joint` mixes; "random": mixes only. Deterministic from `gen`.
+    level-only patterns, the fixed-k stacking schedules per k > 1), then `random_joint` mixes; "random": mixes only. Deterministic from `gen`.
     Fewer than n only when 20·n + 100 random draws find no new individual (a tiny space)."""
     _check_gen(gen)
     if init not in JOINT_INITS:

@@ -7,7 +7,7 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl.caching import BlockCache, feature_cache, step_macs
-from diffes_pl.caching.budget import step_cost_table
+from diffes_pl.caching.budget import step_cost_table, width_step_cost_table
 from diffes_pl.partition import Schedule, StagePartition, StepCosts
 from diffes_pl.routing import Router
 from diffes_pl.sampling import prepare_scheduler, rollout, seeded_noise
@@ -40,6 +40,26 @@ def test_width_table_is_the_routed_and_cached_count_at_every_level(tiny, tmp_pat
                     assert step_macs(tiny, cache, stage=stage) == (full[level], cached[level])
     assert tiny.is_dense()
     assert step_cost_table(tiny, store, partition) == {"full": full, "cached": None}
+
+
+@pytest.mark.parametrize("family", ["tiny", "sdxl"])
+def test_the_store_less_width_table_is_the_routed_count(family, tiny, text_models, tmp_path, one_thread):
+    """Width MACs depend on how many units each group keeps, not which: the table counted with the
+    first units kept (no store: how benchmarks/table7.py counts SDXL on the meta device) equals the
+    routed one, for block caching (tiny DiT) and DeepCache (a tiny SDXL UNet, 2 and 4 heads: H = 2
+    keeps every group divisible, so a full step's cost is affine in the level and any schedule costs
+    what the uniform one of the same mean level costs — the paper's "30 %" has one MAC figure)."""
+    adapter, levels, branch = (tiny, H, 2) if family == "tiny" else (text_models.build_tiny_sdxl(vae=False, text=False), 2, 0)
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(), 4, 2)
+    store = random_store(adapter, tmp_path / "store", levels, partition, compensated=True)
+    table = width_step_cost_table(adapter, levels, branch=branch)
+    assert table == step_cost_table(adapter, store, partition, branch=branch) and adapter.is_dense()
+    assert table["full"][0] == dp.count_macs(adapter) and all(c < f for c, f in zip(table["cached"], table["full"]))
+    assert width_step_cost_table(adapter, levels) == {"full": table["full"], "cached": None}
+    if family == "sdxl":
+        costs = StepCosts.parse(table, 2, levels)
+        assert costs.trajectory_macs([0, 2], None, [2, 2]) == costs.trajectory_macs([1, 1], None, [2, 2])
+        assert costs.trajectory_macs([1, 1], [2, 2], [2, 2]) == 2 * (table["full"][1] + table["cached"][1])
 
 
 def test_depth_table_has_a_row_per_stage(tiny, tmp_path, one_thread):

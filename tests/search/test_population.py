@@ -367,6 +367,27 @@ def test_joint_hybrid_population_holds_level_only_and_cache_only_schedules():
     assert all(budget_met(levels, W10, 8) for levels in level_only)  # affine costs: the exact level budget
 
 
+@pytest.mark.parametrize("mac_budget, ks", [(0.5, (2, 3)), (0.35, (2, 3, 4))])
+def test_joint_hybrid_population_starts_from_every_stacking_search_start(mac_budget, ks):
+    # 5 stages of 4 steps: k = 2, 3, 4 are different choices (1, 2 or 3 cached steps of 4); k = 4 at
+    # level 0 costs (1000 + 3·260) / 4000 = 44.5 % of dense, so no k = 4 schedule meets 50 %
+    w, H = [4] * 5, 16
+    space = P.joint_space(H, w, DIT, 8, intervals=(1, 2, 3, 4), branch=2, mac_budget=mac_budget)
+    pop = P.initial_joint_population(40, space, gen(0))
+    assert all(space.feasible(ind) for ind in pop) and len(set(pop)) == len(pop)
+    assert {k for _, (k, *rest) in pop if set(rest) <= {k}} - {1} == set(ks)
+    for k in ks:
+        fixed = [levels for levels, ks in pop if ks == (k,) * 5]
+        # the uniform start and the 5 patterned starts, each repaired to the MAC budget with k fixed
+        assert len(fixed) >= 5, (k, fixed)
+        assert max(fixed[0]) - min(fixed[0]) <= 1  # uniform levels (to the budget's resolution)
+        stacking = P.joint_space(H, w, DIT, 8, intervals=(k,), branch=2, mac_budget=mac_budget)
+        stack_pop = P.initial_joint_population(40, stacking, gen(0))
+        assert all(space.feasible(ind) for ind in stack_pop)  # same budget: the joint space contains them
+        assert set(P._joint_bases(stacking)) <= set(pop)  # … and starts from every deterministic start
+    assert P.initial_joint_population(40, space, gen(0)) == pop  # deterministic
+
+
 @pytest.mark.parametrize("name", list(SPACES))
 def test_every_joint_individual_and_every_mutation_meets_the_mac_budget(name):
     space = SPACES[name]()

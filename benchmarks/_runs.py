@@ -1,0 +1,96 @@
+"""Helpers the benchmark scripts share: resumable `diffes-pl fit` runs, the smoke setting, and the
+random / greedy baselines at the same number of fitness evaluations as a finished search."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+# the smoke setting of the test suite (tests/tiny_search.py) without its pruner: 4 stages of 2 steps, few probes
+TINY = ["--model.num_stages", "4", "--model.steps", "8", "--model.num_probes", "6", "--model.offspring", "6",
+        "--model.survivors", "2", "--model.max_move", "2", "--data.nsamples", "4", "--data.batch_size", "4"]
+
+
+def fit(common: list[str], run: Path) -> None:
+    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped)."""
+    done = run / "schedule.json"
+    if done.exists() and json.loads(done.read_text())["extra"].get("finished"):
+        return
+    resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
+    subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
+
+
+def load_run(common: list[str]):
+    """The finished run's LightningModule with its store opened and its search set up (probes, fitness
+    cache of the run's metric), as `diffes-pl fit` had them: (module, context, search)."""
+    from diffes_pl.cli import DiffESCLI
+
+    cli = DiffESCLI(args=common, run=False)  # run=False: no subcommand
+    module, trainer = cli.model, cli.trainer
+    module.ensure_store(trainer, cli.datamodule, log=lambda *_: None)
+    module.trainer = trainer
+    module.setup("fit")
+    return module, module.context, module.search
+
+
+def baselines_at_same_budget(module, run: Path, cache: Path | None = None) -> dict:
+    """Random and greedy search with the same number of fitness evaluations as the finished search in
+    `run` (its evaluations.jsonl), on the same store, probes and fitness. Returns
+    {"evaluations": n, "random": {...}, "greedy": {...}} with each search's best levels, fitness,
+    evaluations used and whether it stopped early; cached as JSON in `cache` (reused if its
+    evaluation count matches)."""
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved["evaluations"] == len((run / "evaluations.jsonl").read_text().splitlines()):
+            return saved
+    from diffes_pl.search import baselines
+
+    search, context, hp = module.search, module.context, module.hparams
+    n_evals = len((run / "evaluations.jsonl").read_text().splitlines())
+    H, w, S = context.levels_max, context.partition.steps_per_stage, context.partition.num_stages
+
+    def evaluate(levels) -> float:
+        value, _ = search.evaluate(tuple(levels), None)
+        return search.metric.score(value)
+
+    gen = torch.Generator().manual_seed(hp.search_seed + 1)
+    found = {"random": baselines.random_search(evaluate, n_evals, S, H, hp.target_level, w, gen),
+             "greedy": baselines.greedy_search(evaluate, n_evals, S, H, hp.target_level, w, hp.max_move)}
+    out = {"evaluations": n_evals}
+    for name, result in found.items():
+        out[name] = {"levels": list(result.best_levels), "fitness": result.best_fitness,
+                     "evals_used": result.evals_used, "evals_budget": result.n_evals,
+                     "stopped_early": result.stopped_early}
+    if cache is not None:
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(cache)
+    return out
+
+
+def same_budget_schedules(module, run: Path, cache: Path | None = None) -> tuple[dict, dict]:
+    """The searched schedule of the finished run in `run` and the baselines at its budget: uniform,
+    the MosaicDiff-style heuristic, random and greedy search with the same number of evaluations
+    (`baselines_at_same_budget`). Returns ({name: Schedule}, info) where info holds the evaluation
+    counts and every schedule's search fitness (the run's metric on the run's probes)."""
+    from diffes_pl.partition import Schedule
+    from diffes_pl.search import baselines
+
+    search, context, hp = module.search, module.context, module.hparams
+    H, w, S = context.levels_max, context.partition.steps_per_stage, context.partition.num_stages
+    found = baselines_at_same_budget(module, run, cache)
+    mk = lambda levels: Schedule(list(levels), H, hp.target_level, w, partition=context.partition.to_dict())
+    schedules = {
+        "uniform": mk([int(hp.target_level)] * S),
+        "mosaicdiff heuristic": mk(baselines.mosaicdiff_schedule(S, H, hp.target_level, w)),
+        "random search": mk(found["random"]["levels"]),
+        "greedy search": mk(found["greedy"]["levels"]),
+        "Diff-ES": Schedule.load(run / "schedule.json"),
+    }
+
+    score = lambda levels: search.metric.score(search.evaluate(tuple(levels), None)[0])  # cached
+    info = {**found, "search_fitness": {name: score(s.levels) for name, s in schedules.items()}}
+    return schedules, info
