@@ -337,8 +337,10 @@ class DiffES(L.LightningModule):
         return None
 
     def on_train_end(self) -> None:
-        reason = self.stop_reason()
-        if reason is not None:  # stopped early by convergence: the search is done
+        # stopped early by convergence, or every generation done (also a resume that had none left):
+        # the search is finished
+        if self.search is not None and (self.stop_reason() is not None or
+                                        self.current_epoch >= (self.trainer.max_epochs or 0)):
             self.write_outputs(finished=True)
 
     def train_dataloader(self):

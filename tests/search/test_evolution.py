@@ -67,5 +67,8 @@ def test_the_checkpoint_holds_the_search_and_counts_generations_as_steps(fitted)
     checkpoint = torch.load(module.context.root_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 2 and list(checkpoint["state_dict"]) == ["_tick"]
     assert set(checkpoint["diffes"]) == {"survivors", "fitness", "archive", "entries", "generator", "nfe_history",
-                                         "store_key"}
+                                         "cost_history", "per_probe", "raced_out", "store_key", "stopped"}
+    assert checkpoint["diffes"]["stopped"] is None and checkpoint["diffes"]["raced_out"] == []
+    assert [c["probe_steps"] for c in checkpoint["diffes"]["cost_history"]] == \
+        [sum(r["probe_steps"] for r in module.search.archive if r["generation"] == g) for g in range(2)]
     assert checkpoint["diffes"]["archive"] == module.search.archive

@@ -70,7 +70,9 @@ def test_the_best_schedule_file_reproduces_its_fitness_routed_and_cached(fitted)
     assert [schedule.levels, schedule.intervals] == [list(p) for p in search.best]
     assert schedule.mac_budget == 0.5 and schedule.cache_branch == module.cache_branch
     assert schedule.step_costs == module.space.costs.to_dict() and schedule.fitness == search.best_fitness
-    assert schedule.extra == {"generations": 2, "finished": True}
+    assert schedule.extra == {"generations": 2, "finished": True, "cost": search.cost()}
+    assert schedule.extra["cost"]["probe_steps"] == \
+        schedule.extra["cost"]["reference_probe_steps"] + sum(r["probe_steps"] for r in search.archive)
     best = max(rows(module), key=lambda r: r["fitness"])
     assert [schedule.levels, schedule.intervals] == [best["levels"], best["intervals"]]
     assert schedule.mac_fraction() == pytest.approx(best["macs"])

@@ -156,8 +156,10 @@ def test_two_processes_equal_one(straight, tmp_path):
     """devices=2 (gloo, CPU): offspring split across ranks, fitness gathered; same search result."""
     run = tmp_path / "run"
     fit(run, 6, "--trainer.devices", "2", "--trainer.strategy", "ddp")
-    assert json.loads((run / "schedule.json").read_text()) | {"store": None} == \
-        json.loads((straight / "schedule.json").read_text()) | {"store": None}
+    two, one = (json.loads((r / "schedule.json").read_text()) | {"store": None} for r in (run, straight))
+    # the cost differs: each process reuses only the stage prefixes it computed itself
+    assert two["extra"].pop("cost")["probe_steps"] >= one["extra"].pop("cost")["probe_steps"]
+    assert two == one
     assert [(r["levels"], r["fitness"]) for r in lines(run)] == [(r["levels"], r["fitness"]) for r in lines(straight)]
 
 
