@@ -97,7 +97,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/tiny_obs.yaml"))
     parser.add_argument("--runs", default=str(ROOT / "runs/search_cost"))
     parser.add_argument("--generations", type=int, default=100)
-    parser.add_argument("--variants", nargs="+", default=["16,1,0", "16,1,20", "8,1,10"],
+    parser.add_argument("--variants", nargs="+", default=["16,1,0", "16,1,20", "8,1,10", "8,0.5,10"],
                         help="racing rows as race_probes,race_confidence,stop_patience (0: no stop)")
     parser.add_argument("--delta", type=float, default=1e-4, help="stop_delta of the rows that stop")
     parser.add_argument("--eval-probes", type=int, default=500)

@@ -71,11 +71,8 @@ class SearchProgress(ProgressBar):
             info.append(f"best {pl_module.context.metric.name} {float(metrics['best_fitness']):.4f}")
         if "nfe" in metrics:
             info.append(f"NFE {int(metrics['nfe'])}")
-        if "probe_steps_total" in metrics:  # the cost meter
-            info.append(f"probe-steps {int(metrics['probe_steps'])} (total {int(metrics['probe_steps_total'])}, "
-                        f"{float(metrics['macs_total']) / 1e12:.3g} TMAC)")
-        if float(metrics.get("raced_out", 0)):
-            info.append(f"raced out {int(metrics['raced_out'])}")
+        if "probe_steps_total" in metrics:  # the cost meter, kept short: a narrow console cuts the line
+            info.append(f"{int(metrics['probe_steps_total']):,} probe-steps")
         self._update(completed=trainer.current_epoch + 1, info=" · ".join(info))
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
