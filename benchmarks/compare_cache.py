@@ -4,6 +4,7 @@
     python benchmarks/compare_cache.py                   # built-in model, OBS, 50 % and 35 % of dense MACs
     python benchmarks/compare_cache.py --stages 5 --intervals 1 2 3 4   # 4-step stages: k = 2, 3, 4 differ
     python benchmarks/compare_cache.py --tiny            # smoke run: proves the script works; numbers meaningless
+    python benchmarks/compare_cache.py --search-seed 1   # every search again with another search seed (own runs)
 
 Rows, per MAC budget (a fraction of the dense trajectory's MACs):
 - dense;
@@ -13,7 +14,10 @@ Rows, per MAC budget (a fraction of the dense trajectory's MACs):
   budgeted in MACs like the others (for width pruning the same search as the level budget);
 - level-only + fixed cache interval (the paper's stacking): levels searched with k fixed in every
   stage (`model.cache_intervals [k]`) at the same MAC budget;
-- joint search: a level and an interval per stage (`model.cache_intervals [1, 2, 3]`).
+- joint search: a level and an interval per stage (`model.cache_intervals [1, 2, 3]`), its mutation
+  weighing interval and level moves by `model.interval_rate` (`--interval-rate`; default: the model's,
+  every single-stage move alike). Its run folder names the rate (joint-uniform, joint-ir0.5, …), so a
+  row searched with another rate is never reused for it.
 Every search runs `diffes-pl fit` on one shared trajectory store (resumed when a run stopped, skipped
 when finished). Scored on fresh probes (another seed, more probes): SSIM and PSNR vs dense, plus
 the denoiser's declared metrics (class accuracy and digits-FID for the built-in model); MACs (from
@@ -42,6 +46,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35])
     parser.add_argument("--fixed-interval", type=int, default=2, help="k of the stacking row")
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3], help="k values of the joint search")
+    parser.add_argument("--interval-rate", type=float, default=None,
+                        help="model.interval_rate of the joint search (default: the model's default, every "
+                             "single-stage move equally likely; 0.5: the joint searches before the setting)")
     parser.add_argument("--generations", type=int, default=30)
     parser.add_argument("--eval-probes", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=99991)
@@ -51,6 +58,10 @@ def main() -> None:
                         help="stages of the 20-step partition (default: the config's 10, 2 steps each, where "
                              "k = 3 acts as k = 2); e.g. 5 (4 steps each: k = 2, 3, 4 differ). Own runs and store: "
                              "<runs>_s<stages>")
+    parser.add_argument("--search-seed", type=int, default=None,
+                        help="model.search_seed of every search (default: the config's): a replicate of the "
+                             "comparison with other random moves, same calibration and probes. Own runs (and store: "
+                             "copy <runs>/store there to skip calibrating again): <runs>_seed<s>")
     parser.add_argument("--tiny", action="store_true",
                         help="smoke setting: 4 stages of 8 steps, 1 generation, 16 probes, 1 latency repeat")
     parser.add_argument("--out", default=None)
@@ -58,7 +69,10 @@ def main() -> None:
     if args.tiny:
         args.generations, args.eval_probes, args.latency_batch_size, args.latency_repeats = 1, 16, 2, 1
     extra = (TINY if args.tiny else []) + ([] if args.stages is None else ["--model.num_stages", str(args.stages)])
-    suffix = ("_tiny" if args.tiny else "") + ("" if args.stages is None else f"_s{args.stages}")
+    suffix = ("_tiny" if args.tiny else "") + ("" if args.stages is None else f"_s{args.stages}") \
+        + ("" if args.search_seed is None else f"_seed{args.search_seed}")
+    if args.search_seed is not None:
+        extra += ["--model.search_seed", str(args.search_seed)]
     out = Path(args.out or Path(__file__).parent / "results" / f"compare_cache{suffix}.json")
     runs = Path(args.runs + suffix)
     searches = {"level-only Diff-ES": [1], f"level-only + fixed k={args.fixed_interval}": [args.fixed_interval],
@@ -73,13 +87,15 @@ def main() -> None:
     from diffes_pl.search.holdout import evaluate_schedules
 
     def run_dir(budget: float, ks: list[int]) -> Path:
-        slug = "level" if ks == [1] else f"fixed{ks[0]}" if len(ks) == 1 else "joint"
+        rate = "uniform" if args.interval_rate is None else f"ir{args.interval_rate:g}"
+        slug = "level" if ks == [1] else f"fixed{ks[0]}" if len(ks) == 1 else f"joint-{rate}"
         return runs / f"{budget:g}" / slug
 
     def common(budget: float, name: str, ks: list[int]) -> list[str]:
+        rate = [] if len(ks) == 1 or args.interval_rate is None else ["--model.interval_rate", str(args.interval_rate)]
         return ["--config", args.config, *extra, "--trainer.default_root_dir", str(run_dir(budget, ks)),
                 "--trainer.max_epochs", str(args.generations), "--model.store", str(runs / "store"),
-                "--model.cache_intervals", json.dumps(ks), "--model.mac_budget", str(budget)]
+                "--model.cache_intervals", json.dumps(ks), "--model.mac_budget", str(budget), *rate]
 
     for budget in args.budgets:  # the searches (sequential: one shared store, calibrated once)
         for name, ks in searches.items():
@@ -103,6 +119,7 @@ def main() -> None:
 
     report: dict = {"config": args.config, "tiny": args.tiny, "generations": args.generations,
                     "eval_probes": args.eval_probes, "eval_seed": args.eval_seed, "cache_branch": module.cache_branch,
+                    "joint_interval_rate": module.hparams.interval_rate, "search_seed": module.hparams.search_seed,
                     "budgets": {}}
     for budget in args.budgets:
         schedules = {f"cache-only k={max(cache_only_ks)}": cache_only}

@@ -8,7 +8,8 @@ Rows (the default search of `configs/tiny_obs.yaml` — OBS 50 %, 10 stages of 2
 individuals, 64 probes — for `--generations` generations, all on one shared store):
 - default: every child scored on all 64 probes (today's search);
 - racing (`--variants m,z,patience`): children scored on the first m probes first, finished only if
-  they can still reach the worst survivor (confidence z; `search/racing.py`); with patience > 0 also
+  they can still reach the worst survivor (confidence z; `search/racing.py`); m = 8/16 races in rungs
+  (8 probes, then 16, then all; a child must pass at every rung); with patience > 0 also
   stopping when converged: after `patience` generations without an improvement of the best fitness
   by more than `--delta`.
 Cost is the runs' own meter (schedule.json `extra.cost`: probe-steps — one probe through one
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(ROOT / "configs/tiny_obs.yaml"))
     parser.add_argument("--runs", default=str(ROOT / "runs/search_cost"))
     parser.add_argument("--generations", type=int, default=100)
-    parser.add_argument("--variants", nargs="+", default=["16,1,0", "16,1,20", "8,1,10", "8,0.5,10"],
+    parser.add_argument("--variants", nargs="+", default=["16,1,0", "16,1,20", "8,1,10", "8,0.5,10", "8/16,1,10", "8/16,0.5,10"],
                         help="racing rows as race_probes,race_confidence,stop_patience (0: no stop)")
     parser.add_argument("--delta", type=float, default=1e-4, help="stop_delta of the rows that stop")
     parser.add_argument("--eval-probes", type=int, default=500)
@@ -118,9 +119,12 @@ def main() -> None:
     rows, slug = {"default": []}, {"default": "default"}
     for variant in args.variants:
         m, z, patience = variant.split(",")
-        name = f"racing {m} probes first, z = {float(z):g}"
-        options = ["--model.race_probes", m, "--model.race_confidence", str(float(z))]
-        slug_ = f"race{m}-z{float(z):g}"
+        rungs = [int(r) for r in m.split("/")]  # 8/16: rungs (racing.Racing)
+        name = (f"racing {m} probes first, z = {float(z):g}" if len(rungs) == 1 else
+                f"racing in rungs {' → '.join(map(str, rungs))} probes, z = {float(z):g}")
+        options = ["--model.race_probes", str(rungs[0] if len(rungs) == 1 else rungs), "--model.race_confidence",
+                   str(float(z))]
+        slug_ = f"race{'-'.join(map(str, rungs))}-z{float(z):g}"
         if int(patience):
             name += f" + stop when converged (patience {patience}, delta {args.delta:g})"
             options += ["--model.stop_patience", patience, "--model.stop_delta", str(args.delta)]

@@ -184,6 +184,25 @@ def test_unknown_config_key_refused(tmp_path):
     _assert_refused(proc, elapsed, root, ["nonexistent"])
 
 
+@pytest.mark.parametrize("config, value, cause", [
+    ("tiny_joint.yaml", "1.5", r"interval_rate must be a probability in [0, 1]"),
+    ("tiny_obs.yaml", "0.2", "interval_rate belong to the joint search: set cache_intervals"),
+])
+def test_bad_interval_rate_refused(config, value, cause, tmp_path):
+    root = tmp_path / "run"
+    proc, elapsed = _run(_console_script() + ["fit", "--config", f"configs/{config}", "--trainer.default_root_dir",
+                                              str(root), "--model.interval_rate", value])
+    _assert_refused(proc, elapsed, root, [cause])
+
+
+def test_fit_help_documents_the_interval_rate_and_its_default():
+    proc, _ = _run(_console_script() + ["fit", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    text = text.replace("single- stage", "single-stage")  # argparse wraps at the hyphen
+    assert "--model.interval_rate" in text and "None (default): every single-stage move equally likely" in text
+
+
 # --- help says what diffes-pl does --------------------------------------------------------------------
 
 HELP = {"fit": "then search for the best schedule", "predict": "Calibrate and build the trajectory store",

@@ -14,9 +14,10 @@ reuse from `first_changed_joint_stage` (exact: every stage starts with a full st
 with `intervals` and `macs` (fraction of the dense trajectory's). A level-only search is untouched:
 same operators, same random numbers, same archive and checkpoint.
 
-With racing (`racing.Racing`), a generation scores its new children on a probe subset first and
-finishes only those that can still reach the worst survivor; the survivors' per-probe values (on
-all probes) and the raced-out children are part of the state.
+With racing (`racing.Racing`), a generation scores its new children on a probe subset first (rung
+by rung on more probes, with rungs) and finishes only those that can still reach the worst survivor
+(in the first generation: the μ-th best newcomer on the first rung); the survivors' per-probe values
+(on all probes) and the raced-out children are part of the state.
 
 `DiffES` (module.py) drives it under `Trainer.fit`, one generation per epoch, and tells `step` its
 rank, the world size and how to sum a tensor over ranks (the new schedules are split across them);
@@ -24,6 +25,7 @@ alone, `step` evaluates them in this process.
 """
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,9 +123,8 @@ class EvolutionarySearch:
             # A probe's rollout can differ in the last bits with the batch it runs in (CPU kernels block
             # by batch size). Probe batches that divide the subset size make the subset's batches and
             # the rest's the very batches of a full rollout: a finished child's fitness is exactly
-            # its full evaluation's, whichever way it was reached.
-            engine.batch_size = max(d for d in range(1, racing.probes + 1)
-                                    if racing.probes % d == 0 and d <= engine.batch_size)
+            # its full evaluation's, whichever way it was reached (with rungs: divide every rung).
+            engine.batch_size = racing.batch_divisor(engine.batch_size)
         self.offspring, self.num_survivors = offspring, survivors
         self.max_move, self.moves_per_child = max_move, moves_per_child
         self.space = engine.space  # population.JointSpace (joint search) or None (level-only)
@@ -254,20 +255,18 @@ class EvolutionarySearch:
         self.evaluated_here += 1
         return scored
 
-    def _finish(self, individual: Individual, first: Scored, second: Scored | None = None) -> Scored:
-        """Completes a racing child scored on the subset (`first`): the remaining probes are rolled out
-        (from the longest prefix shared with a fully scored schedule; `second` if done already) and the
-        fitness is the metric on ALL probes' images — the same value a full evaluation gives."""
-        if second is None:
-            rest = self.racing.rest(self.num_probes)
-            second = self._score(individual, rest, self._sliced(self.entries, rest))
-        latents = torch.cat([first.latents, second.latents])  # subset = the first m probes: probe order
-        inputs = self._inputs(latents, torch.arange(self.num_probes))
-        # the cost fields are what this call spent (the subset's was counted with the first round)
-        scored = Scored(latents, [torch.cat(pair) for pair in zip(first.entries, second.entries)],
-                        self.metric(inputs), self.metric.probe_values(inputs), second.nfe, second.probe_steps,
-                        second.macs)
-        self._keep(individual, scored)
+    def _joined(self, individual: Individual, first: Scored, part: Scored, final: bool) -> Scored:
+        """A racing child scored on probes [0, m) (`first`) and the next rung's [m, m') (`part`) as one
+        Scored on [0, m'): the metric and per-probe values are recomputed on all its images, so on
+        the last rung (`final`, m' = P) the fitness is the very value a full evaluation gives, and the
+        child is kept (fitness, stage-entry latents). The cost fields are `part`'s (the earlier
+        rungs' were counted in their rounds)."""
+        latents = torch.cat([first.latents, part.latents])  # rungs are consecutive probe ranges: probe order
+        inputs = self._inputs(latents, torch.arange(len(latents)))
+        scored = Scored(latents, [torch.cat(pair) for pair in zip(first.entries, part.entries)],
+                        self.metric(inputs), self.metric.probe_values(inputs), part.nfe, part.probe_steps, part.macs)
+        if final:
+            self._keep(individual, scored)
         return scored
 
     @staticmethod
@@ -322,10 +321,13 @@ class EvolutionarySearch:
         todo = self.pending(candidates)
         n, P = len(todo), self.num_probes
         width = P if self.racing is not None else 0
-        cut = self.survivors[-1] if self.racing is not None and len(self.survivors) >= self.num_survivors else None
+        # racing's cut: the worst survivor; in the first generation (no survivors yet) the μ-th best
+        # newcomer on the first rung — it passes every rung (d = 0), so μ schedules finish on all probes
+        cut = self.survivors[-1] if len(self.survivors) >= self.num_survivors else None
+        racing = self.racing is not None and (cut is not None or (not self.survivors and n > self.num_survivors))
         batched = self.engine.batch_candidates
         every = torch.arange(P)
-        if cut is None:  # every new schedule on all probes
+        if not racing:  # every new schedule on all probes
             ready = self._ahead(todo, range(n), rank, world, every, self.entries) if batched else {}
             for i, scored in ready.items():
                 self._keep(todo[i][0], scored)
@@ -334,29 +336,41 @@ class EvolutionarySearch:
                                reduce, rank, world, before_each)
             rows = {i: (full, i, P, False) for i in range(n)}
             spent = [full]
-        else:  # racing: all on the subset, then the contenders on the rest
-            subset = self.racing.subset(P)
-            sources = self._sliced({ind: self.entries[ind] for ind in self.survivors if ind in self.entries}, subset)
-            firsts: dict[int, Scored] = self._ahead(todo, range(n), rank, world, subset, sources) if batched else {}
-            self.evaluated_here += len(firsts)
+        else:  # racing: rung by rung on more probes; only the children that can still reach the cut go on
+            bounds, alive, rows, spent = self.racing.bounds(P), list(range(n)), {}, []
+            done: dict[int, Scored] = {}  # this process's children scored so far, on probes [0, lo)
+            for lo, hi in itertools.pairwise(bounds):
+                probes = torch.arange(lo, hi)
+                # prefixes on these probes: the survivors', and this round's siblings' as they finish
+                sources = self._sliced({ind: self.entries[ind] for ind in self.survivors if ind in self.entries},
+                                       probes)
+                ready = self._ahead(todo, alive, rank, world, probes, sources) if batched else {}
+                if lo == 0:
+                    self.evaluated_here += len(ready)
 
-            def first(i: int) -> Scored:
-                if i not in firsts:
-                    firsts[i] = scored = self._score(todo[i][0], subset, sources)
-                    sources[todo[i][0]] = scored.entries  # this generation's subset rollouts are prefixes too
-                    self.evaluated_here += 1
-                return firsts[i]
+                def score(i: int, lo=lo, hi=hi, probes=probes, sources=sources, ready=ready) -> Scored:
+                    part = ready.get(i)
+                    if part is None:
+                        part = self._score(todo[i][0], probes, sources)
+                        sources[todo[i][0]] = part.entries
+                        self.evaluated_here += lo == 0
+                    done[i] = part if lo == 0 else self._joined(todo[i][0], done[i], part, final=hi == P)
+                    return done[i]
 
-            sub = self._round(todo, range(n), first, len(subset), reduce, rank, world, before_each)
-            bar = self.per_probe[cut][subset]
-            promoted = [i for i in range(n) if self.racing.can_reach(sub.per_probe[i], bar, P)]
-            rest = self.racing.rest(P)
-            seconds = self._ahead(todo, promoted, rank, world, rest, self._sliced(self.entries, rest)) \
-                if batched else {}
-            full = self._round(todo, promoted, lambda i: self._finish(todo[i][0], firsts[i], seconds.get(i)), width,
-                               reduce, rank, world, before_each)
-            rows = {i: (full, i, P, False) if i in promoted else (sub, i, len(subset), True) for i in range(n)}
-            spent = [sub, full]
+                result = self._round(todo, alive, score, hi, reduce, rank, world, before_each)
+                spent.append(result)
+                if hi == P:
+                    rows.update({i: (result, i, P, False) for i in alive})
+                    break
+                if cut is not None:
+                    bar = self.per_probe[cut][:hi]
+                else:  # the first generation's cut: the μ-th best on the first rung (ties: by index)
+                    first = first if lo else sorted(alive, key=lambda i: -float(result.per_probe[i].mean())
+                                                    )[self.num_survivors - 1]
+                    bar = result.per_probe[first]
+                passed = [i for i in alive if self.racing.can_reach(result.per_probe[i], bar, P)]
+                rows.update({i: (result, i, hi, True) for i in alive if i not in passed})
+                alive = passed
         for i, (levels, parent) in enumerate(todo):
             result, j, probes, raced_out = rows[i]
             value = float(result.values[j])

@@ -70,7 +70,8 @@ class DiffES(L.LightningModule):
         cache_intervals: list[int] | None = None,
         cache_branch: int | None = None,
         mac_budget: float | None = None,
-        race_probes: int | None = None,
+        interval_rate: float | None = None,
+        race_probes: int | list[int] | None = None,
         race_confidence: float = 2.0,
         stop_patience: int | None = None,
         stop_delta: float = 0.0,
@@ -118,9 +119,17 @@ class DiffES(L.LightningModule):
             mac_budget: the joint search's budget, a fraction in (0, 1] of the dense trajectory's MACs.
                 Default: what the level-only uniform schedule at target_level costs, so level-only
                 schedules meeting today's level budget meet it too. Only with cache_intervals.
+            interval_rate: the joint search's share of mutation moves that change a stage's cache
+                interval (the rest move a level), a probability in [0, 1]. None (default): every
+                single-stage move equally likely — each other interval and each level step ±1..max_move
+                of the drawn stage (with 2-step stages and max_move 3, about one move in seven changes
+                an interval); 0.5 is what joint searches did before this setting. Only with
+                cache_intervals; fixed for the search (a resume must keep it: it changes the mutations).
             race_probes: racing: score every child on the first `race_probes` probes first and finish
                 (on all probes) only those whose upper confidence bound can still reach the worst
-                survivor (`search/racing.py`); about num_probes / 4 saves most. Survivors are always
+                survivor (`search/racing.py`); about num_probes / 4 saves most. A list of increasing
+                subset sizes races in rungs (successive halving style, e.g. [8, 16]: the first 8 probes,
+                then the children still in the race on 16, then all). Survivors are always
                 compared on all probes. None (default): every child on all probes. Needs a metric
                 with per-probe values (ssim, psnr, latent_mse, class_accuracy, topiq, clipiqa).
             race_confidence: z of racing's bound (larger: fewer children stopped early, safer).
@@ -200,9 +209,9 @@ class DiffES(L.LightningModule):
         hp, problems = self.hparams, []
         ks = hp.cache_intervals
         if ks is None:
-            if hp.cache_branch is not None or hp.mac_budget is not None:
-                problems.append("cache_branch and mac_budget belong to the joint search: set cache_intervals "
-                                "(e.g. [1, 2, 3]) too, or remove them")
+            if hp.cache_branch is not None or hp.mac_budget is not None or hp.interval_rate is not None:
+                problems.append("cache_branch, mac_budget and interval_rate belong to the joint search: set "
+                                "cache_intervals (e.g. [1, 2, 3]) too, or remove them")
             return problems
         if not isinstance(ks, (list, tuple)) or not ks or \
                 any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
@@ -216,6 +225,10 @@ class DiffES(L.LightningModule):
         m = hp.mac_budget
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1):
             problems.append(f"mac_budget must be a fraction in (0, 1] of the dense trajectory's MACs; got {m!r}")
+        r = hp.interval_rate
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1):
+            problems.append(f"interval_rate must be a probability in [0, 1] (the share of mutation moves that change "
+                            f"a stage's cache interval) or null (every single-stage move equally likely); got {r!r}")
         if hp.init not in JOINT_INITS:
             problems.append(f"a joint search (cache_intervals set) takes init {' or '.join(JOINT_INITS)} "
                             f"(got {hp.init!r})")
@@ -299,7 +312,8 @@ class DiffES(L.LightningModule):
         hp, context = self.hparams, self.context
         table = step_cost_table(context.adapter, context.store, context.partition, branch=self.cache_branch)
         return joint_space(context.levels_max, context.partition.steps_per_stage, table, hp.target_level,
-                           intervals=hp.cache_intervals, branch=self.cache_branch, mac_budget=hp.mac_budget)
+                           intervals=hp.cache_intervals, branch=self.cache_branch, mac_budget=hp.mac_budget,
+                           interval_rate=hp.interval_rate)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The search optimizes nothing, yet it keeps a no-op optimizer (SGD, lr 0) over one placeholder

@@ -491,8 +491,10 @@ JOINT_INITS = ("hybrid", "random")
 @dataclass(frozen=True)
 class JointSpace:
     """The joint search space: H, steps per stage w, the MAC table, the allowed cache intervals (the
-    search draws k from them, capped at the stage's step count; 1 = no caching), the budget. Build
-    it with `joint_space`."""
+    search draws k from them, capped at the stage's step count; 1 = no caching), the budget, and how
+    `mutate_joint` splits its moves between intervals and levels (`interval_rate`; it lives here, with
+    the move set it weighs, so every caller of the mutation uses the run's value). Build it with
+    `joint_space`."""
 
     H: int
     w: tuple[int, ...]
@@ -501,6 +503,7 @@ class JointSpace:
     target_level: float
     mac_budget: float
     branch: int | None = None
+    interval_rate: float | None = None
 
     @property
     def S(self) -> int:
@@ -538,12 +541,18 @@ class JointSpace:
 
 def joint_space(H: int, w: Sequence[int], step_costs: dict | StepCosts, target_level: float,
                 intervals: Sequence[int] = (1, 2, 3), branch: int | None = None,
-                mac_budget: float | None = None) -> JointSpace:
+                mac_budget: float | None = None, interval_rate: float | None = None) -> JointSpace:
     """The joint space. The MAC budget is `mac_budget` (a fraction of the dense trajectory's MACs) or,
     by default, what the level-only uniform schedule at `target_level` costs (`uniform`), so that
     the level-only schedules meeting today's level budget meet it too (exactly when the full-step
     cost is affine in the level and the same in every stage, as for width pruning with n divisible
-    by H). Raises ScheduleError when no individual meets the budget."""
+    by H). `interval_rate`: see `mutate_joint` (None: every single-stage move equally likely).
+    Raises ScheduleError when no individual meets the budget, ValueError for a rate outside [0, 1]."""
+    if interval_rate is not None and (isinstance(interval_rate, bool) or not isinstance(interval_rate, (int, float))
+                                      or not 0 <= interval_rate <= 1):
+        raise ValueError(f"interval_rate must be a probability in [0, 1] (the share of mutation moves that change "
+                         f"a stage's cache interval) or None (every single-stage move equally likely); "
+                         f"got {interval_rate!r}")
     w = _weights(len(w), w)
     S = len(w)
     costs = step_costs if isinstance(step_costs, StepCosts) else StepCosts.parse(step_costs, S, H)
@@ -560,7 +569,8 @@ def joint_space(H: int, w: Sequence[int], step_costs: dict | StepCosts, target_l
         macs = costs.trajectory_macs(levels, None, w)
         mac_budget = macs / costs.dense_macs(w)
         assert costs.budget_macs(mac_budget, w) == macs  # exact below 2**52 MACs per trajectory
-    space = JointSpace(int(H), w, costs, ks, float(target_level), float(mac_budget), branch)
+    space = JointSpace(int(H), w, costs, ks, float(target_level), float(mac_budget), branch,
+                       None if interval_rate is None else float(interval_rate))
     if not _joint_bases(space):
         raise ScheduleError(f"no schedule of levels in [0, {H}] and cache intervals {list(ks)} meets the MAC budget "
                             f"{mac_budget} with steps per stage {list(w)}")
@@ -740,35 +750,53 @@ def initial_joint_population(n: int, space: JointSpace, gen: torch.Generator, in
 
 
 def mutate_joint(ind: JointIndividual, space: JointSpace, gen: torch.Generator, max_move: int,
-                 moves_per_child: int = 1, interval_rate: float = 0.5, max_tries: int = 16) -> JointIndividual:
-    """`moves_per_child` moves, each (with probability `interval_rate`, when more than one interval is
-    allowed) an INTERVAL move — a stage i drawn uniformly takes another allowed k — or else a LEVEL
-    move — stage i moves by ±m levels, m uniform in [1, max_move] within [0, H]; then the other
-    stages' levels are repaired to the MAC budget (stages drawn from `gen`; stage i kept unless it
-    is the only one). A move whose repair fails, or that returns the individual unchanged, is
-    redrawn up to `max_tries` times; the result always meets the budget (the parent if no move
-    works)."""
+                 moves_per_child: int = 1, max_tries: int = 16) -> JointIndividual:
+    """`moves_per_child` moves. A move draws a stage i uniformly, then either an INTERVAL move — stage
+    i takes another allowed k — or a LEVEL move — stage i moves by ±m levels, m in [1, max_move]
+    within [0, H]; then the other stages' levels are repaired to the MAC budget (stages drawn from
+    `gen`; stage i kept unless it is the only one). Which kind, by `space.interval_rate`:
+    - None (default): every move of stage i is equally likely (each other interval, each ±m), as
+      `mutate` draws level-switch moves uniformly. With 2-step stages (k ∈ {1, 2}) and max_move 3
+      about one move in seven changes an interval; the more intervals a stage may take, the more.
+      A space with one interval draws exactly the random numbers of the fixed-interval search.
+    - a rate r: an interval move with probability r (when more than one interval is allowed; the
+      behaviour before the setting existed is r = 0.5), else a level move.
+    An interval move shifts a whole stage's cost at once and the repair spreads the difference over
+    other stages' levels, so it disturbs a schedule far more than a level move: spending a fixed half
+    of the moves on it slowed the level search (the joint search ended below the fixed-interval
+    search it contains, at the same number of evaluations).
+    A move whose repair fails, or that returns the individual unchanged, is redrawn up to
+    `max_tries` times; the result always meets the budget (the parent if no move works)."""
     _check_gen(gen)
     if max_move < 1 or moves_per_child < 1:
         raise ValueError(f"max_move and moves_per_child must be ≥ 1 (got {max_move}, {moves_per_child})")
     levels, ks = (tuple(int(l) for l in ind[0]), tuple(int(k) for k in ind[1]))
     if not space.feasible((levels, ks)):
         raise ScheduleError(f"parent {[list(levels), list(ks)]} does not meet the joint search space's budget")
-    S, H = space.S, space.H
+    S, H, rate = space.S, space.H, space.interval_rate
     for _ in range(moves_per_child):
         for _ in range(max_tries):
             i = _randint(gen, S)
             new_l, new_k = list(levels), list(ks)
-            if len(space.intervals) > 1 and _rand(gen) < interval_rate:
-                others = [k for k in space.stage_intervals(i) if k != ks[i]]
-                if not others:
-                    continue
-                new_k[i] = others[_randint(gen, len(others))]
-            else:
-                moves = [d for d in range(-max_move, max_move + 1) if d and 0 <= levels[i] + d <= H]
+            others = [k for k in space.stage_intervals(i) if k != ks[i]]
+            steps = [d for d in range(-max_move, max_move + 1) if d and 0 <= levels[i] + d <= H]
+            if rate is None:  # uniform over stage i's moves; interval moves first, then the level steps
+                moves = [(True, k) for k in others] + [(False, d) for d in steps]
                 if not moves:
                     continue
-                new_l[i] += moves[_randint(gen, len(moves))]
+                is_interval, value = moves[_randint(gen, len(moves))]
+            elif len(space.intervals) > 1 and _rand(gen) < rate:
+                if not others:
+                    continue
+                is_interval, value = True, others[_randint(gen, len(others))]
+            else:
+                if not steps:
+                    continue
+                is_interval, value = False, steps[_randint(gen, len(steps))]
+            if is_interval:
+                new_k[i] = value
+            else:
+                new_l[i] += value
             repaired = repair_levels(space, new_l, new_k, frozen=(i,) if S > 1 else (), gen=gen)
             if repaired is not None and (repaired, tuple(new_k)) != (levels, ks):
                 levels, ks = repaired, tuple(new_k)
@@ -784,8 +812,8 @@ def first_changed_joint_stage(parent: JointIndividual, child: JointIndividual) -
 
 def next_joint_generation(survivors: Sequence[JointIndividual], n_offspring: int, space: JointSpace,
                           gen: torch.Generator, max_move: int, moves_per_child: int = 1,
-                          seen: set | frozenset = frozenset(), max_retries: int = 32,
-                          interval_rate: float = 0.5) -> list[tuple[JointIndividual, JointIndividual]]:
+                          seen: set | frozenset = frozenset(), max_retries: int = 32
+                          ) -> list[tuple[JointIndividual, JointIndividual]]:
     """`next_generation` for joint individuals: n_offspring (child, parent) pairs, parents in turn,
     each child a `mutate_joint` of its parent, redrawn while it repeats (see `next_generation`)."""
     _check_gen(gen)
@@ -793,5 +821,5 @@ def next_joint_generation(survivors: Sequence[JointIndividual], n_offspring: int
         raise ValueError("next_joint_generation needs at least one survivor")
     parents = [(tuple(int(l) for l in p[0]), tuple(int(k) for k in p[1])) for p in survivors]
     return _offspring(parents, n_offspring,
-                      lambda parent: mutate_joint(parent, space, gen, max_move, moves_per_child, interval_rate),
+                      lambda parent: mutate_joint(parent, space, gen, max_move, moves_per_child),
                       seen, max_retries)

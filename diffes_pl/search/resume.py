@@ -30,6 +30,11 @@ OUTPUTS = ("schedule.json", "evaluations.jsonl", "checkpoints", "plots")
 # (to float rounding: a kernel's last bits may depend on the batch) or the search's course
 # (shared-buffer routing rolls out what resident routing does — tested), or only when it stops
 FREE_TO_CHANGE = {"probe_batch_size", "resident_routing", "batch_candidates", "stop_patience", "stop_delta"}
+# settings added after checkpoints were written without them, with the value those searches used
+# (a function of the saved settings), so that such a checkpoint resumes only as it ran: a joint
+# search (more than one cache interval) drew interval moves with probability 0.5 before
+# `interval_rate` existed; a level-only or fixed-interval search drew none, as with today's default
+LEGACY_SETTINGS = {"interval_rate": lambda saved: 0.5 if len(set(saved.get("cache_intervals") or ())) > 1 else None}
 
 
 class ResumeError(ValueError):
@@ -129,6 +134,9 @@ def check_resumable(checkpoint: dict, path: str, hparams: dict[str, Any], store_
     """Refuses a resume whose search-defining settings changed (naming them); returns the line that
     says where the search resumes."""
     saved = dict(checkpoint.get("hyper_parameters", {}))
+    for key, value in LEGACY_SETTINGS.items():
+        if key not in saved:
+            saved[key] = value(saved)
     changed = changed_settings(saved, dict(hparams))
     if changed:
         shown = ", ".join(f"{k}: {saved.get(k)!r} → {hparams.get(k)!r}" for k in changed)

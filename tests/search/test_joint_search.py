@@ -138,9 +138,17 @@ def test_stopped_and_resumed_joint_search_equals_the_uninterrupted_one(fitted, t
     assert {r["generation"] for r in state["diffes"]["archive"]} == {0}
     assert all(len(s) == 2 and len(s[1]) == 4 for s in state["diffes"]["survivors"])  # joint individuals
     check_resumable(state, str(ckpt), dict(first.hparams), None, 2)  # same settings: resumable
-    for name, value in (("cache_intervals", [1, 2]), ("mac_budget", 0.4), ("cache_branch", 1)):
+    for name, value in (("cache_intervals", [1, 2]), ("mac_budget", 0.4), ("cache_branch", 1), ("interval_rate", 0.5)):
         with pytest.raises(ResumeError, match=name):
             check_resumable(state, str(ckpt), {**first.hparams, name: value}, None, 2)
+    # a joint checkpoint written before interval_rate existed ran with rate 0.5: it resumes only so
+    legacy = {**state, "hyper_parameters": {k: v for k, v in state["hyper_parameters"].items() if k != "interval_rate"}}
+    with pytest.raises(ResumeError, match=r"interval_rate: 0\.5 → None"):
+        check_resumable(legacy, str(ckpt), dict(first.hparams), None, 2)
+    check_resumable(legacy, str(ckpt), {**first.hparams, "interval_rate": 0.5}, None, 2)
+    # … while a fixed-interval one (no interval move to weigh) resumes under the default
+    fixed = {**legacy, "hyper_parameters": {**legacy["hyper_parameters"], "cache_intervals": [2]}}
+    check_resumable(fixed, str(ckpt), {**first.hparams, "cache_intervals": [2]}, None, 2)
     resumed = DiffES(pruner=WandaPruner(), store=store, **SETTINGS)
     trainer_for(tmp_path, 2).fit(resumed, ckpt_path=str(ckpt))
     assert resumed.search.archive == module.search.archive
@@ -169,6 +177,10 @@ def test_stopped_and_resumed_joint_search_equals_the_uninterrupted_one(fitted, t
     (dict(cache_intervals=[1, 2], init="patterned"), "takes init hybrid or random"),
     (dict(mac_budget=0.5), "set cache_intervals"),
     (dict(cache_branch=2), "set cache_intervals"),
+    (dict(interval_rate=0.2), "interval_rate belong to the joint search: set cache_intervals"),
+    (dict(cache_intervals=[1, 2], interval_rate=1.5), r"interval_rate must be a probability in \[0, 1\]"),
+    (dict(cache_intervals=[1, 2], interval_rate=-0.1), r"interval_rate must be a probability in \[0, 1\]"),
+    (dict(cache_intervals=[1, 2], interval_rate=True), r"interval_rate must be a probability in \[0, 1\]"),
 ])
 def test_cache_settings_are_refused_before_any_work(settings, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -185,6 +197,7 @@ def test_a_branch_outside_the_denoiser_is_refused_when_it_loads(tmp_path):
 def test_level_only_is_the_default():
     module = DiffES(pruner=WandaPruner())
     assert module.hparams.cache_intervals is None and module.hparams.mac_budget is None
+    assert module.hparams.interval_rate is None  # a joint search's default: every single-stage move alike
     assert module.space is None and module.cache_branch is None
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 from collections import Counter
 from fractions import Fraction
 
@@ -408,6 +409,66 @@ def test_every_joint_individual_and_every_mutation_meets_the_mac_budget(name):
         assert space.feasible(child)
         kinds["levels" if child[1] == parent[1] else "intervals"] += 1
     assert kinds["levels"] > 5 and (kinds["intervals"] > 5 or len(space.intervals) == 1)
+
+
+def mutations(space, seed, n=300, max_move=3):
+    """n successive mutate_joint children (each the next one's parent), and the generator after them."""
+    g, pop = gen(seed), P.initial_joint_population(8, space, gen(seed))
+    out, parent = [], pop[-1]
+    for _ in range(n):
+        child = P.mutate_joint(parent, space, g, max_move=max_move)
+        out.append((child, parent))
+        parent = child
+    return out, g
+
+
+@pytest.mark.parametrize("name", list(SPACES))
+def test_interval_rate_zero_never_changes_an_interval_and_one_always_does(name):
+    space = dataclasses.replace(SPACES[name](), interval_rate=0.0)
+    pairs, _ = mutations(space, 5)
+    assert all(space.feasible(c) for c, _ in pairs)
+    assert all(c[1] == p[1] for c, p in pairs) and sum(c != p for c, p in pairs) >= 0.9 * len(pairs)
+    space = dataclasses.replace(space, interval_rate=1.0)
+    pairs, _ = mutations(space, 5)
+    assert all(space.feasible(c) for c, _ in pairs)
+    # every move changes a stage's interval (and repairs levels): never the levels alone
+    assert all(c[1] != p[1] for c, p in pairs if c != p) and sum(c != p for c, p in pairs) >= 0.9 * len(pairs)
+
+
+def test_default_interval_rate_weighs_every_single_stage_move_alike():
+    """Default (None): a drawn stage's other intervals and its level steps ±1..max_move are equally
+    likely. 2-step stages: k ∈ {1, 2}, one interval move against up to 6 level moves (max_move 3)."""
+    space = SPACES["dit"]()  # k = 2, 3, 4 act as k = 2 in 2-step stages
+    assert space.interval_rate is None
+    pairs, _ = mutations(space, 11, n=700)
+    share = sum(c[1] != p[1] for c, p in pairs) / sum(c != p for c, p in pairs)
+    assert 1 / 10 < share < 0.22  # 1/7 of the drawn moves, more near the bounds 0 and 16 (fewer level steps)
+    half = dataclasses.replace(space, interval_rate=0.5)  # what joint searches did before the setting
+    pairs, _ = mutations(half, 11, n=700)
+    assert 0.4 < sum(c[1] != p[1] for c, p in pairs) / sum(c != p for c, p in pairs) < 0.6
+    # every k in 4-step stages: 3 other intervals against 6 level moves, about 1/3
+    wide = P.joint_space(16, [4] * 5, DIT, 8, intervals=(1, 2, 3, 4), branch=2, mac_budget=0.5)
+    pairs, _ = mutations(wide, 11, n=700)
+    assert 0.25 < sum(c[1] != p[1] for c, p in pairs) / sum(c != p for c, p in pairs) < 0.42
+
+
+def test_a_fixed_interval_space_draws_the_same_mutations_whatever_the_rate():
+    """With one interval (the paper's stacking, a level-only search in MACs) there is no interval move
+    to weigh: the default and every rate draw the same random numbers, so such searches run as before."""
+    w, H = [2] * 10, 16
+    for k in (1, 2):
+        base = P.joint_space(H, w, DIT, 8, intervals=(k,), branch=2, mac_budget=0.4)
+        runs = [mutations(dataclasses.replace(base, interval_rate=r), 2) for r in (None, 0.0, 0.5, 1.0)]
+        assert all(pairs == runs[0][0] for pairs, _ in runs)
+        assert all(torch.equal(g.get_state(), runs[0][1].get_state()) for _, g in runs)
+        assert all(c[1] == (k,) * 10 for c, _ in runs[0][0])
+
+
+def test_joint_space_refuses_an_interval_rate_outside_0_1():
+    for bad in (-0.1, 1.5, True, "half"):
+        with pytest.raises(ValueError, match=r"interval_rate must be a probability in \[0, 1\]"):
+            P.joint_space(4, [2, 2, 2], HAND, 2, intervals=(1, 2), branch=1, interval_rate=bad)
+    assert P.joint_space(4, [2, 2, 2], HAND, 2, intervals=(1, 2), branch=1, interval_rate=0).interval_rate == 0.0
 
 
 def test_joint_operators_are_deterministic_from_the_generator():

@@ -49,6 +49,18 @@ def test_the_bound_is_the_stated_rule():
     assert Racing(4, confidence=0.0).bound(child, cut, 16) == pytest.approx(mean)
     with pytest.raises(ValueError, match="below num_probes"):
         Racing(16).check(16)
+    # rungs: increasing subset sizes, every one below P; probe batches divide every rung
+    rungs = Racing([4, 6])
+    assert rungs.rungs == (4, 6) and rungs.bounds(12) == (0, 4, 6, 12) and rungs.batch_divisor(8) == 2
+    assert Racing(8).rungs == (8,) and Racing(8).batch_divisor(3) == 2 and Racing(8).batch_divisor(64) == 8
+    with pytest.raises(ValueError, match="must increase"):
+        Racing([8, 4])
+    with pytest.raises(ValueError, match="below num_probes"):
+        Racing([4, 12]).check(12)
+    with pytest.raises(ValueError, match="whole number"):
+        Racing([4, 1.5])
+    with pytest.raises(ValueError, match="rungs must increase"):  # refused before any work
+        DiffES(race_probes=[16, 8])
     with pytest.raises(ValueError, match="cannot be raced"):
         get_metric("digits_fid").probe_values(None)
 
@@ -101,15 +113,52 @@ def test_racing_keeps_the_survivors_when_the_subset_agrees(context):
     assert {tuple(r["levels"]) for r in raced.archive} == {tuple(r["levels"]) for r in plain.archive}
 
 
-def test_racing_state_dict_restores_the_search_exactly(context):
+def test_rungs_judge_again_on_more_probes(context):
+    """Racing in rungs (4, then 8 of 12 probes): a child that passed the bound on 4 probes and fails
+    it on 8 stops there (archived with its 8-probe fitness); every finished child's fitness is the
+    very value a full evaluation gives; rung by rung the rule is the stated bound against the cut."""
     probes = Probes.make(context.adapter, SETTINGS["num_probes"], 1234)
-    straight = search(context, probes, Racing(4, 1.0))
+    # `plain` only scores schedules on all probes (`_score`: a full evaluation, per-probe values too)
+    raced, plain = search(context, probes, Racing([4, 8], 1.0)), search(context, probes, Racing([4, 8], 1.0))
+    cuts = {}  # generation → the cut's per-probe values (the worst survivor entering it)
+    for generation in range(4):
+        if raced.survivors:
+            cuts[generation] = raced.per_probe[raced.survivors[-1]].clone()
+        raced.step()
+    second = [r for r in raced.archive if r["raced_out"] and r["probes"] == 8]
+    assert second and any(r["raced_out"] and r["probes"] == 4 for r in raced.archive)
+    full_of = {tuple(r["levels"]): plain._score(tuple(r["levels"]), torch.arange(12), {}) for r in raced.archive}
+    # the first generation's cut (no survivors yet): the μ-th best newcomer on the first rung
+    newcomers = [tuple(r["levels"]) for r in raced.archive if r["generation"] == 0]
+    assert any(r["raced_out"] for r in raced.archive if r["generation"] == 0)
+    first = sorted(newcomers, key=lambda ind: -float(full_of[ind].per_probe[:4].mean()))[SETTINGS["survivors"] - 1]
+    cuts[0] = full_of[first].per_probe
+    for row in raced.archive:
+        full = full_of[tuple(row["levels"])]
+        if not row["raced_out"]:
+            assert row["probes"] == 12 and row["fitness"] == full.value  # bit for bit
+            continue
+        m = row["probes"]
+        assert row["fitness"] == pytest.approx(float(full.per_probe[:m].mean()), abs=1e-6)
+        cut = cuts[row["generation"]]
+        assert not raced.racing.can_reach(full.per_probe[:m], cut[:m], 12)
+        if m == 8:  # it had passed the first rung
+            assert raced.racing.can_reach(full.per_probe[:4], cut[:4], 12)
+    # a row's cost is what its rungs ran: at most its probes × the 8 steps (less where a prefix was reused)
+    assert all(0 < r["probe_steps"] <= r["probes"] * 8 for r in raced.archive)
+    assert raced.cost()["probe_steps"] == sum(r["probe_steps"] for r in raced.archive) + 12 * 8
+
+
+@pytest.mark.parametrize("rungs", [4, [4, 8]])
+def test_racing_state_dict_restores_the_search_exactly(context, rungs):
+    probes = Probes.make(context.adapter, SETTINGS["num_probes"], 1234)
+    straight = search(context, probes, Racing(rungs, 1.0))
     for _ in range(3):
         straight.step()
-    first = search(context, probes, Racing(4, 1.0))
+    first = search(context, probes, Racing(rungs, 1.0))
     first.step()
     state = first.state_dict()
-    restored = search(context, probes, Racing(4, 1.0))
+    restored = search(context, probes, Racing(rungs, 1.0))
     restored.load_state_dict(state)
     restored.step()
     restored.step()
