@@ -220,33 +220,37 @@ class EvolutionarySearch:
                     start, cached = shared, entries
         return start, cached if start else None
 
-    def _score(self, individual: Individual, probes: Tensor, sources: dict[Individual, list[Tensor]]) -> Scored:
+    def _score(self, individual: Individual, probes: Tensor, sources: dict[Individual, list[Tensor]],
+               judge: bool = True) -> Scored:
         """Rolls `individual` out on `probes` (indices) from the longest prefix shared with `sources`
-        (those probes' stage-entry latents): identical to a full rollout."""
+        (those probes' stage-entry latents): identical to a full rollout. judge=False skips the decode
+        and the metric (a later rung's piece: `_joined` judges the joined probes once)."""
         engine = self.engine
         start, cached = self._start(individual, sources)
         nfe, probe_steps = engine.nfe, engine.probe_steps
         latents, entries = engine.run(individual, start, cached, probes=probes)
         return self._scored(individual, probes, latents, entries, engine.nfe - nfe, engine.probe_steps - probe_steps,
-                            range(start, engine.partition.num_stages))
+                            range(start, engine.partition.num_stages), judge)
 
     def _score_many(self, individuals: list[Individual], probes: Tensor,
-                    sources: dict[Individual, list[Tensor]]) -> list[Scored]:
+                    sources: dict[Individual, list[Tensor]], judge: bool = True) -> list[Scored]:
         """`_score` for several schedules at once (`RolloutEngine.run_many`: candidates sharing a
         stage's configuration share its denoiser calls; shared prefixes run once — each schedule is
         charged the stages it ran first)."""
         jobs = [(ind, *self._start(ind, sources)) for ind in individuals]
         w = self.engine.partition.steps_per_stage
         return [self._scored(ind, probes, latents, entries, sum(w[s] for s in paid),
-                             len(probes) * sum(w[s] for s in paid), paid)
+                             len(probes) * sum(w[s] for s in paid), paid, judge)
                 for ind, (latents, entries, paid) in zip(individuals, self.engine.run_many(jobs, probes))]
 
     def _scored(self, individual: Individual, probes: Tensor, latents: Tensor, entries: list[Tensor], nfe: int,
-                probe_steps: int, stages) -> Scored:
+                probe_steps: int, stages, judge: bool = True) -> Scored:
+        macs = self._macs(individual, stages, len(probes))
+        if not judge:
+            return Scored(latents, entries, float("nan"), None, nfe, probe_steps, macs)
         inputs = self._inputs(latents, probes)
         per_probe = self.metric.probe_values(inputs) if self.racing is not None else None
-        return Scored(latents, entries, self.metric(inputs), per_probe, nfe, probe_steps,
-                      self._macs(individual, stages, len(probes)))
+        return Scored(latents, entries, self.metric(inputs), per_probe, nfe, probe_steps, macs)
 
     def _full(self, individual: Individual) -> Scored:
         """Scores `individual` on all probes and caches it (fitness, stage-entry latents)."""
@@ -304,10 +308,10 @@ class EvolutionarySearch:
         return out.reduced(reduce)
 
     def _ahead(self, todo: Pending, which, rank: int, world: int, probes: Tensor,
-               sources: dict[Individual, list[Tensor]]) -> dict[int, Scored]:
+               sources: dict[Individual, list[Tensor]], judge: bool = True) -> dict[int, Scored]:
         """This process's share of `which` scored at once (`_score_many`), by index into `todo`."""
         mine = [i for i in which if i % world == rank]
-        return dict(zip(mine, self._score_many([todo[i][0] for i in mine], probes, sources)))
+        return dict(zip(mine, self._score_many([todo[i][0] for i in mine], probes, sources, judge)))
 
     def step(self, reduce: Reduce | None = None, rank: int = 0, world: int = 1,
              before_each: Callable[[], None] | None = None) -> dict[str, float]:
@@ -344,14 +348,15 @@ class EvolutionarySearch:
                 # prefixes on these probes: the survivors', and this round's siblings' as they finish
                 sources = self._sliced({ind: self.entries[ind] for ind in self.survivors if ind in self.entries},
                                        probes)
-                ready = self._ahead(todo, alive, rank, world, probes, sources) if batched else {}
+                # a later rung's piece is judged only joined with the earlier probes (`_joined`)
+                ready = self._ahead(todo, alive, rank, world, probes, sources, judge=lo == 0) if batched else {}
                 if lo == 0:
                     self.evaluated_here += len(ready)
 
                 def score(i: int, lo=lo, hi=hi, probes=probes, sources=sources, ready=ready) -> Scored:
                     part = ready.get(i)
                     if part is None:
-                        part = self._score(todo[i][0], probes, sources)
+                        part = self._score(todo[i][0], probes, sources, judge=lo == 0)
                         sources[todo[i][0]] = part.entries
                         self.evaluated_here += lo == 0
                     done[i] = part if lo == 0 else self._joined(todo[i][0], done[i], part, final=hi == P)
