@@ -15,10 +15,15 @@ TINY = ["--model.num_stages", "4", "--model.steps", "8", "--model.num_probes", "
 
 
 def fit(common: list[str], run: Path) -> None:
-    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped)."""
+    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped; a finished run is
+    extended, from its last checkpoint, when `--trainer.max_epochs` asks for more generations than it ran
+    and it did not stop on convergence)."""
     done = run / "schedule.json"
-    if done.exists() and json.loads(done.read_text())["extra"].get("finished"):
-        return
+    if done.exists():
+        extra = json.loads(done.read_text())["extra"]
+        wanted = int(common[common.index("--trainer.max_epochs") + 1]) if "--trainer.max_epochs" in common else 0
+        if extra.get("finished") and (extra.get("stopped") or extra.get("generations", 0) >= wanted):
+            return
     resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
     subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
 

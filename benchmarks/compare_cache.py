@@ -2,7 +2,7 @@
 (issue 13 item 4).
 
     python benchmarks/compare_cache.py                   # built-in model, OBS, 50 % and 35 % of dense MACs
-    python benchmarks/compare_cache.py --stages 5 --intervals 1 2 3 4   # 4-step stages: k = 2, 3, 4 differ
+    python benchmarks/compare_cache.py --stages 10 --intervals 1 2 3    # 2-step stages: any k > 1 acts as 2
     python benchmarks/compare_cache.py --tiny            # smoke run: proves the script works; numbers meaningless
     python benchmarks/compare_cache.py --search-seed 1   # every search again with another search seed (own runs)
 
@@ -14,23 +14,29 @@ Rows, per MAC budget (a fraction of the dense trajectory's MACs):
   budgeted in MACs like the others (for width pruning the same search as the level budget);
 - level-only + fixed cache interval (the paper's stacking): levels searched with k fixed in every
   stage (`model.cache_intervals [k]`) at the same MAC budget;
-- joint search: a level and an interval per stage (`model.cache_intervals [1, 2, 3]`), its mutation
+- joint search: a level and an interval per stage (`--intervals`; default the config's
+  `model.cache_intervals`: [1, 2, 3, 4] in configs/tiny_joint.yaml, 5 stages of 4 steps), its mutation
   weighing interval and level moves by `model.interval_rate` (`--interval-rate`; default: the model's,
   every single-stage move alike). Its run folder names the rate (joint-uniform, joint-ir0.5, …), so a
   row searched with another rate is never reused for it.
 Every search runs `diffes-pl fit` on one shared trajectory store (resumed when a run stopped, skipped
 when finished). Scored on fresh probes (another seed, more probes): SSIM and PSNR vs dense, plus
 the denoiser's declared metrics (class accuracy and digits-FID for the built-in model); MACs (from
-the schedules' own cost tables); CPU latency per image (routed + cached, median of repeats).
-Prints a table; writes benchmarks/results/compare_cache.json (`--tiny`: compare_cache_tiny.json).
+the schedules' own cost tables); CPU latency per image (routed + cached; timed in rounds, every row
+once per round, median over the rounds).
+Also the paired difference joint − stacking in SSIM over the same unseen probes (mean, standard error,
+probes better / worse), so a gap can be told from noise. Prints a table; writes
+benchmarks/results/compare_cache.json (`--tiny`: compare_cache_tiny.json).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from pathlib import Path
 
 import torch
+import yaml
 from _runs import TINY as SMOKE
 from _runs import fit
 
@@ -45,7 +51,8 @@ def main() -> None:
     parser.add_argument("--runs", default=str(ROOT / "runs/compare_cache"))
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35])
     parser.add_argument("--fixed-interval", type=int, default=2, help="k of the stacking row")
-    parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3], help="k values of the joint search")
+    parser.add_argument("--intervals", type=int, nargs="+", default=None,
+                        help="k values of the joint search (default: the config's model.cache_intervals)")
     parser.add_argument("--interval-rate", type=float, default=None,
                         help="model.interval_rate of the joint search (default: the model's default, every "
                              "single-stage move equally likely; 0.5: the joint searches before the setting)")
@@ -53,11 +60,11 @@ def main() -> None:
     parser.add_argument("--eval-probes", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=99991)
     parser.add_argument("--latency-batch-size", type=int, default=8)
-    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--latency-repeats", type=int, default=5, help="timing rounds (every row once per round)")
     parser.add_argument("--stages", type=int, default=None,
-                        help="stages of the 20-step partition (default: the config's 10, 2 steps each, where "
-                             "k = 3 acts as k = 2); e.g. 5 (4 steps each: k = 2, 3, 4 differ). Own runs and store: "
-                             "<runs>_s<stages>")
+                        help="stages of the 20-step partition (default: the config's; configs/tiny_joint.yaml: "
+                             "5, 4 steps each, where k = 2, 3, 4 differ); e.g. 10 (2 steps each: k = 3 acts as "
+                             "k = 2). Own runs and store: <runs>_s<stages>")
     parser.add_argument("--search-seed", type=int, default=None,
                         help="model.search_seed of every search (default: the config's): a replicate of the "
                              "comparison with other random moves, same calibration and probes. Own runs (and store: "
@@ -66,6 +73,8 @@ def main() -> None:
                         help="smoke setting: 4 stages of 8 steps, 1 generation, 16 probes, 1 latency repeat")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.intervals is None:
+        args.intervals = yaml.safe_load(Path(args.config).read_text())["model"].get("cache_intervals") or [1, 2]
     if args.tiny:
         args.generations, args.eval_probes, args.latency_batch_size, args.latency_repeats = 1, 16, 2, 1
     extra = (TINY if args.tiny else []) + ([] if args.stages is None else ["--model.num_stages", str(args.stages)])
@@ -121,33 +130,49 @@ def main() -> None:
                     "eval_probes": args.eval_probes, "eval_seed": args.eval_seed, "cache_branch": module.cache_branch,
                     "joint_interval_rate": module.hparams.interval_rate, "search_seed": module.hparams.search_seed,
                     "budgets": {}}
+    def latency(schedule: Schedule | None) -> float:
+        """Seconds per image of one timed sampling run (after one warm-up), routed + cached as `schedule`."""
+        router = cache = None
+        try:
+            if schedule is not None:
+                router = Router(adapter, store, schedule)
+                cache = schedule_cache(adapter, schedule)
+            return latency_per_image(adapter, router, batch_size=args.latency_batch_size, sampler=context.sampler,
+                                     steps=context.steps, guidance=context.guidance, repeats=1, cache=cache)
+        finally:
+            if cache is not None:
+                cache.remove()
+            if router is not None:
+                router.remove()
+
     for budget in args.budgets:
         schedules = {f"cache-only k={max(cache_only_ks)}": cache_only}
         search_fitness = {}
         for name, ks in searches.items():
             schedules[name] = Schedule.load(run_dir(budget, ks) / "schedule.json")
             search_fitness[name] = schedules[name].fitness
-        results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
+        results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed,
+                                     per_probe=("ssim",))
+        per_probe = {name: torch.tensor(row.pop("ssim_per_probe"), dtype=torch.float64) for name, row in results.items()}
+        stacking = f"level-only + fixed k={args.fixed_interval}"
+        d = per_probe["joint search"] - per_probe[stacking]  # paired: the same unseen probes
+        paired = {"against": stacking, "ssim_mean": float(d.mean()), "ssim_se": float(d.std() / len(d) ** 0.5),
+                  "probes_better": int((d > 0).sum()), "probes_worse": int((d < 0).sum()), "probes": len(d)}
         for name, row in results.items():
             schedule = schedules.get(name)
             row["mac_fraction"] = row["macs"] / results["dense"]["macs"]
             row["search_fitness"] = search_fitness.get(name)
             row["generations"] = None if name not in searches else schedule.extra.get("generations")
-            router = cache = None
-            try:
-                if schedule is not None:
-                    router = Router(adapter, store, schedule)
-                    cache = schedule_cache(adapter, schedule)
-                row["latency_s"] = latency_per_image(adapter, router, batch_size=args.latency_batch_size,
-                                                     sampler=context.sampler, steps=context.steps,
-                                                     guidance=context.guidance, repeats=args.latency_repeats,
-                                                     cache=cache)
-            finally:
-                if cache is not None:
-                    cache.remove()
-                if router is not None:
-                    router.remove()
+        # latency in rounds, every row once per round (median over rounds): a change of the machine's
+        # load then hits every row alike instead of whichever row was being timed
+        times: dict[str, list[float]] = {name: [] for name in results}
+        for _ in range(args.latency_repeats):
+            for name in results:
+                times[name].append(latency(schedules.get(name)))
+        for name, row in results.items():
+            row["latency_s"] = statistics.median(times[name])
         report["budgets"][f"{budget:g}"] = results
+        report.setdefault("joint_minus_stacking", {})[f"{budget:g}"] = paired
         print(f"\nMAC budget {100 * budget:g} % of dense; {S} stages of {list(w)} steps, H = {H}, cache branch "
               f"{module.cache_branch}; {args.eval_probes} unseen probes{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
         print(f"{'schedule':30s} {'levels / intervals':34s} {'MACs %':>7s} {'SSIM':>7s} {'PSNR':>6s} "
@@ -159,6 +184,9 @@ def main() -> None:
             fid = f"{row['digits_fid']:7.3f}" if "digits_fid" in row else f"{'':>7s}"
             print(f"{name:30s} {shown:34s} {100 * row['mac_fraction']:7.2f} {row['ssim']:7.4f} {row['psnr']:6.2f} "
                   f"{acc} {fid} {1000 * row['latency_s']:8.2f}")
+        print(f"joint search − stacking, paired over the {paired['probes']} probes: SSIM {paired['ssim_mean']:+.5f} "
+              f"± {paired['ssim_se']:.5f} (s.e.); joint better on {paired['probes_better']}, worse on "
+              f"{paired['probes_worse']}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print("wrote", out)

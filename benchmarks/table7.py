@@ -7,8 +7,9 @@ built-in model, with the paper's SDXL MACs column computed on the meta device (i
 Rows (the paper's, plus the dense 10-step solver for reference):
 - Dense: 20 DDIM steps (the reference every row is scored against);
 - Diff-ES: the level-only search at `--budget` of the dense trajectory's MACs (`configs/tiny_joint.yaml`
-  with `model.cache_intervals [1]`) — the same run folder and store as benchmarks/compare_cache.py
-  (`<runs>/<budget>/level`), so a finished compare_cache run is reused, not searched again;
+  with `model.cache_intervals [1]` and 10 stages of 2 steps) — the same run folder and store as
+  `benchmarks/compare_cache.py --stages 10` (`<runs>/<budget>/level`, default runs/compare_cache_s10), so
+  a finished compare_cache run is reused, not searched again;
 - DeepCache + Diff-ES: the paper's stacking — block caching at interval k (`--interval`, the search's
   cache branch) put on Diff-ES's searched levels as they are, no new search: fewer MACs than the budget;
 - DPM-Solver 10 steps + Diff-ES: a level-only search with DPM-Solver++ 2M at 10 steps (10 stages of
@@ -81,7 +82,7 @@ def sdxl_column(level: int, branch: int, interval: int, levels_max: int = 10, st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/tiny_joint.yaml"))
-    parser.add_argument("--runs", default=str(ROOT / "runs/compare_cache"),
+    parser.add_argument("--runs", default=str(ROOT / "runs/compare_cache_s10"),
                         help="run folder shared with compare_cache.py (its level-only run is reused)")
     parser.add_argument("--budget", type=float, default=0.5, help="Diff-ES's MAC budget (fraction of dense)")
     parser.add_argument("--interval", type=int, default=2, help="DeepCache's k on the built-in model")
@@ -96,7 +97,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.generations, args.eval_probes = 1, 16
-    extra = TINY if args.tiny else []
+    # the paper's Table 7 setting: 10 stages of 2 steps (DeepCache k = 2: one full, one cached step per
+    # stage; DPM-Solver at 10 steps: 10 stages of one step), whatever the config's stages
+    extra = TINY if args.tiny else ["--model.num_stages", "10"]
     out = Path(args.out or Path(__file__).parent / "results" / f"table7{'_tiny' if args.tiny else ''}.json")
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
 

@@ -38,9 +38,13 @@ def dense_outputs(context: RunContext, num_probes: int = 256, probe_seed: int = 
 def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_probes: int = 256,
                        probe_seed: int = 99991, metrics=("ssim", "psnr"),
                        extra_metrics: dict[str, Callable[[FitnessInputs], float]] | None = None,
-                       reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+                       reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+                       per_probe: tuple[str, ...] = ()) -> dict:
     """{name: {levels, macs, mac_ratio, <metric>: value}} for the dense model (`dense`) and each
     schedule, on `num_probes` fresh probes seeded with `probe_seed`, sampled as the run samples.
+    `per_probe`: metrics (of `metrics`) whose [P] per-probe values go in the row too, as
+    `<metric>_per_probe` lists (oriented as the metric: SSIM per image; PSNR's is −MSE) — for paired
+    differences between two schedules on the same probes.
     `extra_metrics`: more columns, {name: callable of the row's FitnessInputs} (e.g. digits-FID
     against another real set). `reference`: the (latents, images) the reference metrics compare
     with (`dense_outputs` of another context on the same probes); default this context's dense
@@ -74,6 +78,7 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
         if schedule is not None and schedule.mac_budget is not None:
             row["intervals"] = schedule.intervals
         row.update({n: float(get_metric(n)(inputs)) for n in names})
+        row.update({f"{n}_per_probe": get_metric(n).probe_values(inputs).tolist() for n in per_probe})
         row.update({n: float(fn(inputs)) for n, fn in (extra_metrics or {}).items()})
         results[label] = row
     return results

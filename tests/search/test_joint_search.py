@@ -211,3 +211,19 @@ def test_joint_seeds_lead_the_initial_population(fitted):
     assert plain_search(module, seeds=[uniform]).candidates()[0] == ((tuple(uniform), (1, 1, 1, 1)), None)
     with pytest.raises(P.ScheduleError, match="seed schedule #0"):
         plain_search(module, seeds=[[[0, 0, 0, 0], [1, 1, 1, 1]]]).candidates()
+
+
+def test_holdout_per_probe_values_average_to_the_metric(fitted):
+    """evaluate_schedules' per-probe SSIM (what compare_cache pairs joint against stacking with): one
+    value per unseen probe, their mean the SSIM column, the dense row all 1."""
+    from diffes_pl.search.holdout import evaluate_schedules
+
+    module, _ = fitted
+    schedule = Schedule.load(module.context.root_dir / "schedule.json")
+    rows_ = evaluate_schedules(module.context, {"best": schedule}, num_probes=5, probe_seed=7, per_probe=("ssim",))
+    for name in ("dense", "best"):
+        values = rows_[name]["ssim_per_probe"]
+        assert len(values) == 5 and sum(values) / 5 == pytest.approx(rows_[name]["ssim"], abs=1e-6)
+    assert rows_["dense"]["ssim_per_probe"] == pytest.approx([1.0] * 5, abs=1e-6)
+    assert min(rows_["best"]["ssim_per_probe"]) < 1 - 1e-4  # the pruned + cached schedule differs from dense
+    assert "psnr_per_probe" not in rows_["best"]
