@@ -204,7 +204,7 @@ class DiffES(L.LightningModule):
 
     def _cache_problems(self) -> list[str]:
         """One-line refusals of the cache settings (before any work)."""
-        from .population import JOINT_INITS
+        from .population import JOINT_INITS, interval_rate_problem
 
         hp, problems = self.hparams, []
         ks = hp.cache_intervals
@@ -225,10 +225,9 @@ class DiffES(L.LightningModule):
         m = hp.mac_budget
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1):
             problems.append(f"mac_budget must be a fraction in (0, 1] of the dense trajectory's MACs; got {m!r}")
-        r = hp.interval_rate
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1):
-            problems.append(f"interval_rate must be a probability in [0, 1] (the share of mutation moves that change "
-                            f"a stage's cache interval) or null (every single-stage move equally likely); got {r!r}")
+        rate_problem = interval_rate_problem(hp.interval_rate)
+        if rate_problem:
+            problems.append(rate_problem)
         if hp.init not in JOINT_INITS:
             problems.append(f"a joint search (cache_intervals set) takes init {' or '.join(JOINT_INITS)} "
                             f"(got {hp.init!r})")

@@ -539,6 +539,15 @@ class JointSpace:
                         cache_branch=self.branch, mac_budget=self.mac_budget, step_costs=self.costs.to_dict(), **kw)
 
 
+def interval_rate_problem(rate) -> str | None:
+    """Why `rate` is not a valid `interval_rate` (None when it is): the one check that `joint_space`
+    raises and `DiffES` reports with the other settings before any work."""
+    if rate is None or (not isinstance(rate, bool) and isinstance(rate, (int, float)) and 0 <= rate <= 1):
+        return None
+    return (f"interval_rate must be a probability in [0, 1] (the share of mutation moves that change a stage's "
+            f"cache interval) or null/None (every single-stage move equally likely); got {rate!r}")
+
+
 def joint_space(H: int, w: Sequence[int], step_costs: dict | StepCosts, target_level: float,
                 intervals: Sequence[int] = (1, 2, 3), branch: int | None = None,
                 mac_budget: float | None = None, interval_rate: float | None = None) -> JointSpace:
@@ -548,11 +557,9 @@ def joint_space(H: int, w: Sequence[int], step_costs: dict | StepCosts, target_l
     cost is affine in the level and the same in every stage, as for width pruning with n divisible
     by H). `interval_rate`: see `mutate_joint` (None: every single-stage move equally likely).
     Raises ScheduleError when no individual meets the budget, ValueError for a rate outside [0, 1]."""
-    if interval_rate is not None and (isinstance(interval_rate, bool) or not isinstance(interval_rate, (int, float))
-                                      or not 0 <= interval_rate <= 1):
-        raise ValueError(f"interval_rate must be a probability in [0, 1] (the share of mutation moves that change "
-                         f"a stage's cache interval) or None (every single-stage move equally likely); "
-                         f"got {interval_rate!r}")
+    problem = interval_rate_problem(interval_rate)
+    if problem:
+        raise ValueError(problem)
     w = _weights(len(w), w)
     S = len(w)
     costs = step_costs if isinstance(step_costs, StepCosts) else StepCosts.parse(step_costs, S, H)
