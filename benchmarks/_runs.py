@@ -81,7 +81,7 @@ def same_budget_schedules(module, run: Path, cache: Path | None = None) -> tuple
     the MosaicDiff-style heuristic, random and greedy search with the same number of evaluations
     (`baselines_at_same_budget`). Returns ({name: Schedule}, info) where info holds the evaluation
     counts and every schedule's search fitness (the run's metric on the run's probes)."""
-    from diffes_pl.partition import Schedule
+    from diffes_pl.schedule import Schedule
     from diffes_pl.search import baselines
 
     search, context, hp = module.search, module.context, module.hparams

@@ -54,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from diffes_pl.evaluation.report import EvalConfig, evaluate, print_table
-    from diffes_pl.partition import Schedule
+    from diffes_pl.schedule import Schedule
     from diffes_pl.search.baselines import mosaicdiff_schedule
 
     run = Path(args.run)

@@ -91,7 +91,8 @@ def main() -> None:
     from diffes_pl.caching.budget import step_cost_table
     from diffes_pl.cli import DiffESCLI
     from diffes_pl.evaluation.generate import latency_per_image
-    from diffes_pl.partition import Schedule, StepCosts
+    from diffes_pl.schedule import Schedule
+    from diffes_pl.step_costs import StepCosts
     from diffes_pl.routing import Router
     from diffes_pl.search.holdout import evaluate_schedules
 

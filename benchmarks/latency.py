@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 import diffes_pl as dp
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from diffes_pl.trajectory import TrajectoryStore, make_key
 

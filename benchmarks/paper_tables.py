@@ -77,7 +77,7 @@ def latency(context, schedule, args) -> float:
 def run_setting(name: str, args, extra: list[str], runs: Path) -> tuple[dict, bool]:
     """One setting's table: its searches (resumable), the baselines and every row scored; and whether
     it was read back from an earlier run's folder (`table.json`) instead of computed now."""
-    from diffes_pl.partition import Schedule
+    from diffes_pl.schedule import Schedule
     from diffes_pl.search.holdout import evaluate_schedules
 
     pruner, target = SETTINGS[name]

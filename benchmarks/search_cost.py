@@ -142,7 +142,7 @@ def main() -> None:
         fit(common(name), runs / slug[name])
         started[name] = time.perf_counter() - t
 
-    from diffes_pl.partition import Schedule
+    from diffes_pl.schedule import Schedule
     from diffes_pl.search.holdout import evaluate_schedules
 
     module, context, _ = load_run(common("default"))

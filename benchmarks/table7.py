@@ -52,7 +52,7 @@ def sdxl_column(level: int, branch: int, interval: int, levels_max: int = 10, st
     from diffes_pl.caching import feature_cache, step_macs
     from diffes_pl.caching.budget import width_step_cost_table
     from diffes_pl.evaluation.macs import install_uniform_width
-    from diffes_pl.partition import StepCosts
+    from diffes_pl.step_costs import StepCosts
 
     adapter = dp.load_denoiser(SDXL, weights=False, device="meta")
     table = width_step_cost_table(adapter, levels_max, branch=branch)
@@ -104,7 +104,8 @@ def main() -> None:
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
 
     from diffes_pl.caching.budget import step_cost_table
-    from diffes_pl.partition import Schedule, StepCosts
+    from diffes_pl.schedule import Schedule
+    from diffes_pl.step_costs import StepCosts
     from diffes_pl.search.holdout import dense_outputs, evaluate_schedules
 
     def search(folder: str, store: str, *more: str):

@@ -9,7 +9,9 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .denoisers import DenoiserAdapter, UnitGroup, load_denoiser
 from .evaluation.macs import count_macs
-from .partition import Schedule, ScheduleError, StagePartition
+from .errors import ScheduleError
+from .partition import StagePartition
+from .schedule import Schedule
 from .sampling import sample
 
 __version__ = "0.1.0"

@@ -229,7 +229,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from .denoisers import UnknownDenoiserError
     from .locks import LockedError
     from .memory import InsufficientMemoryError
-    from .partition import ScheduleError
+    from .errors import ScheduleError
     from .search.resume import ResumeError
     from .trajectory import StoreMismatchError
 

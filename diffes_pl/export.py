@@ -46,7 +46,7 @@ from .denoisers import family_of, load_denoiser
 from .denoisers.base import DenoiserAdapter
 from .denoisers.schedules import scheduler_config
 from .io import write_json
-from .partition import Schedule
+from .schedule import Schedule
 from .routing import Router
 from .trajectory import TrajectoryStore
 

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .denoisers.base import DenoiserAdapter, keep_from_order
-from .partition import Schedule, StagePartition
+from .partition import StagePartition
+from .schedule import Schedule
 from .trajectory import TrajectoryStore
 
 

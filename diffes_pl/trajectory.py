@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .locks import exclusive
-from .partition import units_removed
+from .schedule import units_removed
 
 MANIFEST = "manifest.json"
 # 2: the manifest holds every shard's size and sha256 ("shards"). Format-1 stores (no checksums)

@@ -6,7 +6,8 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl import export
-from diffes_pl.partition import Schedule, StepCosts
+from diffes_pl.schedule import Schedule
+from diffes_pl.step_costs import StepCosts
 
 from .test_routing import STAGES, STEPS, _store
 

@@ -15,7 +15,8 @@ import torch
 import diffes_pl as dp
 from diffes_pl import memory
 from diffes_pl.memory import GIB, InsufficientMemoryError, available_bytes, check_fits, gib
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.pruners import OBSPruner, build_store
 from diffes_pl.pruners.base import estimate_stat_bytes
 from diffes_pl.routing import Router, estimate_prepared_bytes

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from diffes_pl.partition import (Schedule, ScheduleError, StagePartition, budget_met, check_target,
-                                 split_steps, units_removed)
+from diffes_pl.errors import ScheduleError
+from diffes_pl.partition import StagePartition, split_steps
+from diffes_pl.schedule import Schedule, budget_met, check_target, units_removed
 
 DDIM20 = [999, 946, 894, 841, 789, 736, 684, 631, 578, 526, 473, 421, 368, 315, 263, 210, 158, 105, 53, 0]
 
@@ -154,7 +155,7 @@ def joint(levels, ks, budget=0.8, **kw):
 
 
 def test_stage_costs_and_tolerance_by_hand():
-    from diffes_pl.partition import StepCosts, mac_budget_met, stage_full_steps
+    from diffes_pl.step_costs import StepCosts, mac_budget_met, stage_full_steps
 
     costs = StepCosts.parse(COSTS, 3, 4)
     assert costs.dense == 100 and costs.dense_macs([2, 2, 2]) == 600

@@ -4,7 +4,8 @@ the same way, and refuses a pipeline that runs other timesteps."""
 import pytest
 import torch
 
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router, RoutingError
 from routing_reference import MaskingListener, random_store
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import diffes_pl as dp
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router, RoutingError
 from routing_reference import dense_masked_routed, random_store
 

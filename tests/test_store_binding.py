@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router, RoutingError
 from routing_reference import random_store
 

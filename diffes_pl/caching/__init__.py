@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..denoisers.base import BlockCachePoints, DenoiserAdapter, UNetCachePoints
-from ..partition import Schedule
+from ..schedule import Schedule
 from ..sampling import pipeline_callback
 from .blocks import BlockCache
 from .cache import CacheError, FeatureCache

@@ -2,7 +2,7 @@
 denoiser step per stage and level, counted by `count_macs` on what routing and caching really run —
 a uniform-level `Router` installed, and for the cached step the declared feature cache on top.
 
-The table (`partition.StepCosts`, recorded in a joint schedule as `step_costs`, so that a
+The table (`step_costs.StepCosts`, recorded in a joint schedule as `step_costs`, so that a
 schedule file checks its own MAC budget):
 - width pruning: every stage at level L removes round(L/H · n) units of every group, so all stages
   cost the same; one row of H+1 counts (stage 0 is counted);
@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from ..denoisers.base import DenoiserAdapter
 from ..evaluation.macs import count_macs, install_uniform_width
-from ..partition import Schedule, StagePartition, StepCosts
+from ..partition import StagePartition
+from ..schedule import Schedule
+from ..step_costs import StepCosts
 from ..routing import Router
 from ..trajectory import TrajectoryStore
 from . import feature_cache

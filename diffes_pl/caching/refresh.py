@@ -15,13 +15,13 @@ Why every stage starts full, even when its (level, k) equals the previous stage'
 - stage boundaries become clean cut points: the cache is empty at every stage entry, so a rollout
   resumed at a stage boundary (the search's stage-prefix reuse) carries no cache state and equals
   the full rollout exactly, and a stage's MAC cost depends on that stage alone (the MAC budget of
-  `partition.Schedule` is a sum over stages).
+  `schedule.Schedule` is a sum over stages).
 """
 from __future__ import annotations
 
 from typing import Sequence
 
-from ..partition import stage_full_steps
+from ..step_costs import stage_full_steps
 
 __all__ = ["RefreshRule", "full_steps", "stage_full_steps", "stage_intervals"]
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..partition import units_removed
+from ..schedule import units_removed
 from .schedules import Sampler, find_sampler, is_flow_matching
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..io import write_json
-from ..partition import Schedule
+from ..schedule import Schedule
 from ..routing import Router, check_store
 from ..run import RunContext
 from ..trajectory import StoreMismatchError, TrajectoryStore

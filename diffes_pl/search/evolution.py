@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..fitness import FitnessInputs, Metric
-from ..partition import StepCosts
+from ..step_costs import StepCosts
 from . import population as pop
 from .racing import Racing
 from .rollouts import RolloutEngine

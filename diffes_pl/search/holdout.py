@@ -11,7 +11,7 @@ import torch
 
 from ..evaluation.macs import schedule_macs
 from ..fitness import FitnessInputs, get_metric
-from ..partition import Schedule
+from ..schedule import Schedule
 from ..routing import Router
 from ..run import RunContext
 from .rollouts import Probes, RolloutEngine

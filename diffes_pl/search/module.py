@@ -27,7 +27,9 @@ from ..denoisers import check_name, load_denoiser
 from ..denoisers.tiny import NAME as BUILTIN
 from ..fitness import get_metric
 from ..io import atomic_path
-from ..partition import Schedule, ScheduleError, StagePartition, check_target
+from ..errors import ScheduleError
+from ..partition import StagePartition
+from ..schedule import Schedule, check_target
 from ..pruners.base import Pruner, build_store, store_key_fields
 from ..pruners.obs import OBSPruner
 from ..run import RunContext

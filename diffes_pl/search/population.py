@@ -2,7 +2,7 @@
 
 An individual is a tuple of S integer levels in [0, H]. Every individual made here meets the budget
 exactly: Σ levels[s]·w[s] == target·Σ w, with w the (integer) sampling steps per stage (see
-`diffes_pl.partition.budget_met`). All randomness comes from an explicit CPU `torch.Generator`
+`diffes_pl.schedule.budget_met`). All randomness comes from an explicit CPU `torch.Generator`
 passed in (never the global RNG), so that a search can be checkpointed and resumed bit for bit.
 
 Level-switch move: stage i is pruned more and stage j ≠ i less, by amounts that keep the budget
@@ -22,7 +22,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..partition import Schedule, ScheduleError, StepCosts, check_target
+from ..errors import ScheduleError
+from ..schedule import Schedule, check_target
+from ..step_costs import StepCosts
 
 Individual = tuple[int, ...]
 
@@ -476,7 +478,7 @@ def _offspring(parents: list, n_offspring: int, make_child, seen: set | frozense
 # joint individuals: a level AND a cache interval per stage, under a MAC budget
 #
 # A joint individual is (levels, intervals): two tuples of S integers. Its budget is the trajectory's
-# MACs (`partition.StepCosts`, `partition.mac_budget_met`): within the tolerance T ± τ/2 of the
+# MACs (`step_costs.StepCosts`, `step_costs.mac_budget_met`): within the tolerance T ± τ/2 of the
 # budget, τ being the largest change one level of one stage can make. Every joint operator keeps
 # that band by a level REPAIR: after a move, levels of other stages step one at a time towards the
 # band (raised while the trajectory costs too much, lowered while too little) until inside. A step
@@ -515,7 +517,7 @@ class JointSpace:
 
     @property
     def tolerance(self) -> Fraction:
-        """In MACs (the smallest resolution the levels guarantee; `partition.StepCosts.tolerance`)."""
+        """In MACs (the smallest resolution the levels guarantee; `step_costs.StepCosts.tolerance`)."""
         return self.costs.tolerance(self.w)
 
     def stage_intervals(self, stage: int) -> tuple[int, ...]:

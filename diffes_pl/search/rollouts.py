@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from ..denoisers.base import DenoiserAdapter
-from ..partition import Schedule, StagePartition
+from ..partition import StagePartition
+from ..schedule import Schedule
 from ..routing import Router
 from ..sampling import prepare_scheduler, rollout, seeded_noise
 from ..trajectory import TrajectoryStore

@@ -8,7 +8,9 @@ import torch
 import diffes_pl as dp
 from diffes_pl.caching import BlockCache, feature_cache, step_macs
 from diffes_pl.caching.budget import step_cost_table, width_step_cost_table
-from diffes_pl.partition import Schedule, StagePartition, StepCosts
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
+from diffes_pl.step_costs import StepCosts
 from diffes_pl.routing import Router
 from diffes_pl.sampling import prepare_scheduler, rollout, seeded_noise
 from diffes_pl.search import population as P

@@ -8,7 +8,8 @@ import torch
 import diffes_pl as dp
 from caching.reference import DeepCacheReference, masked_cached
 from diffes_pl.caching import UNetDeepCache, feature_cache, pipeline_callback, step_macs
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from routing_reference import random_store
 

@@ -8,7 +8,8 @@ from diffusers.hooks import FirstBlockCacheConfig
 import diffes_pl as dp
 from diffes_pl.caching import CacheError
 from diffes_pl.caching.diffusers_hooks import DiffusersCache
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from routing_reference import MaskingListener, random_store
 

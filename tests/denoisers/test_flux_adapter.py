@@ -9,7 +9,8 @@ import diffes_pl as dp
 from diffes_pl.data.calibration import is_flow
 from diffes_pl.denoisers import TextCondition
 from diffes_pl.denoisers.flux import FluxAdapter, JointProjOut, pack_latents, unpack_latents
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from routing_reference import mask_block, dense_masked_routed, random_store, sliced_vs_masked
 

@@ -14,7 +14,8 @@ import diffes_pl as dp
 from diffes_pl import export
 from diffes_pl.denoisers import ConstantOutput, TextCondition, check_name, families, family_of
 from diffes_pl.denoisers.text import MissingTextEncodersError, encode_pixart
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from diffes_pl.sampling import seeded_noise
 from pixart_models import TEXT_LEN, build_tiny_pixart

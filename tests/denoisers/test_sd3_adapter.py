@@ -18,7 +18,8 @@ from diffes_pl import export
 from diffes_pl.data.calibration import is_flow
 from diffes_pl.denoisers import TextCondition, check_name
 from diffes_pl.denoisers.sd3 import SD3Adapter, SkippedJointBlock
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from pruners.test_text_pruners import test_obs_beats_wanda_on_reconstruction as obs_beats_wanda
 from routing_reference import (mask_block, MaskingListener, dense_masked_routed, masking_callback, mixed_keeps, random_store,

@@ -6,7 +6,8 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl.denoisers import ConstantOutput, TextCondition, keep_from_order
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from routing_reference import mask_units, mask_block, dense_masked_routed, random_store
 

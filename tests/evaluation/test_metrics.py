@@ -284,7 +284,8 @@ def test_dit_xl_schedule_macs_dense_and_uniform_level8(tmp_path):
     """macs.schedule_macs over 20 DDIM steps in 10 stages: dense 2.372 T, uniform level 8 of 16
     (routed from a store, every stage installed) 1.189 T, within 0.5 %."""
     import diffes_pl as dp
-    from diffes_pl.partition import Schedule, StagePartition
+    from diffes_pl.partition import StagePartition
+    from diffes_pl.schedule import Schedule
     from diffes_pl.routing import Router
     from diffes_pl.evaluation.macs import schedule_macs
     from diffes_pl.trajectory import TrajectoryStore, make_key

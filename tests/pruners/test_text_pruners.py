@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 import diffes_pl as dp
 from diffes_pl.data.calibration import CalibrationDataModule
-from diffes_pl.partition import Schedule, StagePartition
+from diffes_pl.partition import StagePartition
+from diffes_pl.schedule import Schedule
 from diffes_pl.pruners import DepthPruner, OBSPruner, WandaPruner, build_store
 
 from .helpers import assert_obs_beats_wanda, hand_hessians

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from diffes_pl.partition import ScheduleError, budget_met, split_steps
+from diffes_pl.errors import ScheduleError
+from diffes_pl.partition import split_steps
+from diffes_pl.schedule import budget_met
 from diffes_pl.search import population as P
 from diffes_pl.search.baselines import greedy_search, mosaicdiff_schedule, random_search
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffes_pl.fitness import get_metric
-from diffes_pl.partition import budget_met
+from diffes_pl.schedule import budget_met
 from diffes_pl.search.evolution import EvolutionarySearch
 from diffes_pl.search.resume import GenerationCheckpoint
 from diffes_pl.search.rollouts import Probes, RolloutEngine

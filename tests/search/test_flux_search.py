@@ -10,7 +10,7 @@ import sys
 import pytest
 import yaml
 
-from diffes_pl.partition import budget_met
+from diffes_pl.schedule import budget_met
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -12,7 +12,8 @@ import diffes_pl as dp
 from diffes_pl.caching import schedule_cache
 from diffes_pl.data.calibration import CalibrationDataModule
 from diffes_pl.fitness import FitnessInputs, get_metric
-from diffes_pl.partition import Schedule, mac_budget_met
+from diffes_pl.schedule import Schedule
+from diffes_pl.step_costs import mac_budget_met
 from diffes_pl.pruners import WandaPruner
 from diffes_pl.search import population as P
 from diffes_pl.search.evolution import EvolutionarySearch

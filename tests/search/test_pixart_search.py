@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from diffes_pl.partition import budget_met
+from diffes_pl.schedule import budget_met
 from diffes_pl.trajectory import TrajectoryStore
 from pixart_models import build_tiny_pixart
 from tiny_search import text_family_search

@@ -7,7 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from diffes_pl.partition import ScheduleError, budget_met
+from diffes_pl.errors import ScheduleError
+from diffes_pl.schedule import budget_met
 from diffes_pl.search import population as P
 
 W10 = [2] * 10  # DiT main setting: 20 DDIM steps, 10 stages, H = 16, target 8

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from diffes_pl.partition import budget_met
+from diffes_pl.schedule import budget_met
 from sd3_models import build_tiny_sd3, save_sd3_folder
 from tiny_search import text_family_search
 

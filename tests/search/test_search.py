@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffes_pl.partition import budget_met
+from diffes_pl.schedule import budget_met
 
 from tiny_search import ENV, fit_command
 

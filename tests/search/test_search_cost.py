@@ -9,7 +9,7 @@ import torch
 
 from diffes_pl.evaluation.macs import count_macs, schedule_macs
 from diffes_pl.fitness import get_metric
-from diffes_pl.partition import Schedule
+from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from diffes_pl.search.evolution import EvolutionarySearch
 from diffes_pl.search.module import DiffES

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 import diffes_pl as dp
-from diffes_pl.partition import budget_met
+from diffes_pl.schedule import budget_met
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
