@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-# the smoke setting of the test suite (tests/tiny_search.py) without its pruner: 4 stages of 2 steps, few probes
+# the smoke setting of the test suite (tests/helpers/search_runs.py) without its pruner: 4 stages of 2 steps, few probes
 TINY = ["--model.num_stages", "4", "--model.steps", "8", "--model.num_probes", "6", "--model.offspring", "6",
         "--model.survivors", "2", "--model.max_move", "2", "--data.nsamples", "4", "--data.batch_size", "4"]
 

@@ -41,7 +41,7 @@ from _runs import TINY as SMOKE
 from _runs import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-# the smoke setting of the test suite (tests/tiny_search.py): 4 stages of 2 steps, few probes, Wanda
+# the smoke setting of the test suite (tests/helpers/search_runs.py): 4 stages of 2 steps, few probes, Wanda
 TINY = ["--model.pruner", "diffes_pl.pruners.WandaPruner", *SMOKE]
 
 
@@ -87,14 +87,14 @@ def main() -> None:
     searches = {"level-only Diff-ES": [1], f"level-only + fixed k={args.fixed_interval}": [args.fixed_interval],
                 "joint search": sorted(set(args.intervals))}
 
-    from diffes_pl.caching import schedule_cache
+    from diffes_pl.caching.installed import install_schedule
     from diffes_pl.caching.budget import step_cost_table
     from diffes_pl.cli import DiffESCLI
     from diffes_pl.evaluation.generate import latency_per_image
     from diffes_pl.schedule import Schedule
     from diffes_pl.step_costs import StepCosts
-    from diffes_pl.routing import Router
     from diffes_pl.search.holdout import evaluate_schedules
+    from diffes_pl.search.settings import resolve_cache_branch
 
     def run_dir(budget: float, ks: list[int]) -> Path:
         rate = "uniform" if args.interval_rate is None else f"ir{args.interval_rate:g}"
@@ -118,33 +118,26 @@ def main() -> None:
     context = module.prepare(trainer.default_root_dir)
     adapter, partition, store = context.adapter, context.partition, context.store
     H, w, S = context.levels_max, partition.steps_per_stage, partition.num_stages
-    table = step_cost_table(adapter, store, partition, branch=module.cache_branch)
+    branch = resolve_cache_branch(adapter, module.settings.cache_branch)
+    table = step_cost_table(adapter, store, partition, branch=branch)
     costs = StepCosts.parse(table, S, H)
     k_max = max(max(args.intervals), args.fixed_interval)
     cache_only_ks = [min(k_max, ws) for ws in w]
     cache_only_macs = costs.trajectory_macs([0] * S, cache_only_ks, w)
     dense_macs = costs.dense_macs(w)
     cache_only = Schedule([0] * S, H, 0, list(w), partition=partition.to_dict(), cache_intervals=cache_only_ks,
-                          cache_branch=module.cache_branch, mac_budget=cache_only_macs / dense_macs, step_costs=table)
+                          cache_branch=branch, mac_budget=cache_only_macs / dense_macs, step_costs=table)
 
     report: dict = {"config": args.config, "tiny": args.tiny, "generations": args.generations,
-                    "eval_probes": args.eval_probes, "eval_seed": args.eval_seed, "cache_branch": module.cache_branch,
-                    "joint_interval_rate": module.hparams.interval_rate, "search_seed": module.hparams.search_seed,
+                    "eval_probes": args.eval_probes, "eval_seed": args.eval_seed, "cache_branch": branch,
+                    "joint_interval_rate": module.settings.interval_rate, "search_seed": module.settings.search_seed,
                     "budgets": {}}
     def latency(schedule: Schedule | None) -> float:
         """Seconds per image of one timed sampling run (after one warm-up), routed + cached as `schedule`."""
-        router = cache = None
-        try:
-            if schedule is not None:
-                router = Router(adapter, store, schedule)
-                cache = schedule_cache(adapter, schedule)
-            return latency_per_image(adapter, router, batch_size=args.latency_batch_size, sampler=context.sampler,
-                                     steps=context.steps, guidance=context.guidance, repeats=1, cache=cache)
-        finally:
-            if cache is not None:
-                cache.remove()
-            if router is not None:
-                router.remove()
+        with install_schedule(adapter, store, schedule) as installed:
+            return latency_per_image(adapter, installed.router, batch_size=args.latency_batch_size,
+                                     sampler=context.sampler, steps=context.steps, guidance=context.guidance,
+                                     repeats=1, cache=installed.cache)
 
     for budget in args.budgets:
         schedules = {f"cache-only k={max(cache_only_ks)}": cache_only}
@@ -175,7 +168,7 @@ def main() -> None:
         report["budgets"][f"{budget:g}"] = results
         report.setdefault("joint_minus_stacking", {})[f"{budget:g}"] = paired
         print(f"\nMAC budget {100 * budget:g} % of dense; {S} stages of {list(w)} steps, H = {H}, cache branch "
-              f"{module.cache_branch}; {args.eval_probes} unseen probes{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
+              f"{branch}; {args.eval_probes} unseen probes{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
         print(f"{'schedule':30s} {'levels / intervals':34s} {'MACs %':>7s} {'SSIM':>7s} {'PSNR':>6s} "
               f"{'acc %':>6s} {'dFID':>7s} {'ms/img':>8s}")
         for name, row in results.items():

@@ -71,6 +71,7 @@ def dit_search_seconds(device: torch.device, dtype: torch.dtype, generations: in
 
     from diffes_pl.fitness import get_metric
     from diffes_pl.partition import StagePartition
+    from diffes_pl.search.builder import level_space
     from diffes_pl.search.evolution import EvolutionarySearch
     from diffes_pl.search.racing import Racing
     from diffes_pl.search.rollouts import Probes, RolloutEngine
@@ -79,11 +80,12 @@ def dit_search_seconds(device: torch.device, dtype: torch.dtype, generations: in
     partition = StagePartition.from_scheduler(adapter.make_scheduler("ddim"), 20, 10)
     store = random_store(adapter, Path(tempfile.mkdtemp()) / "store", 16, 10)
     probes = Probes.make(adapter, 64, 1234)
-    engine = RolloutEngine(adapter, store, partition, probes, sampler="ddim", guidance=2.1, batch_size=probe_batch,
-                           levels_max=16, target_level=8)
+    racing = None if race is None else Racing(*race)
+    engine = RolloutEngine(adapter, store, partition, probes, sampler="ddim", guidance=2.1,
+                           batch_size=probe_batch if racing is None else racing.batch_divisor(probe_batch))
     start = time.perf_counter()
-    search = EvolutionarySearch(engine, get_metric("ssim"), offspring=16, survivors=4, max_move=5,
-                                racing=None if race is None else Racing(*race))
+    search = EvolutionarySearch(engine, get_metric("ssim"), space=level_space(adapter, store, partition, 8),
+                                offspring=16, survivors=4, max_move=5, racing=racing)
     for _ in range(generations):
         search.step()
     if device.type == "cuda":
@@ -148,7 +150,7 @@ def main() -> None:
     module, context, _ = load_run(common("default"))
     schedules = {name: Schedule.load(runs / slug[name] / "schedule.json") for name in rows}
     results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
-    from diffes_pl.evaluation.macs import count_macs
+    from diffes_pl.macs import count_macs
 
     dense_step = count_macs(context.adapter)  # batch 1, the built-in model
     report = {"config": args.config, "tiny": args.tiny, "generations": args.generations,

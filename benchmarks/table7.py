@@ -51,7 +51,7 @@ def sdxl_column(level: int, branch: int, interval: int, levels_max: int = 10, st
     import diffes_pl as dp
     from diffes_pl.caching import feature_cache, step_macs
     from diffes_pl.caching.budget import width_step_cost_table
-    from diffes_pl.evaluation.macs import install_uniform_width
+    from diffes_pl.macs import install_uniform_width
     from diffes_pl.step_costs import StepCosts
 
     adapter = dp.load_denoiser(SDXL, weights=False, device="meta")
@@ -107,6 +107,7 @@ def main() -> None:
     from diffes_pl.schedule import Schedule
     from diffes_pl.step_costs import StepCosts
     from diffes_pl.search.holdout import dense_outputs, evaluate_schedules
+    from diffes_pl.search.settings import resolve_cache_branch
 
     def search(folder: str, store: str, *more: str):
         common = ["--config", args.config, *extra, "--trainer.default_root_dir", str(runs / f"{args.budget:g}" / folder),
@@ -121,11 +122,12 @@ def main() -> None:
         ctx20.partition.num_steps // 2))
     # the paper's stacking: DeepCache's k on Diff-ES's searched levels, no new search
     partition, S, H = ctx20.partition, ctx20.partition.num_stages, ctx20.levels_max
-    table = step_cost_table(ctx20.adapter, ctx20.store, partition, branch=module.cache_branch)
+    branch = resolve_cache_branch(ctx20.adapter, module.settings.cache_branch)
+    table = step_cost_table(ctx20.adapter, ctx20.store, partition, branch=branch)
     costs, w = StepCosts.parse(table, S, H), partition.steps_per_stage
     ks = [min(args.interval, ws) for ws in w]
     stacked = Schedule(diffes.levels, H, diffes.target_level, list(w), partition=partition.to_dict(),
-                       cache_intervals=ks, cache_branch=module.cache_branch, step_costs=table,
+                       cache_intervals=ks, cache_branch=branch, step_costs=table,
                        mac_budget=costs.trajectory_macs(diffes.levels, ks, w) / costs.dense_macs(w))
 
     kw = dict(num_probes=args.eval_probes, probe_seed=args.eval_seed)
@@ -142,7 +144,7 @@ def main() -> None:
 
     note = " (TINY SMOKE RUN: not a result)" if args.tiny else ""
     print(f"\nTable 7 on the built-in model{note}: Diff-ES at {100 * args.budget:g} % of dense MACs, "
-          f"{args.generations} generations, DeepCache k = {args.interval} at block {module.cache_branch}; "
+          f"{args.generations} generations, DeepCache k = {args.interval} at block {branch}; "
           f"{args.eval_probes} unseen probes, SSIM/PSNR vs dense {ctx20.steps}-step DDIM. SDXL: level {args.sdxl_level} of 10, "
           f"DeepCache branch {args.sdxl_branch}, k = {args.sdxl_interval}.")
     print(f"{'row':30s} {'MACs %':>7s} {'SSIM':>7s} {'PSNR':>6s} {'acc %':>6s} {'dFID':>7s} | "
@@ -155,7 +157,7 @@ def main() -> None:
               f"{'' if paper_fid is None else f'{paper_fid:.2f}':>9s}")
     report = {"config": args.config, "tiny": args.tiny, "budget": args.budget, "generations": args.generations,
               "eval_probes": args.eval_probes, "eval_seed": args.eval_seed, "interval": args.interval,
-              "cache_branch": module.cache_branch, "rows": rows, "sdxl": sdxl,
+              "cache_branch": branch, "rows": rows, "sdxl": sdxl,
               "paper": {k: {"tera_macs": t, "fid": f} for k, (t, f) in PAPER.items()}}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -8,7 +8,7 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from .denoisers import DenoiserAdapter, UnitGroup, load_denoiser
-from .evaluation.macs import count_macs
+from .macs import count_macs
 from .errors import ScheduleError
 from .partition import StagePartition
 from .schedule import Schedule

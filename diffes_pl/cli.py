@@ -22,7 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from .cli_parser import DiffESParser
 from .data.calibration import CalibrationDataModule
 from .io import check_writable
-from .search.module import DiffES
+from .search.lightning_module import DiffES
 from .search.resume import GenerationCheckpoint
 from .trajectory import TrajectoryStore, make_key
 

@@ -2,12 +2,12 @@
 
 An export folder holds:
     pipeline/            the dense model as a diffusers pipeline folder, written by the pipeline's own
-                         `save_pretrained` (DiTPipeline, StableDiffusionXLPipeline, FluxPipeline): the
-                         denoiser (`transformer/` or `unet/`), `scheduler/` (the adapter's sampler),
-                         the VAE and, for SDXL/FLUX, the text encoders and tokenizers when the adapter
-                         has them. `diffusers.DiffusionPipeline.from_pretrained(path / "pipeline")` opens
+                         `save_pretrained` (the adapter's `pipeline_class`): the denoiser
+                         (`transformer/` or `unet/`), `scheduler/` (the adapter's sampler), the VAE
+                         and, for text-conditioned families, the text encoders and tokenizers when the
+                         adapter has them. `diffusers.DiffusionPipeline.from_pretrained(path / "pipeline")` opens
                          it; components the adapter lacks (the pixel-space built-in model has no VAE,
-                         an SDXL/FLUX adapter may have no text encoders) are recorded as
+                         a text-conditioned adapter may have no text encoders) are recorded as
                          `[null, null]` and listed in export.json `pipeline_missing`: pass them as
                          `None` (`from_pretrained(..., vae=None)`). That pipeline samples the DENSE model;
                          the routed one needs `load` below.
@@ -19,7 +19,7 @@ An export folder holds:
     export.json          what the folder is (format, denoiser name and family, noise schedule)
 `load` rebuilds the adapter with `load_denoiser` on `pipeline/` (diffusers' own `from_pretrained`),
 opens `routes/` and returns the adapter and a Router: sampling with it reproduces the routed samples
-exactly, for every family (DiT, SDXL, FLUX). An export whose schedule caches is opened with
+exactly, for every family with a pipeline class. An export whose schedule caches is opened with
 `load_cached` (adapter, router and the schedule's feature cache, to pass to `dp.sample(...,
 cache=cache)`); `load` refuses it, since the router alone would run every step in full — not the
 schedule that was searched and reported.
@@ -44,7 +44,7 @@ import torch
 
 from .denoisers import family_of, load_denoiser
 from .denoisers.base import DenoiserAdapter
-from .denoisers.schedules import scheduler_config
+from .denoisers.samplers import scheduler_config
 from .io import write_json
 from .schedule import Schedule
 from .routing import Router

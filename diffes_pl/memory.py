@@ -94,22 +94,3 @@ def module_bytes(module: torch.nn.Module, dtype: torch.dtype | None = None) -> i
 
 __all__ = ["InsufficientMemoryError", "available_bytes", "check_fits", "gib", "module_bytes"]
 
-
-@torch.no_grad()
-def probe_rows_that_fit(adapter, guidance: float, share: float = 0.8, trial: int = 2) -> int | None:
-    """Probe rows (one latent each; CFG doubles them inside the step) one denoiser call can take in
-    `share` of the GPU memory free now, from the peak memory of a `trial`-row step; None on a CPU
-    (one call takes every row: memory there is the machine's, and batching gains little)."""
-    device = adapter.device
-    if device.type != "cuda":
-        return None
-    from .sampling import guided_noise
-
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    x = torch.zeros(trial, *adapter.latent_shape, device=device, dtype=adapter.dtype)
-    cond = adapter.example_condition(trial, device)
-    guided_noise(adapter, x, torch.full((1,), 500.0, device=device), cond, adapter.null_condition(cond), guidance)
-    per_row = max(1, (torch.cuda.max_memory_allocated(device) - before) / trial)
-    return max(1, int(share * available_bytes(device) / per_row))

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from .denoisers.base import DenoiserAdapter
+from .memory import available_bytes
 from .partition import StagePartition
 
 
@@ -35,7 +36,7 @@ def step_generators(noise_seeds: Sequence[int], step: int) -> list[torch.Generat
 
 def as_conditions(adapter: DenoiserAdapter, conditions: Any) -> Any:
     """Class labels as a LongTensor; prompt strings encoded by a text-conditioned adapter's text
-    encoders (SDXL, FLUX); other condition types (a `TextCondition`) pass through."""
+    encoders; other condition types (a `TextCondition`) pass through."""
     if isinstance(conditions, (list, tuple)) and all(isinstance(c, int) for c in conditions):
         conditions = torch.tensor(conditions, dtype=torch.long)
     elif isinstance(conditions, (list, tuple)) and conditions and all(isinstance(c, str) for c in conditions):
@@ -55,6 +56,24 @@ def guided_noise(adapter: DenoiserAdapter, latents: Tensor, t: Tensor, cond: Any
                                 adapter.concat_conditions(cond, null))  # [2B, C, H, W]
     eps_c, eps_u = eps.chunk(2)
     return eps_u + guidance * (eps_c - eps_u)
+
+
+@torch.no_grad()
+def probe_rows_that_fit(adapter, guidance: float, share: float = 0.8, trial: int = 2) -> int | None:
+    """Probe rows (one latent each; CFG doubles them inside the step) one denoiser call can take in
+    `share` of the GPU memory free now, from the peak memory of a `trial`-row step; None on a CPU
+    (one call takes every row: memory there is the machine's, and batching gains little)."""
+    device = adapter.device
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x = torch.zeros(trial, *adapter.latent_shape, device=device, dtype=adapter.dtype)
+    cond = adapter.example_condition(trial, device)
+    guided_noise(adapter, x, torch.full((1,), 500.0, device=device), cond, adapter.null_condition(cond), guidance)
+    per_row = max(1, (torch.cuda.max_memory_allocated(device) - before) / trial)
+    return max(1, int(share * available_bytes(device) / per_row))
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """Schedules: how much each stage prunes (a level per stage, and a cache interval per stage in a
-joint schedule), and the budgets they meet (DESIGN: schedule, cache interval):
+joint schedule), and the budgets they meet (docs/DESIGN.md: Vocabulary, schedule, budget):
 - level-only schedules (no caching): the step-weighted mean level equals the target level exactly
   (`budget_met`);
 - joint schedules: the trajectory's MACs meet a MAC budget (`step_costs.mac_budget_met`).
@@ -229,6 +229,25 @@ class Schedule:
         except ScheduleError as err:
             raise ScheduleError(f"schedule file {path}: {err}; fix the file, or use the schedule.json a fit "
                                 "run wrote") from None
+
+    def stage_config(self, stage: int) -> tuple[int, int]:
+        """(level, cache interval) of `stage`: all that decides what its denoiser runs."""
+        return self.levels[stage], self.intervals[stage]
+
+    def repeat_stage(self, stage: int) -> "Schedule":
+        """The schedule running stage `stage`'s level (and cache interval) in every stage, on the same
+        partition: a stage's weights and cache depend on its configuration only, so this routes that
+        stage as this schedule does (`Router(stages=[stage])`). A joint schedule's copy is budgeted at
+        its own MACs, with this schedule's cost table and cache branch."""
+        S, w = self.num_stages, self.steps_per_stage
+        level, interval = self.stage_config(stage)
+        if self.mac_budget is None:
+            return Schedule.uniform(level, self.levels_max, w, partition=self.partition)
+        costs, levels, intervals = self.costs, [level] * S, [interval] * S
+        return Schedule(levels, self.levels_max, level, list(w), partition=self.partition,
+                        cache_intervals=intervals, cache_branch=self.cache_branch,
+                        mac_budget=costs.trajectory_macs(levels, intervals, w) / costs.dense_macs(w),
+                        step_costs=self.step_costs)
 
     @classmethod
     def uniform(cls, target_level: int, levels_max: int, steps_per_stage: Sequence[int], **kw) -> "Schedule":

@@ -18,7 +18,8 @@ from diffusers import DDPMScheduler
 from safetensors.torch import save_file
 
 from diffes_pl.data.digits import NUM_CLASSES, load_digits_split
-from diffes_pl.denoisers.tiny import SCHEDULER_CONFIG, asset_path, build_tiny_dit
+from diffes_pl.denoisers.assets import asset_path
+from diffes_pl.denoisers.tiny import SCHEDULER_CONFIG, build_tiny_dit
 from diffes_pl.evaluation.digits_classifier import DigitsClassifier
 
 

@@ -201,6 +201,14 @@ def one_thread():
 
 
 @pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """datasets' cache in the test's own folder: nothing is read from or left in the user's cache."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+
+
+@pytest.fixture
 def no_network(monkeypatch):
     """Any socket connection fails the test: what runs under it must work offline."""
     def refuse(*args, **kwargs):

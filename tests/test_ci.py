@@ -58,3 +58,21 @@ def test_documented_commands_need_only_declared_packages():
     assert {"torch==2.14.1", "torchvision==0.29.1"} <= set(project["dependencies"])
     assert {"pytest", "pytest-timeout", "hypothesis", "scipy", "nbclient", "nbformat", "ipykernel"} <= names(extras["dev"])
     assert names(extras["tensorboard"]) == {"tensorboard"}
+
+
+def test_ci_installs_the_built_wheel_in_a_second_environment_and_runs_it_outside_the_checkout():
+    """Editable installs hide a module missing from the package list: CI also installs the wheel."""
+    lines = _ci_lines()
+    second = [i for i, line in enumerate(lines) if line.startswith("python3 -m venv --clear")][1]
+    after = lines[second:]
+    assert any(line.startswith("source") and "bin/activate" in line for line in after)
+    build = next(i for i, line in enumerate(after) if line.startswith("pip wheel --no-deps"))
+    install = next(i for i, line in enumerate(after) if line.startswith("pip install") and ".whl" in line)
+    assert build < install and not any(line.startswith("pip install -e") for line in after)
+    outside = next(i for i, line in enumerate(after) if line.startswith('cd "$venv_root/'))
+    commands = [next(i for i, line in enumerate(after) if line.startswith(command)) for command in (
+        'diffes-pl fit --config "$checkout/configs/tiny_obs.yaml" --trainer.max_epochs 1',
+        'diffes-pl fit --config "$checkout/configs/tiny_joint.yaml" --trainer.max_epochs 1',
+        'diffes-pl test --config "$checkout/configs/tiny_joint.yaml"')]
+    assert install < outside < min(commands)
+    assert "pkgutil.walk_packages(diffes_pl.__path__" in "\n".join(after[outside:])

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helpers.search_runs import SMALL
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 # Startup (imports) takes a few seconds on a busy 2-core machine; bad input must be refused before
@@ -81,7 +83,7 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
     from diffes_pl.data.calibration import CalibrationDataModule
     from diffes_pl.denoisers import check_name, families
     from diffes_pl.pruners.base import Pruner
-    from diffes_pl.search.module import DiffES
+    from diffes_pl.search.lightning_module import DiffES
 
     text = path.read_text()
     assert text.splitlines()[0] == f"# diffes-pl fit --config configs/{path.name}"
@@ -325,11 +327,6 @@ def test_read_only_folder_refused(tmp_path, monkeypatch):
 
 
 # --- progress display off -------------------------------------------------------------------------------
-
-SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
-         "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
-         "--data.nsamples", "4", "--data.batch_size", "4"]
-
 
 def test_progress_bar_can_be_disabled(tmp_path):
     root = tmp_path / "run"

@@ -9,7 +9,13 @@ from diffes_pl import export
 from diffes_pl.schedule import Schedule
 from diffes_pl.step_costs import StepCosts
 
-from .test_routing import STAGES, STEPS, _store
+from helpers.routing_reference import random_store_and_partition
+
+STEPS, STAGES = 4, 2  # the routing tests' trajectory: 4 steps in 2 stages, H = 4
+
+
+def _store(adapter, path, compensated=False):
+    return random_store_and_partition(adapter, path, STEPS, STAGES, 4, compensated=compensated)
 
 
 def test_export_load_sample_identical(tiny, tmp_path):
@@ -69,7 +75,7 @@ def test_text_to_image_export_samples_identically(text_models, tmp_path, family)
     """A text-to-image export carries the VAE, tokenizers and text encoders (and FLUX's T5 length):
     prompts in, the same images out, without the store."""
     from diffes_pl.partition import StagePartition
-    from routing_reference import random_store
+    from helpers.routing_reference import random_store
 
     if family == "sdxl":
         adapter, sampler, guidance = text_models.build_tiny_sdxl(), "euler_a", 3.0
@@ -144,7 +150,7 @@ def test_text_to_image_export_opens_with_diffusers(text_models, tmp_path, family
     encoders and tokenizers, and they load with DiffusionPipeline.from_pretrained."""
     from diffusers import (EulerAncestralDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
                            StableDiffusionXLPipeline)
-    from routing_reference import random_store
+    from helpers.routing_reference import random_store
     from diffes_pl.partition import StagePartition
 
     adapter = text_models.build_tiny_sdxl() if family == "sdxl" else text_models.build_tiny_flux()

@@ -1,5 +1,5 @@
 import diffes_pl as dp
-from diffes_pl.evaluation.macs import install_uniform_width as _uniform_level
+from diffes_pl.macs import install_uniform_width as _uniform_level
 
 
 def test_dit_xl_macs_match_facts():

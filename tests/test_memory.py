@@ -20,7 +20,7 @@ from diffes_pl.schedule import Schedule
 from diffes_pl.pruners import OBSPruner, build_store
 from diffes_pl.pruners.base import estimate_stat_bytes
 from diffes_pl.routing import Router, estimate_prepared_bytes
-from routing_reference import random_store
+from helpers.routing_reference import random_store
 
 ROOT = Path(__file__).resolve().parents[1]
 FLUX = "black-forest-labs/FLUX.1-schnell"
@@ -146,7 +146,7 @@ def test_loading_a_folder_needs_no_accelerate_hint(dit_folder, random_dit, capfd
 # --- (c) calibration statistics -------------------------------------------------------------------
 
 def test_calibration_refused_before_the_first_predict_epoch(tiny, tmp_path, monkeypatch):
-    from pruners.helpers import HandNoisedDigits
+    from helpers.pruner_reference import HandNoisedDigits
 
     pruner = OBSPruner()
     needed = estimate_stat_bytes(tiny, pruner)

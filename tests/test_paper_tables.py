@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tiny_search import ENV
+from helpers.search_runs import ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ["dense", "uniform", "mosaicdiff heuristic", "OBS-Diff", "random search", "greedy search", "Diff-ES"]

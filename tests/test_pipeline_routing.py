@@ -7,7 +7,7 @@ import torch
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router, RoutingError
-from routing_reference import MaskingListener, random_store
+from helpers.routing_reference import MaskingListener, random_store
 
 PROMPTS = ["a red cat sits on the table", "a dog runs in the street"]
 STEPS, STAGES, H = 4, 2, 4

@@ -7,19 +7,13 @@ import diffes_pl as dp
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router, RoutingError
-from routing_reference import dense_masked_routed, random_store
+from helpers.routing_reference import dense_masked_routed, random_store_and_partition
 
 H, STEPS, STAGES = 4, 4, 2
 
 
-def _partition(adapter, sampler="ddim"):
-    return StagePartition.from_scheduler(adapter.make_scheduler(sampler), STEPS, STAGES)
-
-
 def _store(adapter, path, compensated=False, depth=False, sampler="ddim"):
-    partition = _partition(adapter, sampler)
-    levels_max = len(adapter.blocks()) if depth else H
-    return random_store(adapter, path, levels_max, partition, compensated=compensated, depth=depth), partition
+    return random_store_and_partition(adapter, path, STEPS, STAGES, H, compensated, depth, sampler)
 
 
 @pytest.mark.parametrize("kind,sampler", [("orders", "ddim"), ("compensated", "ddim"), ("depth", "ddim"),

@@ -2,7 +2,6 @@
 pruner's or calibration's store, `diffes-pl test` routes with the store recorded in the schedule and
 says so in evaluation.json, and a damaged store stops `fit` with one line before it is reused."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,13 +11,8 @@ import pytest
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router, RoutingError
-from routing_reference import random_store
-
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
-         "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
-         "--data.nsamples", "4", "--data.batch_size", "4"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from helpers.routing_reference import random_store
+from helpers.search_runs import ENV, ROOT, SMALL
 
 
 def test_router_refuses_another_pruners_or_calibrations_store(tiny, tmp_path):

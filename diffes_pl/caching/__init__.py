@@ -1,4 +1,4 @@
-"""Feature caching that composes with routing (DESIGN: cache interval).
+"""Feature caching that composes with routing (docs/DESIGN.md: Vocabulary, cache interval).
 
 A cache is a step listener driven by the same step source as the router: `sampling.rollout`'s
 `on_step(step, stage)`, or inside a diffusers pipeline `pipeline_callback(partition, [router,
@@ -22,7 +22,7 @@ from ..schedule import Schedule
 from ..sampling import pipeline_callback
 from .blocks import BlockCache
 from .cache import CacheError, FeatureCache
-from .macs import step_macs
+from .cached_step_macs import step_macs
 from .refresh import RefreshRule, full_steps
 from .unet import UNetDeepCache
 

@@ -12,14 +12,14 @@ schedule file checks its own MAC budget):
 from __future__ import annotations
 
 from ..denoisers.base import DenoiserAdapter
-from ..evaluation.macs import count_macs, install_uniform_width
+from ..macs import count_macs, install_uniform_width, schedule_macs
 from ..partition import StagePartition
 from ..schedule import Schedule
 from ..step_costs import StepCosts
 from ..routing import Router
 from ..trajectory import TrajectoryStore
 from . import feature_cache
-from .macs import step_macs
+from .cached_step_macs import step_macs
 
 
 def step_cost_table(adapter: DenoiserAdapter, store: TrajectoryStore, partition: StagePartition,
@@ -57,7 +57,7 @@ def step_cost_table(adapter: DenoiserAdapter, store: TrajectoryStore, partition:
 def width_step_cost_table(adapter: DenoiserAdapter, levels_max: int, branch: int | None = None,
                           batch_size: int = 1) -> dict:
     """`step_cost_table` of width pruning without a store: every level counted with the first units
-    of every group kept (`evaluation.macs.install_uniform_width`) — width MACs depend only on how
+    of every group kept (`macs.install_uniform_width`) — width MACs depend only on how
     many units a group keeps, so the table equals the store's (tests/caching/test_budget.py). For
     MAC columns of architectures one cannot calibrate here, e.g. SDXL on the meta device
     (`dp.load_denoiser(name, weights=False, device="meta")`). One row of H+1 counts."""
@@ -83,3 +83,14 @@ def _step_costs(adapter: DenoiserAdapter, branch: int | None, batch_size: int) -
         return full, None
     with feature_cache(adapter, intervals=2, branch=branch) as cache:
         return full, step_macs(adapter, cache, batch_size)[1]
+
+
+def trajectory_macs(adapter: DenoiserAdapter, schedule: Schedule | None, partition: StagePartition,
+                    router: Router | None = None) -> int:
+    """MACs of a whole sampling run at batch 1 (one forward per step, the CFG duplicate not counted):
+    from the step costs a schedule records (a joint schedule: its cached steps included), else counted
+    stage by stage on `router`, the schedule's installed router (None: the dense denoiser)."""
+    costs = None if schedule is None else schedule.costs
+    if costs is not None:
+        return costs.trajectory_macs(schedule.levels, schedule.intervals, schedule.steps_per_stage)
+    return schedule_macs(adapter, router, partition)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import torch
 
 from ..denoisers.base import DenoiserAdapter
 from .cache import CacheError

@@ -1,7 +1,7 @@
 """Which sampling steps are full (the whole denoiser runs and the cache is refreshed) and which are
 cached (only the shallow part runs), from the step source alone — never from a tensor.
 
-The rule (DESIGN: cache interval): a step is FULL when
+The rule (docs/DESIGN.md: Vocabulary, cache interval): a step is FULL when
 - it is the first step of a STAGE (the first step of a run included), or
 - k steps have passed since the last full step, k being the stage's cache interval.
 Every other step is CACHED. k = 1 makes every step full (the dense-equivalent, level-only case).

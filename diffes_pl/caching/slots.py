@@ -6,12 +6,15 @@ own `__call__`, so its hooks (masks, statistics) stay inside; nothing edits a mo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from torch import nn
 
-if TYPE_CHECKING:
-    from .cache import FeatureCache
+
+class SlotOwner(Protocol):
+    """What a `CachedSlot` asks of its cache (a `cache.FeatureCache`): what to do with one call."""
+
+    def call(self, role: Any, inner: nn.Module, args: tuple, kwargs: dict) -> Any: ...
 
 
 class ModuleSlot:
@@ -36,7 +39,7 @@ class CachedSlot(nn.Module):
     Attributes it lacks are read from `inner` (DiT reads `transformer_blocks[0].norm1`, the UNet
     `up_block.resnets`), so the denoiser's forward sees the module it expects."""
 
-    def __init__(self, inner: nn.Module, cache: "FeatureCache", role: Any) -> None:
+    def __init__(self, inner: nn.Module, cache: SlotOwner, role: Any) -> None:
         super().__init__()
         self.inner = inner
         self.__dict__["cache"] = cache  # not a submodule: the cache owns no parameters

@@ -17,7 +17,7 @@ to [-1, 1] and, for latent denoisers, encoded by the VAE (posterior mean) and sc
 differs, which is what makes stages comparable); timesteps and ε of stage s come from a generator
 seeded by (seed, s), so each stage is reproducible on its own.
 
-Text-conditioned denoisers (SDXL, FLUX) calibrate on captions: `caption_column` names a column of
+Text-conditioned denoisers (`adapter.conditioning == "text"`) calibrate on captions: `caption_column` names a column of
 strings (or lists of strings: the first is used, as COCO-captions rows hold five); the captions of
 the chosen rows are encoded ONCE by `adapter.encode_prompts` into a `TextCondition` and cached with
 the clean latents (in memory, and on disk with `cache_dir`).
@@ -39,7 +39,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate
 
 from ..denoisers.base import TextCondition
-from ..denoisers.schedules import is_flow_matching, schedule_settings, scheduler_config
+from ..denoisers.registry import family_titles
+from ..denoisers.samplers import is_flow_matching, schedule_settings, scheduler_config
 
 from .sources import (DIGITS_COLUMNS, SourceError, SourceSpec, caption_texts, check_columns, labels_tensor,
                       open_source, preprocess_image, resolve_source, select_indices)
@@ -249,7 +250,7 @@ class CalibrationDataModule(L.LightningDataModule):
             image_column: column holding the images.
             label_column: column holding integer class labels; null calibrates unconditionally
                 (the denoiser's null class).
-            caption_column: column holding captions (text-conditioned denoisers: SDXL, FLUX): strings,
+            caption_column: column holding captions (text-conditioned denoisers): strings,
                 or lists of strings (the first is used). Needs label_column null. The captions are
                 encoded once with the adapter's text encoders. With both columns null a
                 text-conditioned denoiser is calibrated unconditionally (its null condition).
@@ -272,9 +273,9 @@ class CalibrationDataModule(L.LightningDataModule):
         if not image_column:
             raise ValueError("image_column must name the column holding the images")
         if caption_column is not None and label_column is not None:
-            raise ValueError(f"give label_column (class-conditional denoisers: DiT) or caption_column (text-conditioned: "
-                             f"SDXL, FLUX), not both (got {label_column!r} and {caption_column!r}): for captions set "
-                             "label_column to null")
+            raise ValueError(f"give label_column (class-conditional denoisers: {family_titles(conditioning='class')}) "
+                             f"or caption_column (text-conditioned: {family_titles(conditioning='text')}), not both "
+                             f"(got {label_column!r} and {caption_column!r}): for captions set label_column to null")
         self.spec: SourceSpec = resolve_source(source)  # a missing local path is refused here
         if self.spec.kind == "digits":
             check_columns(DIGITS_COLUMNS, source, image_column, label_column, caption_column)
@@ -349,7 +350,8 @@ class CalibrationDataModule(L.LightningDataModule):
         """Captions go with text-conditioned denoisers, labels with the rest (`adapter.conditioning`)."""
         text = adapter.conditioning == "text"
         if self.caption_column is not None and not text:
-            raise SourceError(f"caption_column={self.caption_column!r} needs a text-conditioned denoiser (SDXL, FLUX); "
+            raise SourceError(f"caption_column={self.caption_column!r} needs a text-conditioned denoiser "
+                              f"({family_titles(conditioning='text')}); "
                               f"{adapter.name} is class-conditional: set caption_column to null and label_column "
                               "to the class-label column")
         if text and self.label_column is not None:

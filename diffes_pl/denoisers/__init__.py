@@ -8,16 +8,17 @@ from __future__ import annotations
 import torch
 
 from .base import ConstantOutput, DenoiserAdapter, TextCondition, UnitGroup, keep_from_order
-from .dit import DiTAdapter
+from .dit_adapter import DiTAdapter
 from .footprint import check_denoiser_memory
 from .registry import Family, Resolved, UnknownDenoiserError, families, family_of, resolve
-from .schedules import Sampler
+from .samplers import Sampler
 
 
 def check_name(name: str) -> Resolved:
     """Which family and source (`builtin`, `hub`, `folder`) serve `name`, without loading anything (a
     local folder's JSON configs are read); unknown names and missing folders are refused here,
-    before any long work. The result also equals the old kind strings ("dit-hub", "sdxl-folder", …)."""
+    before any long work. `str()` of the result is the family name for a built-in name, else
+    "<family>-<source>" ("dit-hub", "sdxl-folder", …)."""
     return resolve(name)
 
 
@@ -26,14 +27,19 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
     """The adapter for `name`.
 
     Args:
-        name: `tiny-digits` (built in), a hub id such as `facebook/DiT-XL-2-256`,
-            `stabilityai/stable-diffusion-xl-base-1.0` or `black-forest-labs/FLUX.1-schnell`, or a
-            local folder holding a diffusers DiT, SDXL or FLUX pipeline (`transformer/` or `unet/`,
-            optional `vae/` and text encoders) or a bare denoiser (recognised by `_class_name`).
-        weights: False builds the real architecture from a config shipped in the package with
-            random weights (no network); `device="meta"` then allocates nothing.
-        device: where the denoiser lives.
-        dtype: the inference dtype (default float32).
+        name: a built-in name (`tiny-digits`) or a hub id with a config shipped in the package (every
+            name of `registry.known_names()`: `facebook/DiT-XL-2-256`,
+            `stabilityai/stable-diffusion-xl-base-1.0`, `black-forest-labs/FLUX.1-schnell`, …), another
+            hub id a family claims (any `owner/…DiT…`), or a local folder (a path: it holds a path
+            separator or starts with "."): a diffusers pipeline folder of any registered family (the
+            denoiser's subfolder, optional `vae/` and text encoders) or a bare denoiser folder,
+            recognised by `_class_name` (an unrecognised folder is read as DiT). Hub ids load with
+            diffusers' `from_pretrained` from the hub or its local cache.
+        weights: False builds the real architecture from the config shipped for `name` with random
+            weights (no network; `device="meta"` then allocates nothing). Built-in names and hub ids
+            with a shipped config only: a local folder, or a hub id without one, is loaded with its weights.
+        device: where the denoiser (and its VAE) lives.
+        dtype: the inference dtype (None: float32); a VAE marked `force_upcast` stays float32 in float16.
     """
     resolved = check_name(name)
     check_denoiser_memory(name, resolved, weights, device, dtype)  # before anything is allocated

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..schedule import units_removed
-from .schedules import Sampler, find_sampler, is_flow_matching
+from .samplers import Sampler, find_sampler, is_flow_matching
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class DenoiserAdapter(ABC):
     # --- declarations: what callers read instead of probing the adapter ----------------------
     conditioning: str = "class"  # "class" (labels, `num_classes`) or "text" (prompts → TextCondition)
     samplers: tuple[Sampler, ...] = ()  # the first is the default
-    noise_schedule: dict  # the training noise as a diffusers scheduler config (`schedules.py`)
+    noise_schedule: dict  # the training noise as a diffusers scheduler config (`samplers.py`)
     num_classes: int | None = None  # class-conditional families: classes without the null class
     vae: nn.Module | None = None  # None: pixel space
     latent_scale: float | None = None
@@ -301,7 +301,7 @@ class DenoiserAdapter(ABC):
     def install_block(self, index: int, block: nn.Module) -> None:
         self.blocks()[index] = block
 
-    # --- feature caching (DESIGN: cache interval) ----------------------------------------------
+    # --- feature caching (docs/DESIGN.md: Vocabulary, cache interval) --------------------------
     # The residual streams through one block, for block caching: (argument name, position in the
     # block's forward, index in the block's output tuple, or None when the block returns the tensor).
     block_io: tuple[tuple[str, int, int | None], ...] = (("hidden_states", 0, None),)

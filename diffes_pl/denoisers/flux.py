@@ -32,13 +32,14 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .base import (BlockSlots, ConstantOutput, DenoiserAdapter, TextCondition, UnitGroup, sliced_linear,
-                   with_children)
-from .dit import feed_forward_linears, slice_feed_forward
-from .loading import ShiftedVAELatents, text_to_image_folder, text_to_image_hub
+from .base import BlockSlots, DenoiserAdapter, TextCondition, UnitGroup, sliced_linear, with_children
+from .joint_blocks import SkippedTwoStreamBlock, slice_joint_attention
+from .latents import ShiftedVAELatents
+from .loading import text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
-from .schedules import FLOW_MATCHING, Sampler
+from .samplers import FLOW_MATCHING, Sampler
 from .text import TextConditioned, TextEncoders, encode_flux
+from .transformer_blocks import feed_forward_linears, slice_feed_forward
 
 # FLUX.1-schnell's scheduler config: rectified flow (calibration noises as x_σ = (1 − σ) x0 + σ ε).
 FLUX_NOISE_SCHEDULE = {"_class_name": FLOW_MATCHING, "num_train_timesteps": 1000, "shift": 1.0}
@@ -81,31 +82,6 @@ def image_ids(height: int, width: int, device: Any, dtype: torch.dtype) -> Tenso
     ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(width // 2, device=device, dtype=dtype)[None, :]
     return ids.reshape(-1, 3)
-
-
-class SkippedFluxBlock(nn.Module):
-    """A double- or single-stream block removed by depth pruning: both streams pass through."""
-
-    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, *args: Any, **kwargs: Any):
-        return encoder_hidden_states, hidden_states
-
-
-class ConstantJointOutput(nn.Module):
-    """A two-stream attention (FLUX double-stream, SD3 joint) with every head removed: each stream gets
-    its output bias. An attention without `to_add_out` (SD3's last, context_pre_only block) returns
-    the text stream's per-head outputs unprojected, which with no heads left are [B, L, 0] (the block
-    discards them)."""
-
-    def __init__(self, attn: nn.Module) -> None:
-        super().__init__()
-        self.image = ConstantOutput(attn.to_out[0].bias, attn.to_out[0].out_features)
-        add_out = getattr(attn, "to_add_out", None)
-        self.text = None if add_out is None else ConstantOutput(add_out.bias, add_out.out_features)
-
-    def forward(self, hidden_states: Tensor, encoder_hidden_states: Tensor, *args: Any, **kwargs: Any):
-        if self.text is None:
-            return self.image(hidden_states), encoder_hidden_states.new_zeros((*encoder_hidden_states.shape[:-1], 0))
-        return self.image(hidden_states), self.text(encoder_hidden_states)
 
 
 class EmptyAttention(nn.Module):
@@ -187,23 +163,6 @@ def dispatch_to_taps(layer: nn.Linear, taps: list[ColumnTap]) -> RemovableHandle
     return layer.register_forward_pre_hook(hook)
 
 
-def slice_flux_attention(attn: nn.Module, group: UnitGroup, keep: Tensor, out_weight: Tensor | None) -> nn.Module:
-    """A two-stream attention (`FluxAttention`, SD3's joint `Attention`) keeping heads `keep`: q/k/v
-    rows of both streams, both output layers' columns. SD3's last block is context_pre_only: it has
-    no `to_add_out`, so only the text stream's q/k/v projections lose rows there."""
-    if getattr(attn, "fused_projections", False):
-        raise ValueError(f"{group.name}: fused q/k/v projections cannot be sliced; call unfuse_qkv_projections() first")
-    if len(keep) == 0:
-        return ConstantJointOutput(attn)
-    rows = group.columns(keep)
-    names = ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
-    children = {n: sliced_linear(getattr(attn, n), rows=rows) for n in names}
-    children["to_out.0"] = sliced_linear(attn.to_out[0], cols=rows, weight=out_weight)
-    if getattr(attn, "to_add_out", None) is not None:
-        children["to_add_out"] = sliced_linear(attn.to_add_out, cols=rows)
-    return with_children(attn, children, heads=len(keep), inner_dim=len(rows))
-
-
 class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
     """Adapter for diffusers `FluxTransformer2DModel` (rectified flow, T5 + CLIP conditioning)."""
 
@@ -268,7 +227,7 @@ class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
         keep = torch.as_tensor(keep, dtype=torch.long)
         if not self.is_single(group):
             if group.kind == "heads":
-                return slice_flux_attention(dense, group, keep, out_weight)
+                return slice_joint_attention(dense, group, keep, out_weight)
             return slice_feed_forward(dense, keep, out_weight)
         cols = group.columns(keep)
         with warnings.catch_warnings():  # every unit removed: zero-width layers are intended
@@ -285,7 +244,7 @@ class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
         return SinglePart(inner, out)
 
     def skipped_block(self, index: int) -> nn.Module:
-        return SkippedFluxBlock()
+        return SkippedTwoStreamBlock()
 
     # installing: single-stream groups share proj_out, so their block is rebuilt from both parts
     def module(self, group: UnitGroup) -> nn.Module:
@@ -379,4 +338,5 @@ FLUX_TEXT_ENCODERS = (TextEncoderSpec("CLIPTextModel", "text_encoder", "tokenize
 register(Family("flux", FluxAdapter, "FluxTransformer2DModel", "FluxPipeline", "transformer",
                 {"black-forest-labs/FLUX.1-schnell": "flux_schnell_transformer_config.json"},
                 folder_classes=("FluxPipeline", "FluxTransformer2DModel"),
-                text_encoders=FLUX_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder))
+                text_encoders=FLUX_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder,
+                title="FLUX"))

@@ -44,7 +44,7 @@ def _architecture(name: str, resolved) -> tuple[type, dict] | None:
     or None where no config is at hand (a hub model not in the local cache: loading will say why)."""
     import diffusers
 
-    from .tiny import asset_path
+    from .assets import asset_path
 
     family, folder = resolved.family, resolved.source == "folder"
     cls = getattr(diffusers, family.denoiser_class)

@@ -43,12 +43,13 @@ from diffusers import PixArtTransformer2DModel
 from torch import Tensor, nn
 
 from .base import DenoiserAdapter, TextCondition
-from .dit import DIT_NOISE_SCHEDULE, DIT_SAMPLERS, TransformerBlockUnits, block_unit_groups
+from .dit_adapter import DIT_NOISE_SCHEDULE, DIT_SAMPLERS
+from .latents import VAELatents
 from .loading import text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
-from .schedules import find_sampler
-from .sdxl import SkippedTransformerBlock, VAELatents
+from .samplers import find_sampler
 from .text import MissingTextEncodersError, TextConditioned, TextEncoders, encode_pixart
+from .transformer_blocks import SkippedTransformerBlock, TransformerBlockUnits, block_unit_groups
 
 # PixArt-Σ's training noise is DiT's: linear betas 1e-4 → 0.02 over 1000 steps, ε-prediction (the
 # conversion script's DPMSolverMultistepScheduler() defaults, which the hub pipeline ships).
@@ -171,4 +172,5 @@ PIXART_TEXT_ENCODERS = (TextEncoderSpec("T5EncoderModel", "text_encoder", "token
 register(Family("pixart", PixArtAdapter, "PixArtTransformer2DModel", "PixArtSigmaPipeline", "transformer",
                 {"PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": "pixart_sigma_xl_2_1024_ms_transformer_config.json"},
                 folder_classes=("PixArtSigmaPipeline", "PixArtTransformer2DModel"),
-                text_encoders=PIXART_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder))
+                text_encoders=PIXART_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder,
+                title="PixArt-Σ"))

@@ -2,11 +2,13 @@
 
 Shaped like diffusers' `hooks/_helpers.py` `TransformerBlockRegistry` (a class-level table filled by
 `register` calls next to what they describe) and litgpt's `Config.from_name` (every known name in
-one table). Each family module (`tiny.py`, `dit.py`, `sdxl.py`, `flux.py`, …) registers ONE `Family`
-at import; `families()` imports every module of this package first, so a lookup never depends on
-which module happened to be imported before, and a new family is one new module — nothing else
-lists it. Nothing outside `denoisers/` branches on a family name: it asks the record (or the
-adapter's declarations) instead.
+one table). Each family module (`tiny.py`, `dit.py`, `sdxl.py`, `flux.py`, `sd3.py`, `pixart.py`)
+registers ONE `Family` at import; `families()` imports every module of this package first, so a
+lookup never depends on which module happened to be imported before, and a new family is one new
+module — nothing else lists it (messages name families through `family_titles`). No module imports
+a family module: what families share lives in modules below them (tests/test_layering.py). Nothing
+outside `denoisers/` branches on a family name: it asks the record (or the adapter's declarations)
+instead.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import os
 import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 # Families listed (and names matched) first, in this order; any other registered family follows, by name.
 FIRST = ("tiny", "dit", "sdxl", "flux")
@@ -25,7 +27,7 @@ SOURCES = ("builtin", "hub", "folder")
 
 
 class UnknownDenoiserError(ValueError):
-    """The name is neither built in, nor a known hub id, nor an existing local folder."""
+    """The name is neither built in, nor a hub id some family serves, nor a local path."""
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class TextEncoderSpec:
     tokenizer: str  # tokenizer, tokenizer_2, …
     pooled: bool  # its pooled output is the pooled text embedding the denoiser takes
     hidden_states: bool = True  # its hidden states are (part of) the prompt embeddings
-    attention_mask: bool = False  # the denoiser takes its attention mask (neither SDXL nor FLUX do)
+    attention_mask: bool = False  # the denoiser takes its attention mask (PixArt's T5 alone does)
     # tokens it is padded to: None = CLIP's model_max_length (at most its positions), "text_len" =
     # the adapter's `text_len` (FLUX's T5: 256 for schnell)
     max_length: str | None = None
@@ -47,13 +49,17 @@ class TextEncoderSpec:
 class Family:
     """What the toolkit knows about one denoiser family before (and while) loading it.
 
-    `load_builtin(name, weights, device, dtype)`, `load_hub(name, weights, device, dtype)`,
-    `load_folder(path, device, dtype)` build the adapter (placed on `device` by `load_denoiser`);
-    `weights=False` builds the architecture from the shipped config in `hub_names` (random weights).
+    `load_builtin(family, name, weights, device, dtype)`, `load_hub(family, name, weights, device,
+    dtype)` and `load_folder(family, path, device, dtype)` build the adapter (`load_denoiser` then
+    moves the denoiser and VAE to `device`); `weights=False` builds the architecture from the config
+    shipped for `name` in `hub_names`, with random weights. A local folder is always loaded with its
+    weights.
     """
 
-    name: str  # "tiny", "dit", "sdxl", "flux": also `adapter.family` (part of store keys)
-    adapter: type  # the DenoiserAdapter subclass: its class attributes are the family's declarations
+    name: str  # "tiny", "dit", "sdxl", "flux", "sd3", "pixart"
+    # the DenoiserAdapter subclass: its class attributes are the family's declarations, its `family`
+    # the name in store keys (the tiny family's adapter is DiTAdapter: "dit")
+    adapter: type
     denoiser_class: str  # the diffusers model class (DiTTransformer2DModel, UNet2DConditionModel, …)
     pipeline_class: str | None  # the diffusers pipeline an export folder is written as (None: not exportable)
     denoiser_subfolder: str  # the denoiser's subfolder in that pipeline's folder
@@ -66,6 +72,7 @@ class Family:
     claims_hub_id: Callable[[str], bool] | None = None  # hub ids outside `hub_names` it still serves
     default_folder: bool = False  # serves local folders no family recognises by `_class_name`
     builtin: bool = False  # `hub_names` are built-in names (no hub), served by `load_builtin`
+    title: str | None = None  # how messages name the family ("SDXL"); None: its `name`
 
     @property
     def conditioning(self) -> str:
@@ -102,8 +109,8 @@ def register(family: Family) -> Family:
 def families() -> dict[str, Family]:
     """Every registered family by name (every module of this package is imported first)."""
     _import_family_modules()
-    # family modules import each other, so registration order varies: names are matched, and listed
-    # in messages, in a fixed order (FIRST, then by name)
+    # registration follows import order (whichever family module a caller imported first): names are
+    # matched, and listed in messages, in a fixed order (FIRST, then by name)
     order = {name: i for i, name in enumerate(FIRST)}
     return dict(sorted(_FAMILIES.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
@@ -123,8 +130,19 @@ def family_of(name: str) -> Family:
 
 
 def known_names() -> list[str]:
-    """Every built-in name and known hub id, in registration order (for messages)."""
+    """Every built-in name and hub id with a shipped config, in `families()` order (for messages)."""
     return [n for f in families().values() for n in f.hub_names]
+
+
+def family_titles(**declared: Any) -> str:
+    """The families whose adapter declares every `declared` value, as messages name them, in
+    `families()` order: `family_titles(conditioning="text")` → "SDXL, FLUX, PixArt-Σ, SD3"."""
+    return _titles(f for f in families().values()
+                   if all(getattr(f.adapter, key) == value for key, value in declared.items()))
+
+
+def _titles(selected: Iterable[Family]) -> str:
+    return ", ".join(f.title or f.name for f in selected)
 
 
 def _class_name(config: Path) -> str | None:
@@ -161,6 +179,7 @@ def resolve(name: str) -> Resolved:
     for family in known.values():
         if family.claims_hub_id is not None and family.claims_hub_id(name):
             return Resolved(family, "hub")
+    claimed = _titles(f for f in known.values() if f.claims_hub_id is not None)
     raise UnknownDenoiserError(
-        f"unknown denoiser {name!r}: use one of {known_names()}, a DiT hub id, or a local folder "
-        f"(e.g. ./models/DiT-XL-2-256)")
+        f"unknown denoiser {name!r}: use one of {known_names()}, " + (f"a {claimed} hub id, " if claimed else "")
+        + "or a local folder (e.g. ./models/DiT-XL-2-256)")

@@ -40,12 +40,13 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from torch import Tensor, nn
 
 from .base import DenoiserAdapter, TextCondition, UnitGroup
-from .dit import TransformerBlockUnits, feed_forward_linears
-from .flux import SkippedFluxBlock, slice_flux_attention
-from .loading import ShiftedVAELatents, text_to_image_folder, text_to_image_hub
+from .joint_blocks import SkippedTwoStreamBlock, slice_joint_attention
+from .latents import ShiftedVAELatents
+from .loading import text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
-from .schedules import FLOW_MATCHING, Sampler
+from .samplers import FLOW_MATCHING, Sampler
 from .text import TextConditioned, TextEncoders, _device, token_ids
+from .transformer_blocks import TransformerBlockUnits, feed_forward_linears
 
 # The scheduler config shipped with SD3-Medium and SD3.5 (scheduler/scheduler_config.json): rectified
 # flow, calibration noises as x_σ = (1 − σ) x0 + σ ε, timesteps σ · 1000 after the shift.
@@ -74,7 +75,7 @@ def encode_sd3(encoders: TextEncoders, prompts: list[str]) -> tuple[Tensor, Tens
     return torch.cat([clip, t5_embeds], dim=-2), torch.cat(pooled, dim=-1)
 
 
-class SkippedJointBlock(SkippedFluxBlock):
+class SkippedJointBlock(SkippedTwoStreamBlock):
     """A joint block removed by depth pruning: both streams pass through. It keeps the dense block's
     `context_pre_only`, which `SD3Transformer2DModel.forward` reads when ControlNet residuals are given."""
 
@@ -127,7 +128,7 @@ class SD3Adapter(ShiftedVAELatents, TextConditioned, TransformerBlockUnits, Deno
     def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
         if group.attr == "attn":  # both streams share the heads
             keep = torch.as_tensor(keep, dtype=torch.long)
-            return slice_flux_attention(self.dense_module(group), group, keep, out_weight)
+            return slice_joint_attention(self.dense_module(group), group, keep, out_weight)
         return super().sliced_module(group, keep, out_weight)  # attn2 (image-only), ff, ff_context
 
     def skipped_block(self, index: int) -> nn.Module:
@@ -206,4 +207,5 @@ register(Family("sd3", SD3Adapter, "SD3Transformer2DModel", "StableDiffusion3Pip
                  "stabilityai/stable-diffusion-3.5-medium": "sd35_medium_transformer_config.json",
                  "stabilityai/stable-diffusion-3.5-large": "sd35_large_transformer_config.json"},
                 folder_classes=("StableDiffusion3Pipeline", "SD3Transformer2DModel"),
-                text_encoders=SD3_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder))
+                text_encoders=SD3_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder,
+                title="SD3"))

@@ -23,58 +23,21 @@ from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, UNet2DCond
 from torch import Tensor, nn
 
 from .base import BlockSlots, DenoiserAdapter, TextCondition, UNetCachePoints
-from .dit import TransformerBlockUnits, block_unit_groups
+from .latents import VAELatents
 from .loading import text_to_image_folder, text_to_image_hub
 from .registry import Family, TextEncoderSpec, register
-from .schedules import Sampler, scheduler_config
+from .samplers import Sampler
 from .text import TextConditioned, TextEncoders, encode_sdxl
+from .transformer_blocks import SkippedTransformerBlock, TransformerBlockUnits, block_unit_groups
 
 # SDXL's training noise schedule (the scheduler config of stabilityai/stable-diffusion-xl-base-1.0).
 SDXL_NOISE_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear",
                        "beta_start": 0.00085, "beta_end": 0.012}
 SDXL_SPACING = {"timestep_spacing": "leading", "steps_offset": 1}
-SDXL_LATENT_SCALE = 0.13025
 SDXL_SAMPLERS = (  # Euler ancestral first: the paper's (and the pipeline's) sampler
     Sampler("euler_a", EulerAncestralDiscreteScheduler, SDXL_SPACING, stochastic=True, aliases=("euler-ancestral",)),
     Sampler("ddim", DDIMScheduler, {**SDXL_SPACING, "clip_sample": False, "set_alpha_to_one": False}),
 )
-
-
-class SkippedTransformerBlock(nn.Module):
-    """A transformer block removed by depth pruning: the hidden states pass through unchanged."""
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return hidden_states
-
-
-class VAELatents:
-    """What the adapters of denoisers working in the latent space of an SD-style VAE share (SDXL, and
-    PixArt-Σ, which ships SDXL's VAE): the denoiser set up for inference, the declared noise
-    schedule, the VAE with its latent scale (`scaling_factor`; 0.13025 without a VAE) and downsampling
-    factor (8 without a VAE), the latent shape from the denoiser's config, and decoding."""
-
-    def init_latent_denoiser(self, denoiser: nn.Module, name: str, vae: nn.Module | None, noise_schedule: dict,
-                             latent_scale: float | None) -> None:
-        self.denoiser = denoiser.eval().requires_grad_(False)
-        self.name = name
-        self.vae = None if vae is None else vae.eval().requires_grad_(False)  # inference only: no autograd graphs
-        self.noise_schedule = scheduler_config(noise_schedule)
-        if latent_scale is None:
-            latent_scale = float(vae.config.scaling_factor) if vae is not None else SDXL_LATENT_SCALE
-        self.latent_scale = latent_scale
-        self.vae_factor = 8 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        cfg = self.denoiser.config
-        return (int(cfg.in_channels), int(cfg.sample_size), int(cfg.sample_size))
-
-    def decode(self, latents: Tensor) -> Tensor:
-        if self.vae is None:
-            return super().decode(latents)
-        param = next(self.vae.parameters())
-        images = self.vae.decode(latents.to(param.dtype) / self.latent_scale).sample  # [N, 3, 8H, 8W] in [-1, 1]
-        return ((images.float() + 1) / 2).clamp(0, 1)
 
 
 def transformer_block_slots(unet: UNet2DConditionModel) -> list[tuple[str, nn.ModuleList, int]]:
@@ -175,4 +138,5 @@ SDXL_TEXT_ENCODERS = (TextEncoderSpec("CLIPTextModel", "text_encoder", "tokenize
 register(Family("sdxl", SDXLAdapter, "UNet2DConditionModel", "StableDiffusionXLPipeline", "unet",
                 {"stabilityai/stable-diffusion-xl-base-1.0": "sdxl_base_unet_config.json"},
                 folder_classes=("StableDiffusionXLPipeline", "UNet2DConditionModel"),
-                text_encoders=SDXL_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder))
+                text_encoders=SDXL_TEXT_ENCODERS, load_hub=text_to_image_hub, load_folder=text_to_image_folder,
+                title="SDXL"))

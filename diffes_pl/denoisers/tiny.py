@@ -7,13 +7,12 @@ Weights are committed in fp16 (diffes_pl/assets/tiny_digits.safetensors) and loa
 from __future__ import annotations
 
 import json
-from importlib import resources
-from pathlib import Path
 
 from diffusers import DiTTransformer2DModel
 
+from .assets import asset_path
 from .base import EvaluationReference
-from .dit import DiTAdapter
+from .dit_adapter import DiTAdapter
 from .registry import Family, register
 
 NAME = "tiny-digits"
@@ -24,11 +23,6 @@ SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "bet
 # What its samples are evaluated against: the held-out real digits, through the committed digits
 # classifier (which also scores class accuracy and digits-FID). No download.
 REFERENCE = EvaluationReference("digits-test", feature_network="digits", metrics=("class_accuracy", "digits_fid"))
-
-
-def asset_path(name: str) -> Path:
-    """Path of a file shipped in diffes_pl/assets."""
-    return Path(str(resources.files("diffes_pl") / "assets" / name))
 
 
 def build_tiny_dit(weights: bool = True) -> DiTTransformer2DModel:
@@ -58,4 +52,4 @@ def load_builtin(family: Family, name: str, weights: bool, device, dtype=None) -
 
 
 register(Family("tiny", DiTAdapter, "DiTTransformer2DModel", "DiTPipeline", "transformer", {NAME: CONFIG},
-                load_builtin=load_builtin, builtin=True))
+                load_builtin=load_builtin, builtin=True, title=NAME))

@@ -32,7 +32,7 @@ def load_digits_classifier(device: str | torch.device = "cpu") -> DigitsClassifi
     """The committed classifier (diffes_pl/assets/digits_classifier.safetensors), in eval mode."""
     from safetensors.torch import load_file
 
-    from ..denoisers.tiny import asset_path
+    from ..denoisers.assets import asset_path
 
     model = DigitsClassifier()
     model.load_state_dict(load_file(asset_path("digits_classifier.safetensors")))

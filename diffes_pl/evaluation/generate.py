@@ -22,6 +22,7 @@ import json
 import statistics
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from ..caching.installed import install_schedule
 from ..sampling import sample, seeded_noise
 
 
@@ -148,10 +150,9 @@ def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
 def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float,
                  cache=None) -> Tensor:
     """Images [B, C, H, W] in [0, 1] of batch b (module-level so that tests can count calls); `cache`:
-    the joint schedule's feature cache (`caching.schedule_cache`), None for a level-only one."""
+    the schedule's feature cache (`caching.installed.install_schedule`), None when no stage caches."""
     cond = image_set.conditions(b, adapter.num_classes)
-    kw = {} if cache is None else {"cache": cache}
-    return sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler, **kw,
+    return sample(adapter, cond, steps=steps, guidance=guidance, router=router, sampler=sampler, cache=cache,
                   noise=image_set.noise(b, adapter.latent_shape))
 
 
@@ -164,35 +165,32 @@ class SamplingModule(L.LightningModule):
         self.image_set, self.store, self.schedule = image_set, store, schedule
         object.__setattr__(self, "adapter", adapter)  # the denoiser is not this module's state
         self.kw = dict(sampler=sampler, steps=steps, guidance=guidance)
-        self.router = None
-        self.cache = None  # a joint schedule's feature cache (after the router)
+        self.installed = None  # the schedule's router (+ feature cache) while predicting
+        self._exit = ExitStack()
         self.sampled = 0
 
     def on_predict_start(self) -> None:
-        if self._trainer is not None:  # under trainer.predict: this rank's device
+        try:
+            self.trainer
+        except RuntimeError:  # used alone, no Trainer attached: the denoiser stays where it is
+            pass
+        else:  # under trainer.predict: this rank's device
             self.adapter.denoiser.to(self.device)
-        if self.schedule is not None:
-            from ..routing import Router
-
-            self.router = Router(self.adapter, self.store, self.schedule)  # weights prepared once
-            if self.schedule.caches:
-                from ..caching import schedule_cache
-
-                self.cache = schedule_cache(self.adapter, self.schedule)
+        # weights prepared once for all batches; removed at the end (or on failure, by on_exception)
+        self.installed = self._exit.enter_context(install_schedule(self.adapter, self.store, self.schedule))
 
     def on_predict_end(self) -> None:
-        if self.cache is not None:
-            self.cache.remove()
-            self.cache = None
-        if self.router is not None:
-            self.router.remove()
-            self.router = None
+        self._exit.close()
+        self.installed = None
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.on_predict_end()
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> None:
         for b in batch.tolist():
             if not self.image_set.batch_path(b).is_file():  # a padded duplicate may already exist
-                kw = self.kw if self.cache is None else {**self.kw, "cache": self.cache}
-                self.image_set.save(b, sample_batch(self.image_set, b, self.adapter, self.router, **kw))
+                self.image_set.save(b, sample_batch(self.image_set, b, self.adapter, self.installed.router,
+                                                    cache=self.installed.cache, **self.kw))
                 self.sampled += 1
 
     def predict_dataloader(self):

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
+from ..caching.budget import trajectory_macs
+from ..caching.installed import install_schedule
 from ..io import write_json
-from ..schedule import Schedule
-from ..routing import Router, check_store
+from ..routing import check_store
 from ..run import RunContext
+from ..schedule import Schedule
 from ..trajectory import StoreMismatchError, TrajectoryStore
-from .macs import schedule_macs
 
 METRICS = ("fid", "is", "precision_recall", "ssim", "class_accuracy", "clip")
 
@@ -123,24 +124,11 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     metrics = _image_metrics(adapter, images, sets["dense"], config, run, prompts, log)
     rows = {}
     for name, schedule in {"dense": None, **routed}.items():
-        router = Router(adapter, store, schedule) if schedule is not None else None
-        cache = None
-        try:
-            if schedule is not None and schedule.caches:  # routed + cached: the schedule's own MAC table
-                from ..caching import schedule_cache
-
-                cache = schedule_cache(adapter, schedule)
-                macs = schedule.costs.trajectory_macs(schedule.levels, schedule.intervals, schedule.steps_per_stage)
-            else:
-                macs = schedule_macs(adapter, router, partition)
-            latency = latency_per_image(adapter, router, batch_size=config.latency_batch_size,
-                                        repeats=config.latency_repeats, cache=cache,
+        with install_schedule(adapter, store, schedule) as installed:
+            macs = trajectory_macs(adapter, schedule, partition, installed.router)
+            latency = latency_per_image(adapter, installed.router, batch_size=config.latency_batch_size,
+                                        repeats=config.latency_repeats, cache=installed.cache,
                                         **kw) if config.latency_batch_size else None
-        finally:
-            if cache is not None:
-                cache.remove()
-            if router is not None:
-                router.remove()
         rows[name] = {"levels": None if schedule is None else schedule.levels,
                       **({"intervals": schedule.intervals} if schedule is not None and schedule.caches else {}),
                       "sparsity": 0.0 if schedule is None else schedule.sparsity,

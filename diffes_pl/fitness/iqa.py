@@ -46,7 +46,7 @@ def check_weights(name: str, pyiqa_name: str) -> None:
 
 
 def iqa_metric(name: str, pyiqa_name: str, higher_is_better: bool):
-    from . import Metric
+    from .metric import Metric
 
     try:
         import pyiqa  # noqa: F401

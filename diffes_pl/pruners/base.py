@@ -76,6 +76,10 @@ class Pruner(L.LightningModule):
         self.part = 0  # which pass of the current stage runs (0 .. passes − 1)
         self._stage_out: dict[str, Tensor] = {}
 
+    def begin_pass(self, stage: int, part: int = 0) -> None:
+        """The next predict epoch calibrates `stage`, pass `part` (of `passes`)."""
+        self.stage, self.part = int(stage), int(part)
+
     # --- settings that identify a store ------------------------------------------------------
     def settings(self) -> dict:
         """Everything that changes the trajectories (goes into the store key)."""
@@ -304,9 +308,8 @@ def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: Den
     try:
         for stage in range(partition.num_stages):
             datamodule.set_stage(stage)
-            pruner.stage = stage
             for part in range(pruner.passes):
-                pruner.part = part
+                pruner.begin_pass(stage, part)
                 trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
         if trainer.global_rank == 0:
             store = _seal(shard_dir, path, {

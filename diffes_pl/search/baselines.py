@@ -13,24 +13,23 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..partition import split_steps
-from . import population as pop
-
-Individual = tuple[int, ...]
+from . import level_space
+from .space import Individual, select
 
 
 def mosaicdiff_schedule(S: int, H: int, target: float, w: Sequence[int], amplitude: float = 0.5) -> Individual:
     """Three contiguous phases of stages (beginning, middle, end; balanced, earlier phases take the extra
     stage). Importance beginning > end > middle, so pruning is lowest at the beginning, highest in the
     middle and in between at the end: phase shape (−1, +1, 0), centred on the target (step-weighted)
-    and scaled as in `population.shaped`, then the nearest budget-meeting schedule (deterministic).
+    and scaled as in `level_space.shaped`, then the nearest budget-meeting schedule (deterministic).
     S = 2: beginning < end; S = 1: uniform."""
     if S < 3:
         phase_value = [Fraction(-1), Fraction(0)] if S == 2 else [Fraction(0)]
-        return pop.shaped(phase_value, H, target, w, amplitude)
+        return level_space.shaped(phase_value, H, target, w, amplitude)
     sizes = split_steps(S, 3)
     phase_value = (Fraction(-1), Fraction(1), Fraction(0))
     f = [phase_value[p] for p, size in enumerate(sizes) for _ in range(size)]
-    return pop.shaped(f, H, target, w, amplitude)
+    return level_space.shaped(f, H, target, w, amplitude)
 
 
 @dataclass
@@ -88,7 +87,7 @@ class _Budgeted:
         return value
 
     def result(self, stopped_early: bool = False) -> SearchResult:
-        best = pop.select(self.cache, 1, higher_is_better=True)[0]
+        best = select(self.cache, 1, higher_is_better=True)[0]
         return SearchResult(best, self.cache[best], list(self.history), self.n_evals, stopped_early)
 
 
@@ -97,7 +96,7 @@ def random_search(evaluate: Callable[[Individual], float], n_evals: int, S: int,
     """n_evals distinct schedules drawn uniformly from the budget-meeting ones (fewer if fewer exist),
     each evaluated once (higher fitness is better). Returns (best_levels, best_fitness, history)."""
     budget = _Budgeted(evaluate, n_evals)
-    for levels in pop.initial_population(n_evals, S, H, target, w, gen, init="random"):
+    for levels in level_space.initial_population(n_evals, S, H, target, w, gen, init="random"):
         budget(levels)
     return budget.result()
 
@@ -105,18 +104,18 @@ def random_search(evaluate: Callable[[Individual], float], n_evals: int, S: int,
 def greedy_search(evaluate: Callable[[Individual], float], n_evals: int, S: int, H: int, target: float,
                   w: Sequence[int], max_move: int) -> SearchResult:
     """Best-improvement hill climbing from the uniform schedule: each round evaluates the neighbours one
-    level-switch move of size 1..max_move away (`population.neighbours` order) until the evaluation
+    level-switch move of size 1..max_move away (`level_space.neighbours` order) until the evaluation
     budget is spent, moves to the best if it is strictly better, else stops early (`evals_unused` says
     how much budget was left). Deterministic. Returns (best_levels, best_fitness, history)."""
     if max_move < 1:
         raise ValueError(f"max_move must be ≥ 1 (got {max_move})")
     w = tuple(int(x) for x in w)
     budget = _Budgeted(evaluate, n_evals)
-    current = pop.uniform(S, H, target, w)
+    current = level_space.uniform(S, H, target, w)
     current_fit = budget(current)
     while True:
         best, best_fit, spent = None, current_fit, False
-        for cand in pop.neighbours(current, H, w, max_move):
+        for cand in level_space.neighbours(current, H, w, max_move):
             value = budget(cand)
             if value is None:
                 spent = True

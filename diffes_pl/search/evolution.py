@@ -8,18 +8,17 @@ and the search's own `torch.Generator`. One `step()` is one generation: make the
 the best. `state_dict()` / `load_state_dict()` are the whole search, so a search stopped after any
 generation and restored continues exactly as an uninterrupted one.
 
-A joint search (the engine has a `population.JointSpace`) works the same way on (levels, cache
-intervals) pairs: `initial_joint_population` / `next_joint_generation` under the MAC budget, prefix
-reuse from `first_changed_joint_stage` (exact: every stage starts with a full step), archive rows
-with `intervals` and `macs` (fraction of the dense trajectory's). A level-only search is untouched:
-same operators, same random numbers, same archive and checkpoint.
+What an individual is, how a population is made and mutated, where two individuals first differ, and
+how an individual reads in the archive and the checkpoint: the search's one `space.SearchSpace`
+(`level_space.LevelSpace`, `joint_space.JointSpace`) says. The search asks it and never looks inside
+an individual.
 
 With racing (`racing.Racing`), a generation scores its new children on a probe subset first (rung
 by rung on more probes, with rungs) and finishes only those that can still reach the worst survivor
 (in the first generation: the μ-th best newcomer on the first rung); the survivors' per-probe values
 (on all probes) and the raced-out children are part of the state.
 
-`DiffES` (module.py) drives it under `Trainer.fit`, one generation per epoch, and tells `step` its
+`DiffES` (lightning_module.py) drives it under `Trainer.fit`, one generation per epoch, and tells `step` its
 rank, the world size and how to sum a tensor over ranks (the new schedules are split across them);
 alone, `step` evaluates them in this process.
 """
@@ -29,17 +28,16 @@ import itertools
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..fitness import FitnessInputs, Metric
-from ..step_costs import StepCosts
-from . import population as pop
+from ..schedule import Schedule
 from .racing import Racing
 from .rollouts import RolloutEngine
-
-Individual = tuple  # levels (S ints), or in a joint search a (levels, cache intervals) pair of tuples
+from .space import Individual, SearchSpace, select
 # the new schedules of a generation, each with the survivor it was mutated from (None: initial)
 Pending = list[tuple[Individual, Individual | None]]
 # sums a tensor over the processes of a run (each process fills only its own slots; None: one process)
@@ -91,29 +89,30 @@ class EvolutionarySearch:
     """Elitist evolutionary search over budget-meeting schedules, scored by `metric` on fixed probes.
 
     Args:
-        engine: rolls the probes out under a schedule (its partition, H and target level are the
-            search space's).
+        engine: rolls the probes out under a schedule (on the search space's partition).
         metric: the fitness (compared with the dense model's rollout of the same probes).
+        space: the individuals searched over (`space.SearchSpace`); its `costs` are the cost meter's
+            MACs per step.
         offspring: children per generation. survivors: individuals kept (elitist).
-        max_move: largest level-switch move. moves_per_child: moves applied per child.
-        init: initial population (`population.INITS`). seeds: user schedules put into it.
+        max_move: largest move. moves_per_child: moves applied per child.
+        init: initial population (one of `space.inits`). seeds: user schedules put into it.
         seed: seed of the search's own generator (population, mutation).
         racing: score children on a probe subset first (`racing.Racing`); None: every child on all
-            probes. The metric must give per-probe values.
+            probes. The metric must give per-probe values, and the engine's probe batch must divide
+            every rung (`Racing.batch_divisor`).
+        batch_candidates: evaluate a round's candidates together, stage by stage (`RolloutEngine.run_many`).
 
     Building it rolls the probes out once with the dense denoiser: the reference of every fitness.
-    It also counts the MACs of one denoiser step per stage and level (the cost meter's table:
-    the joint space's own, or `caching.budget.step_cost_table` for a level-only search).
 
     Cost meter: every schedule's archive row holds the probe-steps (one probe through one denoiser
     step; the CFG pair counts once) and the denoiser MACs (CFG pair counted twice) its evaluation
     spent; `cost()` sums them with the dense reference rollout's.
     """
 
-    def __init__(self, engine: RolloutEngine, metric: Metric, *, offspring: int, survivors: int, max_move: int,
-                 moves_per_child: int = 1, init: str = "hybrid", seeds: Sequence[Sequence[int]] = (),
-                 seed: int = 0, racing: Racing | None = None) -> None:
-        self.engine, self.metric = engine, metric
+    def __init__(self, engine: RolloutEngine, metric: Metric, *, space: SearchSpace, offspring: int, survivors: int,
+                 max_move: int, moves_per_child: int = 1, init: str = "hybrid", seeds: Sequence[Any] = (),
+                 seed: int = 0, racing: Racing | None = None, batch_candidates: bool = False) -> None:
+        self.engine, self.metric, self.space = engine, metric, space
         self.num_probes = len(engine.probes.noise)
         self.racing = racing
         if racing is not None:
@@ -124,13 +123,16 @@ class EvolutionarySearch:
             # by batch size). Probe batches that divide the subset size make the subset's batches and
             # the rest's the very batches of a full rollout: a finished child's fitness is exactly
             # its full evaluation's, whichever way it was reached (with rungs: divide every rung).
-            engine.batch_size = racing.batch_divisor(engine.batch_size)
+            fits = racing.batch_divisor(engine.batch_size)
+            if fits != engine.batch_size:
+                raise ValueError(f"racing on rungs {list(racing.rungs)} needs probe batches that divide every rung: "
+                                 f"build the rollout engine with batch_size={fits} (not {engine.batch_size})")
+        if init not in space.inits:
+            raise ValueError(f"unknown initial population {init!r}; this search space makes {', '.join(space.inits)}")
         self.offspring, self.num_survivors = offspring, survivors
         self.max_move, self.moves_per_child = max_move, moves_per_child
-        self.space = engine.space  # population.JointSpace (joint search) or None (level-only)
-        self.init, self.seeds = init, [tuple(s) for s in seeds]
-        if self.space is not None:  # a joint seed is [levels, intervals]; plain levels mean k = 1 everywhere
-            self.seeds = [s if s and isinstance(s[0], (list, tuple)) else (s, (1,) * len(s)) for s in self.seeds]
+        self.batch_candidates = batch_candidates
+        self.init, self.seeds = init, list(seeds)
         self.generator = torch.Generator().manual_seed(seed)
         self.survivors: list[Individual] = []
         self.fitness: dict[Individual, float] = {}
@@ -141,12 +143,12 @@ class EvolutionarySearch:
         self.nfe_history: list[int] = []  # denoiser steps per generation
         self.cost_history: list[dict[str, int]] = []  # per generation: probe_steps, macs
         self.evaluated_here = 0  # schedules evaluated by this process (a restored search holds the rest)
-        self.costs = self._step_costs()
+        self.costs = space.costs
+        probe_steps = engine.probe_steps  # the engine counts on; every cost here is a difference
         self.reference_latents, _ = engine.run(None)
         self.reference_images = self._decode(self.reference_latents)
-        self.reference_cost = {"probe_steps": engine.probe_steps,
+        self.reference_cost = {"probe_steps": engine.probe_steps - probe_steps,
                                "macs": self._macs(None, range(engine.partition.num_stages), self.num_probes)}
-        engine.nfe = engine.probe_steps = 0
 
     # --- state ------------------------------------------------------------------------------------
     @property
@@ -169,21 +171,11 @@ class EvolutionarySearch:
     def candidates(self) -> list[tuple[Individual, Individual | None]]:
         """This generation's (schedule, parent) pairs: the initial population (no parents), then
         `offspring` mutants of the survivors."""
-        engine = self.engine
-        H, w = engine.levels_max, engine.partition.steps_per_stage
-        if self.space is not None:
-            if self.generation == 0 and not self.survivors:
-                return [(ind, None) for ind in pop.initial_joint_population(
-                    self.offspring + self.num_survivors, self.space, self.generator, init=self.init,
-                    seeds=self.seeds)]
-            return pop.next_joint_generation(self.survivors, self.offspring, self.space, self.generator,
-                                             self.max_move, self.moves_per_child, self.known())
         if self.generation == 0 and not self.survivors:
-            return [(ind, None) for ind in pop.initial_population(
-                self.offspring + self.num_survivors, len(w), H, engine.target_level, w, self.generator,
-                init=self.init, seeds=self.seeds)]
-        return pop.next_generation(self.survivors, self.offspring, H, w, self.generator, self.max_move,
-                                   self.moves_per_child, self.known())
+            return [(ind, None) for ind in self.space.initial_population(
+                self.offspring + self.num_survivors, self.generator, init=self.init, seeds=self.seeds)]
+        return self.space.next_generation(self.survivors, self.offspring, self.generator, self.max_move,
+                                          self.moves_per_child, self.known())
 
     def known(self) -> set[Individual]:
         """Schedules evaluated already (raced out included): mutation draws new ones in their place."""
@@ -213,9 +205,8 @@ class EvolutionarySearch:
         latents entering stage k depend only on the stages < k, so starting there is exact."""
         start, cached = 0, None
         if self.engine.resumable:
-            first_changed = pop.first_changed_joint_stage if self.space is not None else pop.first_changed_stage
             for source, entries in sources.items():
-                shared = first_changed(source, individual)
+                shared = self.space.first_changed_stage(source, individual)
                 if shared > start:
                     start, cached = shared, entries
         return start, cached if start else None
@@ -228,7 +219,7 @@ class EvolutionarySearch:
         engine = self.engine
         start, cached = self._start(individual, sources)
         nfe, probe_steps = engine.nfe, engine.probe_steps
-        latents, entries = engine.run(individual, start, cached, probes=probes)
+        latents, entries = engine.run(self.schedule(individual), start, cached, probes=probes)
         return self._scored(individual, probes, latents, entries, engine.nfe - nfe, engine.probe_steps - probe_steps,
                             range(start, engine.partition.num_stages), judge)
 
@@ -237,7 +228,7 @@ class EvolutionarySearch:
         """`_score` for several schedules at once (`RolloutEngine.run_many`: candidates sharing a
         stage's configuration share its denoiser calls; shared prefixes run once — each schedule is
         charged the stages it ran first)."""
-        jobs = [(ind, *self._start(ind, sources)) for ind in individuals]
+        jobs = [(self.schedule(ind), *self._start(ind, sources)) for ind in individuals]
         w = self.engine.partition.steps_per_stage
         return [self._scored(ind, probes, latents, entries, sum(w[s] for s in paid),
                              len(probes) * sum(w[s] for s in paid), paid, judge)
@@ -329,7 +320,7 @@ class EvolutionarySearch:
         # newcomer on the first rung — it passes every rung (d = 0), so μ schedules finish on all probes
         cut = self.survivors[-1] if len(self.survivors) >= self.num_survivors else None
         racing = self.racing is not None and (cut is not None or (not self.survivors and n > self.num_survivors))
-        batched = self.engine.batch_candidates
+        batched = self.batch_candidates
         every = torch.arange(P)
         if not racing:  # every new schedule on all probes
             ready = self._ahead(todo, range(n), rank, world, every, self.entries) if batched else {}
@@ -390,7 +381,7 @@ class EvolutionarySearch:
             self.archive.append(self._record(generation, levels, value, nfe, parent, probes, *cost, raced_out))
         pool = {ind: self.metric.score(self.fitness[ind])
                 for ind in {*self.survivors, *(c for c, _ in candidates)} if ind in self.fitness}
-        self.survivors = pop.select(pool, self.num_survivors, higher_is_better=True)
+        self.survivors = select(pool, self.num_survivors, higher_is_better=True)
         self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}
         self.per_probe = {ind: self.per_probe[ind] for ind in self.survivors if ind in self.per_probe}
         records = self.archive[len(self.archive) - n:]
@@ -415,16 +406,6 @@ class EvolutionarySearch:
                 "reference_probe_steps": self.reference_cost["probe_steps"],
                 "reference_macs": self.reference_cost["macs"], "generations": self.generation}
 
-    def _step_costs(self) -> StepCosts:
-        """MACs of one denoiser step per stage and level (and cached step, in a joint search)."""
-        if self.space is not None:
-            return self.space.costs
-        from ..caching.budget import step_cost_table  # counts MACs on routed stages; imported late
-
-        engine = self.engine
-        table = step_cost_table(engine.adapter, engine.store, engine.partition)
-        return StepCosts.parse(table, engine.partition.num_stages, engine.levels_max)
-
     def _macs(self, individual: Individual | None, stages, probes: int) -> int:
         """Denoiser MACs of rolling `probes` probes through `stages` of `individual` (None: dense);
         the CFG pair is two forwards."""
@@ -433,22 +414,15 @@ class EvolutionarySearch:
         if individual is None:
             per_probe = self.costs.dense * sum(w[s] for s in stages)
         else:
-            levels, intervals = individual if self.space is not None else (individual, (1,) * len(w))
-            per_probe = sum(self.costs.stage_macs(s, w[s], levels[s], intervals[s]) for s in stages)
+            per_probe = sum(self.costs.stage_macs(s, w[s], *self.space.stage_config(individual, s)) for s in stages)
         return per_probe * probes * cfg
 
     def _record(self, generation: int, individual: Individual, value: float, nfe: int, parent: Individual | None,
                 probes: int, probe_steps: int, macs_spent: int, raced_out: bool) -> dict:
         """The archive row (evaluations.jsonl) of one evaluated schedule: `fitness` on `probes` probes
         (racing: a raced-out child's is its subset value, marked `raced_out`), and what it cost."""
-        if self.space is None:
-            row = {"generation": generation, "levels": list(individual), "fitness": value, "nfe": nfe,
-                   "parent": list(parent) if parent is not None else None}
-        else:
-            levels, intervals = individual
-            macs = self.space.cost(individual) / self.space.costs.dense_macs(self.space.w)
-            row = {"generation": generation, "levels": list(levels), "intervals": list(intervals), "macs": macs,
-                   "fitness": value, "nfe": nfe, "parent": _lists(parent) if parent is not None else None}
+        row = {"generation": generation, **self.space.describe(individual), "fitness": value, "nfe": nfe,
+               "parent": self.space.to_state(parent) if parent is not None else None}
         row.update(probes=probes, probe_steps=probe_steps, macs_spent=macs_spent)
         if self.racing is not None:
             row["raced_out"] = raced_out
@@ -456,50 +430,48 @@ class EvolutionarySearch:
 
     # --- checkpoint -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The whole search (plain types and CPU tensors), as the run's checkpoint stores it. Joint
-        individuals are stored as [levels, intervals] lists."""
+        """The whole search (plain types and CPU tensors), as the run's checkpoint stores it; individuals
+        in their space's plain-list form (`SearchSpace.to_state`)."""
+        state = self.space.to_state
         return {
-            "survivors": [_lists(s) for s in self.survivors],
-            "fitness": [[_lists(k), v] for k, v in self.fitness.items()],
+            "survivors": [state(s) for s in self.survivors],
+            "fitness": [[state(k), v] for k, v in self.fitness.items()],
             "archive": self.archive,
-            "entries": {json.dumps(_lists(k)): v for k, v in self.entries.items()},
+            "entries": {json.dumps(state(k)): v for k, v in self.entries.items()},
             "generator": self.generator.get_state(),
             "nfe_history": self.nfe_history,
             "cost_history": self.cost_history,
-            "per_probe": [[_lists(k), v] for k, v in self.per_probe.items()],
-            "raced_out": [[_lists(k), v] for k, v in self.raced_out.items()],
+            "per_probe": [[state(k), v] for k, v in self.per_probe.items()],
+            "raced_out": [[state(k), v] for k, v in self.raced_out.items()],
         }
 
     def load_state_dict(self, state: dict) -> None:
-        joint = [bool(s) and isinstance(s[0], (list, tuple)) for s in state["survivors"]]
-        if any(joint) != (self.space is not None):
-            raise ValueError(f"the checkpoint holds a {'joint' if any(joint) else 'level-only'} search and this "
-                             f"run is a {'joint' if self.space is not None else 'level-only'} one (model.cache_intervals "
-                             "differs); restore it, or start a new search with --overwrite true")
-        self.survivors = [_tuples(s) for s in state["survivors"]]
-        self.fitness = {_tuples(k): v for k, v in state["fitness"]}
+        try:
+            read = [self.space.from_state(s) for s in state["survivors"]]
+        except ValueError as err:
+            raise ValueError(f"the checkpoint's search ran in another search space ({err}): model.cache_intervals "
+                             "differs from the run that wrote it; restore it, or start a new search with "
+                             "--overwrite true") from None
+        individual = self.space.from_state
+        self.survivors = read
+        self.fitness = {individual(k): v for k, v in state["fitness"]}
         self.archive = state["archive"]
-        self.entries = {_tuples(json.loads(k)): v for k, v in state["entries"].items()}
+        self.entries = {individual(json.loads(k)): v for k, v in state["entries"].items()}
         self.generator.set_state(state["generator"])
         self.nfe_history = state["nfe_history"]
         # checkpoints written before the cost meter: their generations' cost is unknown (counted as 0)
         self.cost_history = state.get("cost_history", [{"probe_steps": 0, "macs": 0}] * len(self.nfe_history))
-        self.per_probe = {_tuples(k): v for k, v in state.get("per_probe", [])}
-        self.raced_out = {_tuples(k): v for k, v in state.get("raced_out", [])}
+        self.per_probe = {individual(k): v for k, v in state.get("per_probe", [])}
+        self.raced_out = {individual(k): v for k, v in state.get("raced_out", [])}
         if self.racing is not None and any(ind not in self.per_probe for ind in self.survivors):
             raise ValueError("the checkpoint's search ran without racing (its survivors have no per-probe values): "
                              "resume it with race_probes: null, or start a new search with --overwrite true")
+
+    def schedule(self, individual: Individual, **fields: Any) -> Schedule:
+        """The schedule of `individual` on the engine's partition (fields: store, pruner, metric, …)."""
+        return self.space.schedule(individual, partition=self.engine.partition.to_dict(), **fields)
 
     def _decode(self, latents: Tensor) -> Tensor:
         adapter = self.engine.adapter
         return adapter.decode(latents.to(adapter.device)).cpu()
 
-
-def _tuples(x):
-    """Nested lists → nested tuples (a level vector, or a joint (levels, intervals) pair)."""
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else int(x)
-
-
-def _lists(x):
-    """Nested tuples → nested lists (JSON and checkpoint form)."""
-    return [_lists(v) for v in x] if isinstance(x, (list, tuple)) else x

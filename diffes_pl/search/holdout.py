@@ -9,19 +9,18 @@ from collections.abc import Callable
 
 import torch
 
-from ..evaluation.macs import schedule_macs
+from ..caching.budget import trajectory_macs
+from ..caching.installed import install_schedule
 from ..fitness import FitnessInputs, get_metric
-from ..schedule import Schedule
-from ..routing import Router
 from ..run import RunContext
+from ..schedule import Schedule
 from .rollouts import Probes, RolloutEngine
 
 
 def _engine(context: RunContext, num_probes: int, probe_seed: int) -> tuple[RolloutEngine, Probes]:
     probes = Probes.make(context.adapter, num_probes, probe_seed, prompts=context.prompts)
     return RolloutEngine(context.adapter, context.store, context.partition, probes, sampler=context.sampler,
-                         guidance=context.guidance, batch_size=context.probe_batch_size,
-                         levels_max=context.levels_max, target_level=context.target_level), probes
+                         guidance=context.guidance, batch_size=context.probe_batch_size), probes
 
 
 @torch.no_grad()
@@ -40,7 +39,7 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
                        extra_metrics: dict[str, Callable[[FitnessInputs], float]] | None = None,
                        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
                        per_probe: tuple[str, ...] = ()) -> dict:
-    """{name: {levels, macs, mac_ratio, <metric>: value}} for the dense model (`dense`) and each
+    """{name: {levels, intervals, macs, mac_ratio, <metric>: value}} for the dense model (`dense`) and each
     schedule, on `num_probes` fresh probes seeded with `probe_seed`, sampled as the run samples.
     `per_probe`: metrics (of `metrics`) whose [P] per-probe values go in the row too, as
     `<metric>_per_probe` lists (oriented as the metric: SSIM per image; PSNR's is −MSE) — for paired
@@ -57,47 +56,19 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
     declared = adapter.evaluation_reference
     names = list(metrics) + (list(declared.metrics) if declared is not None else [])
     results = {}
-    dense_macs = schedule_macs(adapter, None, partition)
+    dense_macs = trajectory_macs(adapter, None, partition)
     for label, schedule in {"dense": None, **schedules}.items():
-        if schedule is None:
-            latents, images, macs = dense_latents, dense_images, dense_macs
-        elif schedule.mac_budget is not None:  # joint: routed + cached, MACs from its own cost table
-            engine.space = schedule_space(schedule)
-            latents, _ = engine.run((tuple(schedule.levels), tuple(schedule.intervals)))
-            engine.space = None
-            images = adapter.decode(latents.to(adapter.device)).cpu()
-            macs = schedule.costs.trajectory_macs(schedule.levels, schedule.intervals, schedule.steps_per_stage)
-        else:
-            latents, _ = engine.run(tuple(schedule.levels))
-            images = adapter.decode(latents.to(adapter.device)).cpu()
-            with Router(adapter, store, schedule) as router:
-                macs = schedule_macs(adapter, router, partition)
+        latents = dense_latents if schedule is None else engine.run(schedule)[0]  # routed (+ cached)
+        images = dense_images if schedule is None else adapter.decode(latents.to(adapter.device)).cpu()
+        with install_schedule(adapter, store, schedule) as installed:
+            macs = trajectory_macs(adapter, schedule, partition, installed.router)
         inputs = FitnessInputs(images, latents, ref_images, ref_latents, probes.conditions)
-        row = {"levels": None if schedule is None else schedule.levels, "macs": macs,
+        row = {"levels": None if schedule is None else schedule.levels,
+               "intervals": None if schedule is None else schedule.intervals, "macs": macs,
                "mac_ratio": dense_macs / macs}
-        if schedule is not None and schedule.mac_budget is not None:
-            row["intervals"] = schedule.intervals
         row.update({n: float(get_metric(n)(inputs)) for n in names})
         row.update({f"{n}_per_probe": get_metric(n).probe_values(inputs).tolist() for n in per_probe})
         row.update({n: float(fn(inputs)) for n, fn in (extra_metrics or {}).items()})
         results[label] = row
     return results
 
-
-class _ScheduleSpace:
-    """The one-schedule stand-in for a joint search space that `RolloutEngine` needs to roll out a
-    joint schedule as written (its own step costs, branch and budget)."""
-
-    def __init__(self, schedule: Schedule) -> None:
-        self.schedule_ = schedule
-        self.branch = schedule.cache_branch
-
-    def schedule(self, individual, partition=None) -> Schedule:
-        levels, intervals = individual
-        assert list(levels) == self.schedule_.levels and list(intervals) == self.schedule_.intervals
-        return self.schedule_
-
-
-def schedule_space(schedule: Schedule) -> _ScheduleSpace:
-    """What `RolloutEngine(space=…)` needs to roll out the joint `schedule` (router + its cache)."""
-    return _ScheduleSpace(schedule)

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import diffes_pl as dp
-from caching.reference import BlockCacheReference, masked_cached
+from helpers.caching_reference import BlockCacheReference, masked_cached
 from diffes_pl.caching import BlockCache, CacheError, feature_cache, step_macs
 from diffes_pl.denoisers.base import TextCondition
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
-from routing_reference import random_store
+from helpers.routing_reference import random_store
 
 H, STEPS, STAGES = 4, 6, 2
 LABELS = [0, 3, 7]

@@ -13,8 +13,9 @@ from diffes_pl.schedule import Schedule
 from diffes_pl.step_costs import StepCosts
 from diffes_pl.routing import Router
 from diffes_pl.sampling import prepare_scheduler, rollout, seeded_noise
-from diffes_pl.search import population as P
-from routing_reference import random_store
+from diffes_pl.search.joint_space import joint_space
+from diffes_pl.search.space import first_changed_stage
+from helpers.routing_reference import random_store
 
 H = 4
 LABELS = torch.tensor([0, 3, 7])
@@ -110,7 +111,7 @@ def test_prefix_reuse_with_caching_equals_the_full_rollout(tiny, tmp_path, one_t
     x0 = seeded_noise((3, *tiny.latent_shape), 0)
     states = {}
     parent_out = _run(tiny, store, partition, *parent, x0, states=states)
-    stage = P.first_changed_joint_stage(parent, child)
+    stage = first_changed_stage(list(zip(*parent)), list(zip(*child)))  # the first (level, k) that differs
     assert stage == 1
     start = partition.steps_of_stage(stage).start
     full = _run(tiny, store, partition, *child, x0)
@@ -128,8 +129,8 @@ def test_a_joint_schedule_builds_its_cache_and_checks_its_own_budget(tiny, tmp_p
     partition = _partition(tiny, 6, 3)
     store = random_store(tiny, tmp_path / "store", H, partition)
     table = step_cost_table(tiny, store, partition, branch=2)
-    space = P.joint_space(H, partition.steps_per_stage, table, 2, intervals=(1, 2), branch=2)
-    pop = P.initial_joint_population(6, space, torch.Generator().manual_seed(0))
+    space = joint_space(H, partition.steps_per_stage, table, 2, intervals=(1, 2), branch=2)
+    pop = space.initial_population(6, torch.Generator().manual_seed(0))
     assert pop[0] == ((2, 2, 2), (1, 1, 1)) and pop[1][1] == (2, 2, 2)  # level-only, then cache-only
     for ind in pop[:2]:
         schedule = space.schedule(ind, partition=partition.to_dict(), pruner=store.pruner)

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import diffes_pl as dp
-from caching.reference import DeepCacheReference, masked_cached
+from helpers.caching_reference import DeepCacheReference, masked_cached
 from diffes_pl.caching import UNetDeepCache, feature_cache, pipeline_callback, step_macs
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
-from routing_reference import random_store
+from helpers.routing_reference import random_store
 
 H, STEPS, STAGES = 4, 6, 2
 
@@ -91,7 +91,7 @@ def test_router_and_cache_inside_the_sdxl_pipeline(text_models, tmp_path, one_th
     masked dense UNet driven by the same callback with the hook-based reference."""
     from diffusers import StableDiffusionXLPipeline
 
-    from routing_reference import MaskingListener
+    from helpers.routing_reference import MaskingListener
 
     adapter = text_models.build_tiny_sdxl()
     enc = adapter.text_encoders()

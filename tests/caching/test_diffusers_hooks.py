@@ -11,7 +11,7 @@ from diffes_pl.caching.diffusers_hooks import DiffusersCache
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
-from routing_reference import MaskingListener, random_store
+from helpers.routing_reference import MaskingListener, random_store
 
 LABELS = [1, 5]
 KW = dict(steps=4, guidance=2.0, seed=0, output="latents")

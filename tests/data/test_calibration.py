@@ -33,13 +33,6 @@ def ddim_partition():
     return StagePartition.from_scheduler(sched, 20, 10)
 
 
-@pytest.fixture
-def hf_cache(tmp_path, monkeypatch):
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
 def hand_alphas_cumprod() -> torch.Tensor:
     betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
     return torch.cumprod(1 - betas, 0)

@@ -15,12 +15,7 @@ from diffes_pl.denoisers.base import TextCondition
 from diffes_pl.denoisers.text import MissingTextEncodersError
 from diffes_pl.partition import StagePartition
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def hf_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+pytestmark = pytest.mark.usefixtures("one_thread", "hf_cache")
 
 
 def attached(adapter, partition, **kw) -> CalibrationDataModule:

@@ -4,7 +4,7 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl.denoisers import ConstantOutput, UnknownDenoiserError
-from routing_reference import mask_units, mask_block
+from helpers.routing_reference import mask_units, mask_block
 
 
 def _inputs(adapter, batch=3, seed=0):

@@ -12,7 +12,7 @@ from diffes_pl.denoisers.flux import FluxAdapter, JointProjOut, pack_latents, un
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
-from routing_reference import mask_block, dense_masked_routed, random_store, sliced_vs_masked
+from helpers.routing_reference import mask_block, dense_masked_routed, random_store, sliced_vs_masked
 
 STEPS, STAGES = 4, 2
 

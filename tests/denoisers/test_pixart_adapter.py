@@ -18,8 +18,8 @@ from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
 from diffes_pl.sampling import seeded_noise
-from pixart_models import TEXT_LEN, build_tiny_pixart
-from routing_reference import mask_block, MaskingListener, dense_masked_routed, random_store, sliced_vs_masked
+from helpers.tiny_pixart import TEXT_LEN, build_tiny_pixart
+from helpers.routing_reference import mask_block, MaskingListener, dense_masked_routed, random_store, sliced_vs_masked
 
 HUB = "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS"
 PROMPTS = ["a red cat sits on the table", "a dog runs in the street"]
@@ -305,7 +305,7 @@ def test_obs_beats_wanda_on_reconstruction(text_models, caption_folder, tmp_path
 
     from diffes_pl.data.calibration import CalibrationDataModule
     from diffes_pl.pruners import OBSPruner, WandaPruner, build_store
-    from pruners.helpers import assert_obs_beats_wanda, hand_hessians
+    from helpers.pruner_reference import assert_obs_beats_wanda, hand_hessians
 
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
     adapter = build_tiny_pixart(text_models)

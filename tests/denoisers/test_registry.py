@@ -7,8 +7,8 @@ import torch
 
 import diffes_pl as dp
 from diffes_pl.denoisers import UnknownDenoiserError, check_name, families, family_of
-from diffes_pl.denoisers.registry import Family, register
-from diffes_pl.denoisers.schedules import FLOW_MATCHING, Sampler, is_flow_matching
+from diffes_pl.denoisers.registry import Family, family_titles, register
+from diffes_pl.denoisers.samplers import FLOW_MATCHING, Sampler, is_flow_matching
 from diffes_pl.sampling import prepare_scheduler
 
 
@@ -18,6 +18,14 @@ def test_builtin_families_are_registered_in_order():
         assert family.name == name and family_of(name) is family
     with pytest.raises(KeyError, match="no denoiser family 'nope'"):
         family_of("nope")
+
+
+def test_messages_name_the_families_that_declare_a_capability():
+    """Messages list families through `family_titles`, so a new family appears in them unasked."""
+    titles = {c: family_titles(conditioning=c).split(", ") for c in ("class", "text")}
+    assert titles["class"] == ["tiny-digits", "DiT"] and titles["text"][:2] == ["SDXL", "FLUX"]
+    assert sorted(titles["class"] + titles["text"]) == sorted(f.title for f in families().values())
+    assert family_titles() == ", ".join(f.title for f in families().values())
 
 
 @pytest.mark.parametrize("family", ["tiny", "dit", "sdxl", "flux"])

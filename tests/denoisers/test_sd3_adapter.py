@@ -9,7 +9,6 @@ SD3-Medium, SD3.5-Medium and SD3.5-Large on the meta device, and SD3-Medium's MA
 import json
 import shutil
 
-import datasets
 import pytest
 import torch
 
@@ -21,10 +20,10 @@ from diffes_pl.denoisers.sd3 import SD3Adapter, SkippedJointBlock
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
-from pruners.test_text_pruners import test_obs_beats_wanda_on_reconstruction as obs_beats_wanda
-from routing_reference import (mask_block, MaskingListener, dense_masked_routed, masking_callback, mixed_keeps, random_store,
-                               sliced_vs_masked)
-from sd3_models import CLIP_TOKENS, T5_TOKENS, build_tiny_sd3, pipeline, save_sd3_folder
+from helpers.pruner_reference import obs_and_wanda_on_captions
+from helpers.routing_reference import (mask_block, MaskingListener, dense_masked_routed, masking_callback, mixed_keeps,
+                                       random_store, sliced_vs_masked)
+from helpers.tiny_sd3 import CLIP_TOKENS, T5_TOKENS, build_tiny_sd3, pipeline, save_sd3_folder
 
 STEPS, STAGES, H = 4, 2, 4
 PROMPTS = ["a red cat sits on the table", "a dog runs in the street"]
@@ -227,12 +226,12 @@ def test_routed_transformer_in_sd3_pipeline_equals_masked(sd3, tmp_path):
     assert (routed - dense).abs().max() > 1e-3
 
 
-def test_obs_beats_wanda_on_reconstruction(request, caption_folder, tmp_path, monkeypatch):
+def test_obs_beats_wanda_on_reconstruction(tiny_sd3, caption_folder, tmp_path, hf_cache):
     """Every stage, group and level: OBS's compensated layer error ≤ Wanda's (joint heads, attn2, both
-    MLPs, the pre-only block), calibrated on captions with flow-matching noise — the SDXL / FLUX test
-    itself, on `tiny_sd3`."""
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    obs_beats_wanda("sd3", request, caption_folder, tmp_path)
+    MLPs, the pre-only block), calibrated on captions with flow-matching noise — the SDXL / FLUX check
+    (tests/pruners/test_text_pruners.py), on `tiny_sd3`."""
+    _, compared = obs_and_wanda_on_captions(tiny_sd3, "flow_euler", caption_folder, tmp_path, STEPS, STAGES, H)
+    assert compared > 30
 
 
 def test_export_round_trip_and_diffusers_loader(sd3, tmp_path):

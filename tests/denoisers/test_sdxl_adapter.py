@@ -9,7 +9,7 @@ from diffes_pl.denoisers import ConstantOutput, TextCondition, keep_from_order
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
-from routing_reference import mask_units, mask_block, dense_masked_routed, random_store
+from helpers.routing_reference import mask_units, mask_block, dense_masked_routed, random_store
 
 STEPS, STAGES = 4, 2
 

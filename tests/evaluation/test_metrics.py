@@ -287,7 +287,7 @@ def test_dit_xl_schedule_macs_dense_and_uniform_level8(tmp_path):
     from diffes_pl.partition import StagePartition
     from diffes_pl.schedule import Schedule
     from diffes_pl.routing import Router
-    from diffes_pl.evaluation.macs import schedule_macs
+    from diffes_pl.macs import schedule_macs
     from diffes_pl.trajectory import TrajectoryStore, make_key
 
     adapter = dp.load_denoiser("facebook/DiT-XL-2-256", weights=False, device="meta")

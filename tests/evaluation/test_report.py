@@ -2,7 +2,6 @@
 evaluation writes evaluation.json, reuses the callback's images, and a second run regenerates
 nothing; the rank split gives every batch to exactly one rank."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
-         "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
-         "--data.nsamples", "4", "--data.batch_size", "4"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+from helpers.search_runs import ENV, ROOT, SMALL
 
 
 def cli(*args: str, cwd: Path) -> str:

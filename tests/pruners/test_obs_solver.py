@@ -9,13 +9,8 @@ import torch
 from diffes_pl.pruners.obs_solver import PruneResult, damp_hessian, prune_groups
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: a second thread only adds synchronisation cost (a lot on a busy 2-core machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny matrices: a second thread only adds synchronisation cost (a lot on a busy 2-core machine).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer(out: int, n_in: int, samples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from diffes_pl.pruners import (ActivationPruner, DepthPruner, MagnitudePruner, O
 from diffes_pl.pruners.base import store_key_fields
 from diffes_pl.trajectory import StoreMismatchError, TrajectoryStore
 
-from .helpers import HandNoisedDigits, hand_hessians, run_items
+from helpers.pruner_reference import HandNoisedDigits, hand_hessians, run_items
 
 H, STAGES = 8, 2
 

@@ -12,7 +12,7 @@ from diffes_pl.pruners import WandaPruner, build_store
 from diffes_pl.pruners import base
 from diffes_pl.trajectory import DiskSpaceError, file_sha256, writing
 
-from .helpers import HandNoisedDigits
+from helpers.pruner_reference import HandNoisedDigits
 
 
 class CountingDigits(HandNoisedDigits):

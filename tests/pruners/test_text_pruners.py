@@ -1,48 +1,21 @@
 """Pruners on the tiny text-to-image models, calibrated on captions: OBS beats Wanda on layer
 reconstruction error for SDXL and FLUX at every stage and level; depth pruning handles FLUX's two-stream
 blocks (cosine over the image and text tokens) and SDXL's transformer blocks."""
-import datasets
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 
 import diffes_pl as dp
-from diffes_pl.data.calibration import CalibrationDataModule
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
-from diffes_pl.pruners import DepthPruner, OBSPruner, WandaPruner, build_store
+from diffes_pl.pruners import DepthPruner, build_store
 
-from .helpers import assert_obs_beats_wanda, hand_hessians
+from helpers.pruner_reference import (caption_datamodule as _datamodule, caption_trainer as _trainer,
+                                      obs_and_wanda_on_captions)
 
 H, STAGES = 4, 2
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def hf_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-
-
-def _trainer(tmp_path):
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=tmp_path)
-
-
-def _datamodule(folder, nsamples=8):
-    return CalibrationDataModule(source=str(folder), label_column=None, caption_column="text", nsamples=nsamples,
-                                 batch_size=4, seed=0)
-
-
-def _stage_hessians(adapter, dm):
-    """Σ x xᵀ / tokens of every output layer's inputs per stage, over the datamodule's own samples."""
-    result = []
-    for stage in range(STAGES):
-        ds = dm.stage_dataset(stage)
-        result.append(hand_hessians(adapter, adapter.unit_groups(),
-                                    lambda: adapter.predict_noise(ds.latents, ds.timesteps, ds.cond)))
-    return result
+pytestmark = pytest.mark.usefixtures("one_thread", "hf_cache")
 
 
 @pytest.mark.parametrize("family", ["sdxl", "flux"])
@@ -50,14 +23,8 @@ def test_obs_beats_wanda_on_reconstruction(family, request, caption_folder, tmp_
     """Every stage, group and level: OBS's compensated layer error ≤ Wanda's (FLUX: heads of both
     streams, single-block heads and channels around one proj_out)."""
     adapter = request.getfixturevalue(f"tiny_{family}")
-    partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a" if family == "sdxl" else "flow_euler"),
-                                              4, STAGES)
-    stores = {p.name: build_store(_trainer(tmp_path), p, _datamodule(caption_folder), adapter, partition,
-                                  tmp_path / p.name, H, log=lambda *_: None) for p in (OBSPruner(), WandaPruner())}
-    dm = _datamodule(caption_folder)
-    dm.attach(adapter, partition)
-    hessians = _stage_hessians(adapter, dm)
-    compared = sum(assert_obs_beats_wanda(adapter, stores, stage, hessians[stage], H) for stage in range(STAGES))
+    stores, compared = obs_and_wanda_on_captions(adapter, "euler_a" if family == "sdxl" else "flow_euler",
+                                                 caption_folder, tmp_path, 4, STAGES, H)
     assert compared > (100 if family == "sdxl" else 30)
     if family == "sdxl":
         assert stores["obs"].weight(0, adapter.unit_groups()[2].name, 1).shape == (32, 96)  # GEGLU ff: 128 → 96 kept

@@ -4,7 +4,8 @@ import torch
 from diffes_pl.errors import ScheduleError
 from diffes_pl.partition import split_steps
 from diffes_pl.schedule import budget_met
-from diffes_pl.search import population as P
+from diffes_pl.search import level_space as P
+from diffes_pl.search.space import select
 from diffes_pl.search.baselines import greedy_search, mosaicdiff_schedule, random_search
 
 
@@ -110,7 +111,7 @@ def test_same_budget_as_evolution():
     for _ in range(2):
         kids = P.next_generation(survivors, 20, 16, w, g, 5, 1, evaluated)
         evaluated |= {c for c, _ in kids}
-        survivors = P.select({x: f(x) for x in {*survivors, *(c for c, _ in kids)}}, 4)
+        survivors = select({x: f(x) for x in {*survivors, *(c for c, _ in kids)}}, 4)
     assert len(evaluated) == n
     assert random_search(Counting(f.optimum), n, 10, 16, 8, w, g).evals_used == n
     assert greedy_search(Counting(f.optimum), n, 10, 16, 8, w, 5).evals_used == n

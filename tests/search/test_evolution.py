@@ -5,11 +5,12 @@ import torch
 
 from diffes_pl.fitness import get_metric
 from diffes_pl.schedule import budget_met
+from diffes_pl.search.builder import level_space
 from diffes_pl.search.evolution import EvolutionarySearch
 from diffes_pl.search.resume import GenerationCheckpoint
 from diffes_pl.search.rollouts import Probes, RolloutEngine
 
-from tiny_search import calibrated_search
+from helpers.search_runs import calibrated_search
 
 SETTINGS = dict(target_level=4, levels=8, num_stages=4, steps=8, num_probes=6, offspring=6, survivors=2, max_move=2)
 
@@ -25,9 +26,9 @@ def fitted(tmp_path_factory):
 def plain_search(context) -> EvolutionarySearch:
     """The same search built from its parts, no LightningModule involved."""
     probes = Probes.make(context.adapter, SETTINGS["num_probes"], 1234)
-    engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0,
-                           levels_max=context.levels_max, target_level=context.target_level)
-    return EvolutionarySearch(engine, get_metric("ssim"), offspring=SETTINGS["offspring"],
+    engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0)
+    space = level_space(context.adapter, context.store, context.partition, context.target_level)
+    return EvolutionarySearch(engine, get_metric("ssim"), space=space, offspring=SETTINGS["offspring"],
                               survivors=SETTINGS["survivors"], max_move=SETTINGS["max_move"], seed=0)
 
 

@@ -9,15 +9,17 @@ import pytest
 import torch
 
 import diffes_pl as dp
-from diffes_pl.caching import schedule_cache
+from diffes_pl.caching.installed import install_schedule
 from diffes_pl.data.calibration import CalibrationDataModule
+from diffes_pl.errors import ScheduleError
 from diffes_pl.fitness import FitnessInputs, get_metric
+from diffes_pl.pruners import WandaPruner
 from diffes_pl.schedule import Schedule
 from diffes_pl.step_costs import mac_budget_met
-from diffes_pl.pruners import WandaPruner
-from diffes_pl.search import population as P
+from diffes_pl.search.builder import level_space
 from diffes_pl.search.evolution import EvolutionarySearch
-from diffes_pl.search.module import DiffES
+from diffes_pl.search.joint_space import JointSpace
+from diffes_pl.search.lightning_module import DiffES
 from diffes_pl.search.resume import GenerationCheckpoint, ResumeError, check_resumable
 from diffes_pl.search.rollouts import Probes, RolloutEngine
 
@@ -49,7 +51,8 @@ def rows(module):
 def test_every_evaluated_schedule_meets_the_mac_budget(fitted):
     module, _ = fitted
     space = module.space
-    assert space.intervals == (1, 2, 3) and space.mac_budget == 0.5 and space.branch == module.cache_branch
+    assert isinstance(space, JointSpace) and module.search.space is space
+    assert space.intervals == (1, 2, 3) and space.mac_budget == 0.5 and space.branch == module.context.adapter.cache_points().num_blocks // 2  # the middle block
     records = rows(module)
     assert records == module.search.archive and len(records) > 6
     assert len({(tuple(r["levels"]), tuple(r["intervals"])) for r in records}) == len(records)  # none twice
@@ -69,7 +72,7 @@ def test_the_best_schedule_file_reproduces_its_fitness_routed_and_cached(fitted)
     search, context = module.search, module.context
     schedule = Schedule.load(context.root_dir / "schedule.json")  # checks its own MAC budget on load
     assert [schedule.levels, schedule.intervals] == [list(p) for p in search.best]
-    assert schedule.mac_budget == 0.5 and schedule.cache_branch == module.cache_branch
+    assert schedule.mac_budget == 0.5 and schedule.cache_branch == module.space.branch
     assert schedule.step_costs == module.space.costs.to_dict() and schedule.fitness == search.best_fitness
     assert schedule.extra == {"generations": 2, "finished": True, "cost": search.cost()}
     assert schedule.extra["cost"]["probe_steps"] == \
@@ -79,26 +82,21 @@ def test_the_best_schedule_file_reproduces_its_fitness_routed_and_cached(fitted)
     assert schedule.mac_fraction() == pytest.approx(best["macs"])
     adapter = context.adapter
     probes = Probes.make(adapter, SETTINGS["num_probes"], 1234)
-    cache = schedule_cache(adapter, schedule)
-    with dp.Router(adapter, context.store, schedule) as router:
-        try:
-            latents = dp.sample(adapter, probes.conditions, steps=8, guidance=2.0, sampler="ddim", noise=probes.noise,
-                                router=router, cache=cache, output="latents")
-        finally:
-            if cache is not None:
-                cache.remove()
+    with install_schedule(adapter, context.store, schedule) as installed:
+        assert installed.cache is not None and installed.cache.rule.intervals == tuple(schedule.intervals)
+        latents = dp.sample(adapter, probes.conditions, steps=8, guidance=2.0, sampler="ddim", noise=probes.noise,
+                            router=installed.router, cache=installed.cache, output="latents")
     assert adapter.is_dense()
     value = get_metric("ssim")(FitnessInputs(adapter.decode(latents), latents, search.reference_images,
                                              search.reference_latents, probes.conditions))
     assert value == pytest.approx(schedule.fitness, abs=1e-6)
 
 
-def plain_search(module, seeds=()) -> EvolutionarySearch:
+def plain_search(module, seeds=(), space=None) -> EvolutionarySearch:
     context = module.context
     probes = Probes.make(context.adapter, SETTINGS["num_probes"], 1234)
-    engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0,
-                           levels_max=context.levels_max, target_level=context.target_level, space=module.space)
-    return EvolutionarySearch(engine, get_metric("ssim"), offspring=SETTINGS["offspring"],
+    engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0)
+    return EvolutionarySearch(engine, get_metric("ssim"), space=space or module.space, offspring=SETTINGS["offspring"],
                               survivors=SETTINGS["survivors"], max_move=SETTINGS["max_move"], seeds=seeds, seed=0)
 
 
@@ -106,17 +104,17 @@ def test_prefix_reuse_equals_full_rollouts_for_joint_individuals(fitted):
     module, _ = fitted
     search = plain_search(module)
     space, gen = module.space, torch.Generator().manual_seed(3)
-    parent = next(ind for ind in P.initial_joint_population(8, space, gen) if any(k > 1 for k in ind[1]))
+    parent = next(ind for ind in space.initial_population(8, gen) if any(k > 1 for k in ind[1]))
     search.evaluate(parent)
     tried = 0
     for _ in range(200):
-        child = P.mutate_joint(parent, space, gen, max_move=2)
-        stage = P.first_changed_joint_stage(parent, child)
+        child = space.mutate(parent, gen, max_move=2)
+        stage = space.first_changed_stage(parent, child)
         if stage < 2 or child in search.fitness:
             continue
         value, nfe = search.evaluate(child, parent)
         assert nfe == 8 - 2 * stage  # resumed at the first changed stage
-        latents, _ = search.engine.run(child)  # full rollout
+        latents, _ = search.engine.run(search.schedule(child))  # full rollout
         full = search.metric(FitnessInputs(search._decode(latents), latents, search.reference_images,
                                            search.reference_latents, search.engine.probes.conditions))
         assert value == full
@@ -158,12 +156,12 @@ def test_stopped_and_resumed_joint_search_equals_the_uninterrupted_one(fitted, t
     assert json.loads((tmp_path / "schedule.json").read_text()) | {"store": None} == \
         json.loads((module.context.root_dir / "schedule.json").read_text()) | {"store": None}
     # a level-only search refuses a joint checkpoint (and the other way round)
-    plain = plain_search(module)
-    plain.space = None
-    with pytest.raises(ValueError, match="joint"):
-        plain.load_state_dict(state["diffes"])
+    context = module.context
+    levels = plain_search(module, space=level_space(context.adapter, context.store, context.partition, 4))
+    with pytest.raises(ValueError, match="another search space .*model.cache_intervals differs"):
+        levels.load_state_dict(state["diffes"])
     # and the plain search object, driven without a Trainer, makes the same generations
-    plain.space = module.space
+    plain = plain_search(module)
     plain.load_state_dict(state["diffes"])
     plain.step()
     assert plain.archive == module.search.archive and plain.survivors == module.search.survivors
@@ -199,7 +197,7 @@ def test_level_only_is_the_default():
     module = DiffES(pruner=WandaPruner())
     assert module.hparams.cache_intervals is None and module.hparams.mac_budget is None
     assert module.hparams.interval_rate is None  # a joint search's default: every single-stage move alike
-    assert module.space is None and module.cache_branch is None
+    assert module.space is None and module.settings.cache_intervals is None
 
 
 def test_joint_seeds_lead_the_initial_population(fitted):
@@ -210,7 +208,7 @@ def test_joint_seeds_lead_the_initial_population(fitted):
     assert plain_search(module, seeds=[best]).candidates()[0] == (module.search.best, None)
     uniform = next(r for r in module.search.archive if r["intervals"] == [1, 1, 1, 1])["levels"]
     assert plain_search(module, seeds=[uniform]).candidates()[0] == ((tuple(uniform), (1, 1, 1, 1)), None)
-    with pytest.raises(P.ScheduleError, match="seed schedule #0"):
+    with pytest.raises(ScheduleError, match="seed schedule #0"):
         plain_search(module, seeds=[[[0, 0, 0, 0], [1, 1, 1, 1]]]).candidates()
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from diffes_pl.schedule import budget_met
 from diffes_pl.trajectory import TrajectoryStore
-from pixart_models import build_tiny_pixart
-from tiny_search import text_family_search
+from helpers.tiny_pixart import build_tiny_pixart
+from helpers.search_runs import text_family_search
 
 STAGES, TARGET = 2, 2
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -13,7 +13,7 @@ import pytest
 
 from diffes_pl.locks import exclusive
 
-from tiny_search import ENV, fit_command
+from helpers.search_runs import ENV, fit_command
 
 
 def run_fit(run: Path, *extra: str, epochs: int = 2) -> subprocess.CompletedProcess:

@@ -9,8 +9,8 @@ import json
 import pytest
 
 from diffes_pl.schedule import budget_met
-from sd3_models import build_tiny_sd3, save_sd3_folder
-from tiny_search import text_family_search
+from helpers.tiny_sd3 import build_tiny_sd3, save_sd3_folder
+from helpers.search_runs import text_family_search
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

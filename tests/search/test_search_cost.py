@@ -7,16 +7,17 @@ import subprocess
 import pytest
 import torch
 
-from diffes_pl.evaluation.macs import count_macs, schedule_macs
+from diffes_pl.macs import count_macs, schedule_macs
 from diffes_pl.fitness import get_metric
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
+from diffes_pl.search.builder import level_space
 from diffes_pl.search.evolution import EvolutionarySearch
-from diffes_pl.search.module import DiffES
+from diffes_pl.search.lightning_module import DiffES
 from diffes_pl.search.racing import Racing
 from diffes_pl.search.rollouts import Probes, RolloutEngine
 
-from tiny_search import ENV, calibrated_search, fit_command
+from helpers.search_runs import ENV, calibrated_search, fit_command
 
 SETTINGS = dict(target_level=4, levels=8, num_stages=4, steps=8, num_probes=12, offspring=6, survivors=2, max_move=2)
 
@@ -29,12 +30,27 @@ def context(tmp_path_factory):
     return module.prepare(root)
 
 
-def search(context, probes: Probes, racing: Racing | None, seed: int = 0, batch_size: int | None = None
-           ) -> EvolutionarySearch:
+def search(context, probes: Probes, racing: Racing | None, seed: int = 0, batch_size: int | None = None,
+           batch_candidates: bool = False) -> EvolutionarySearch:
+    """A level-only search on `probes`; with racing, probe batches that divide its rungs (as the builder
+    makes them)."""
+    if racing is not None:
+        batch_size = racing.batch_divisor(batch_size or len(probes.noise))
     engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0,
-                           levels_max=context.levels_max, target_level=context.target_level, batch_size=batch_size)
-    return EvolutionarySearch(engine, get_metric("ssim"), offspring=SETTINGS["offspring"],
-                              survivors=SETTINGS["survivors"], max_move=SETTINGS["max_move"], seed=seed, racing=racing)
+                           batch_size=batch_size)
+    return EvolutionarySearch(engine, get_metric("ssim"), space=space_of(context), offspring=SETTINGS["offspring"],
+                              survivors=SETTINGS["survivors"], max_move=SETTINGS["max_move"], seed=seed, racing=racing,
+                              batch_candidates=batch_candidates)
+
+
+_SPACES = {}
+
+
+def space_of(context):
+    """The run's level space (its step costs counted once per context)."""
+    if id(context) not in _SPACES:
+        _SPACES[id(context)] = level_space(context.adapter, context.store, context.partition, context.target_level)
+    return _SPACES[id(context)]
 
 
 def test_the_bound_is_the_stated_rule():
@@ -84,9 +100,10 @@ def test_a_probe_subset_rolls_out_as_in_the_full_set(context):
     s = search(context, probes, Racing(5))
     assert s.engine.batch_size == 5
     engine = s.engine
-    full, full_entries = engine.run((6, 2, 6, 2))
-    first, first_entries = engine.run((6, 2, 6, 2), probes=torch.arange(5))
-    rest, rest_entries = engine.run((6, 2, 6, 2), 2, [e[5:] for e in full_entries], probes=torch.arange(5, 12))
+    schedule = s.schedule((6, 2, 6, 2))
+    full, full_entries = engine.run(schedule)
+    first, first_entries = engine.run(schedule, probes=torch.arange(5))
+    rest, rest_entries = engine.run(schedule, 2, [e[5:] for e in full_entries], probes=torch.arange(5, 12))
     assert torch.equal(torch.cat([first, rest]), full)
     assert all(torch.equal(torch.cat([a, b]), c) for a, b, c in zip(first_entries, rest_entries, full_entries))
 
@@ -261,8 +278,7 @@ def test_batched_candidates_equal_one_by_one(context, monkeypatch):
     calls = {"one": [], "many": []}
     forward = context.adapter.predict_noise
     for racing in (None, Racing(3, 1.0)):
-        one, many = search(context, probes, racing), search(context, probes, racing)
-        many.engine.batch_candidates = True
+        one, many = search(context, probes, racing), search(context, probes, racing, batch_candidates=True)
         for _ in range(3):
             for name, s in (("one", one), ("many", many)):
                 monkeypatch.setattr(context.adapter, "predict_noise",

@@ -103,7 +103,7 @@ def test_reuse_equals_full_rollout_with_ancestral_noise(setup, straight, tmp_pat
     from diffes_pl.denoisers.base import TextCondition
     from diffes_pl.fitness import FitnessInputs
     from diffes_pl.pruners import WandaPruner
-    from diffes_pl.search.module import DiffES
+    from diffes_pl.search.lightning_module import DiffES
 
     _, _, config = setup
     hp = {k: v for k, v in config["model"].items() if k != "pruner"}
@@ -120,14 +120,14 @@ def test_reuse_equals_full_rollout_with_ancestral_noise(setup, straight, tmp_pat
     search.evaluate(parent, None)
     cached, nfe = search.evaluate(child, parent)
     assert nfe == 4  # stages 2 and 3 only
-    latents, _ = search.engine.run(child)
+    latents, _ = search.engine.run(search.schedule(child))
     full = search.metric(FitnessInputs(module.context.adapter.decode(latents), latents, search.reference_images,
                                        search.reference_latents, probes.conditions))
     assert cached == full
 
 
 def test_prompts_are_required_and_checked(setup):
-    from diffes_pl.search.module import DiffES
+    from diffes_pl.search.lightning_module import DiffES
 
     _, _, config = setup
     hp = {k: v for k, v in config["model"].items() if k not in ("pruner", "prompts")}

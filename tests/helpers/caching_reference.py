@@ -103,7 +103,7 @@ class DeepCacheReference(_Steps):
 def masked_cached(adapter, store, schedule, reference, conditions, **sample_kw):
     """Latents of `schedule` applied by masking the dense denoiser, with `reference` caching."""
     import diffes_pl as dp
-    from routing_reference import MaskingListener
+    from helpers.routing_reference import MaskingListener
 
     masker = MaskingListener(adapter, store, schedule)
     try:

@@ -28,6 +28,17 @@ def random_store(adapter, path, levels_max, partition, compensated=False, depth=
     return TrajectoryStore.write(path, manifest, stages)
 
 
+def random_store_and_partition(adapter, path, steps, stages, levels_max, compensated=False, depth=False,
+                               sampler="ddim"):
+    """`random_store` for `adapter`'s `sampler` trajectory of `steps` steps cut into `stages` stages (H =
+    `levels_max`, or every block for `depth`), and that partition."""
+    from diffes_pl.partition import StagePartition
+
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(sampler), steps, stages)
+    levels_max = len(adapter.blocks()) if depth else levels_max
+    return random_store(adapter, path, levels_max, partition, compensated=compensated, depth=depth), partition
+
+
 class Handles:
     """Several hook handles removed together (a masked unit that feeds two output layers)."""
 

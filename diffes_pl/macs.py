@@ -3,14 +3,16 @@
 Every matmul, convolution and attention product is counted (FLOPs / 2), on whatever modules are
 installed — dense, sliced or routed — and on the meta device, so DiT-XL/2 needs no weights and no
 memory. Convention: one forward at the given batch size; the CFG duplicate is NOT included (the
-paper's convention: 20 steps at batch 1 = 20 forwards).
+paper's convention: 20 steps at batch 1 = 20 forwards). Also here: a uniform width level installed
+for counting (`install_uniform_width`) and the MACs of a whole routed sampling run (`schedule_macs`).
+Below caching/ (the step cost tables) and evaluation/ (the report), which both count with it.
 """
 from __future__ import annotations
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..denoisers.base import DenoiserAdapter, keep_from_order
+from .denoisers.base import DenoiserAdapter, keep_from_order
 
 
 def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:

@@ -3,7 +3,7 @@ runs (the wrappers skip the deep part, so the counter sees only the shallow part
 from __future__ import annotations
 
 from ..denoisers.base import DenoiserAdapter
-from ..evaluation.macs import count_macs
+from ..macs import count_macs
 from .cache import FeatureCache
 
 

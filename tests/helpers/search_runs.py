@@ -3,7 +3,7 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_stages", "4", "--model.steps", "8",
          "--model.num_probes", "6", "--model.offspring", "6", "--model.survivors", "2", "--model.max_move", "2",
          "--data.nsamples", "4", "--data.batch_size", "4"]
@@ -74,7 +74,7 @@ def calibrated_search(root: Path, max_epochs: int, callbacks: list | None = None
 
     from diffes_pl.data.calibration import CalibrationDataModule
     from diffes_pl.pruners import WandaPruner
-    from diffes_pl.search.module import DiffES
+    from diffes_pl.search.lightning_module import DiffES
 
     module = DiffES(pruner=WandaPruner(), **settings)
     trainer = L.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,

@@ -81,7 +81,7 @@ class SampleGrid(L.Callback):
         from torchvision.utils import save_image
 
         import diffes_pl as dp
-        from diffes_pl.caching import schedule_cache
+        from diffes_pl.caching.installed import install_schedule
 
         adapter, prompts = context.adapter, context.prompts
         if prompts:
@@ -91,13 +91,8 @@ class SampleGrid(L.Callback):
         kw = dict(steps=context.steps, guidance=context.guidance, seed=self.seed, sampler=context.sampler)
         dense = dp.sample(adapter, conditions, **kw)
         schedule = pl_module.best_schedule()
-        with dp.Router(adapter, context.store, schedule) as router:
-            cache = schedule_cache(adapter, schedule)  # a joint schedule's cache; None: level-only
-            try:
-                pruned = dp.sample(adapter, conditions, router=router, cache=cache, **kw)
-            finally:
-                if cache is not None:
-                    cache.remove()
+        with install_schedule(adapter, context.store, schedule) as installed:  # router (+ feature cache)
+            pruned = dp.sample(adapter, conditions, router=installed.router, cache=installed.cache, **kw)
         out = context.root_dir / self.dirname
         out.mkdir(parents=True, exist_ok=True)
         grid = torch.cat([dense, pruned]).float()

@@ -2,9 +2,10 @@
 
 `predict` calibrates and builds the trajectory store (the pruner's predict epochs, one per stage).
 `fit` runs the evolutionary search (`evolution.EvolutionarySearch`, a plain object) ONE GENERATION
-PER EPOCH (`max_epochs` = generations). This module only drives it: it prepares the run context
-(`context`: run folder, store, denoiser, partition — what callbacks and evaluation read), builds the
-search in `setup`, runs one `search.step` per training step with an evaluator that splits the new
+PER EPOCH (`max_epochs` = generations). This module holds Lightning glue only: its arguments are
+checked by `settings.SearchSettings` when it is made; it prepares the run context (`context`: run
+folder, store, denoiser, partition — what callbacks and evaluation read), has the search assembled
+in `setup` (`builder.build_search`), runs one `search.step` per training step with an evaluator that splits the new
 schedules across ranks and sums their fitness values, logs the generation's statistics, writes
 schedule.json and evaluations.jsonl, and puts `search.state_dict()` into the checkpoint
 `GenerationCheckpoint` (search/resume.py) saves as `<run>/checkpoints/last.ckpt` after every
@@ -14,7 +15,6 @@ way is dropped, the last checkpoint stands.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -23,22 +23,18 @@ import lightning as L
 import torch
 from torch import nn
 
-from ..denoisers import check_name, load_denoiser
 from ..denoisers.tiny import NAME as BUILTIN
-from ..fitness import get_metric
 from ..io import atomic_path
-from ..errors import ScheduleError
-from ..partition import StagePartition
-from ..schedule import Schedule, check_target
 from ..pruners.base import Pruner, build_store, store_key_fields
 from ..pruners.obs import OBSPruner
 from ..run import RunContext
+from ..schedule import Schedule
 from ..trajectory import TrajectoryStore
+from .builder import build_context, build_search, rebind_context
 from .evolution import EvolutionarySearch
-from .population import INITS
-from .racing import Racing
 from .resume import GenerationCheckpoint
-from .rollouts import Probes, RolloutEngine
+from .settings import SearchSettings
+from .space import SearchSpace
 
 
 class DiffES(L.LightningModule):
@@ -104,7 +100,7 @@ class DiffES(L.LightningModule):
             resident_routing: keep every stage's sliced weights of a candidate resident (fastest);
                 false shares one buffer per layer, refilled at stage boundaries (the search's peak
                 memory drops to about one pruned copy on top of the dense model; same fitness).
-            prompts: probe prompts of text-conditioned denoisers (SDXL, FLUX; required there, refused
+            prompts: probe prompts of text-conditioned denoisers (required there, refused
                 elsewhere): probe i is prompts[i % len(prompts)] with its own seeded latent, encoded
                 once by the denoiser's text encoders; CFG's unconditional half is the adapter's null
                 condition.
@@ -148,112 +144,28 @@ class DiffES(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pruner"])
+        # every refusal of the settings, before any work (hparams may hold Lightning's own entries too)
+        self.settings = SearchSettings.from_mapping(self.hparams)
+        self.metric = self.settings.fitness
         self.pruner = pruner if pruner is not None else OBSPruner()
         self.automatic_optimization = False
-        self._validate()
         self._tick = nn.Parameter(torch.zeros(1))  # the no-op optimizer's parameter (see configure_optimizers)
         self.context: RunContext | None = None  # `prepare` builds it (loads the denoiser)
         self.search: EvolutionarySearch | None = None  # `setup("fit")` builds it
-        self.cache_branch: int | None = None  # b of a joint search, resolved by `prepare`
-        self.space = None  # population.JointSpace of a joint search, built by `setup("fit")`
 
-    # --- validation before any work ------------------------------------------------------------
-    def _validate(self) -> None:
-        hp = self.hparams
-        problems = []
-        if hp.num_probes < 1:
-            problems.append(f"num_probes must be ≥ 1 (got {hp.num_probes})")
-        if hp.offspring < 1 or hp.survivors < 1:
-            problems.append(f"offspring and survivors must be ≥ 1 (got {hp.offspring}, {hp.survivors})")
-        if hp.max_move < 1 or hp.moves_per_child < 1:
-            problems.append("max_move and moves_per_child must be ≥ 1")
-        if hp.init not in INITS:
-            problems.append(f"init must be one of {INITS} (got {hp.init!r})")
-        if hp.levels is not None and hp.levels < 1:
-            problems.append(f"levels (H) must be ≥ 1 (got {hp.levels})")
-        if hp.levels is not None and not 0 <= hp.target_level <= hp.levels:
-            problems.append(f"target_level {hp.target_level} is above H = {hp.levels}: choose target_level ≤ levels")
-        problems += self._cache_problems()
-        if hp.race_probes is not None:
-            try:
-                Racing(hp.race_probes, hp.race_confidence).check(hp.num_probes)
-            except ValueError as err:
-                problems.append(str(err))
-        if hp.stop_patience is not None and (isinstance(hp.stop_patience, bool) or not isinstance(hp.stop_patience, int)
-                                             or hp.stop_patience < 1):
-            problems.append(f"stop_patience must be a whole number ≥ 1 of generations (got {hp.stop_patience!r}); "
-                            "null runs every generation")
-        if not hp.stop_delta >= 0:
-            problems.append(f"stop_delta must be ≥ 0 (got {hp.stop_delta!r})")
-        if hp.dtype not in ("float32", "float16", "bfloat16"):
-            problems.append(f"dtype must be float32, float16 or bfloat16 (got {hp.dtype!r})")
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.metric = get_metric(hp.metric)  # unknown metric → ValueError now
-        if hp.race_probes is not None and self.metric.per_probe is None:
-            self.metric.probe_values(None)  # raises: this metric cannot be raced (names the ones that can)
-        family = check_name(hp.denoiser).family  # unknown model / missing folder → error now
-        text = family.conditioning == "text"
-        if hp.prompts is not None and (not isinstance(hp.prompts, (list, tuple)) or
-                                       not all(isinstance(p, str) and p.strip() for p in hp.prompts)):
-            raise ValueError(f"prompts must be a list of non-empty strings (got {hp.prompts!r})")
-        if text and not hp.prompts:
-            raise ValueError(f"{hp.denoiser} is text-conditioned: set model.prompts to the probe prompts "
-                             "(a list of strings; the paper uses 4)")
-        if not text and hp.prompts:
-            raise ValueError(f"{hp.denoiser} is class-conditional: model.prompts is for text-conditioned denoisers "
-                             "(SDXL, FLUX); remove it")
-
-    def _cache_problems(self) -> list[str]:
-        """One-line refusals of the cache settings (before any work)."""
-        from .population import JOINT_INITS, interval_rate_problem
-
-        hp, problems = self.hparams, []
-        ks = hp.cache_intervals
-        if ks is None:
-            if hp.cache_branch is not None or hp.mac_budget is not None or hp.interval_rate is not None:
-                problems.append("cache_branch, mac_budget and interval_rate belong to the joint search: set "
-                                "cache_intervals (e.g. [1, 2, 3]) too, or remove them")
-            return problems
-        if not isinstance(ks, (list, tuple)) or not ks or \
-                any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in ks):
-            problems.append(f"cache_intervals must be a non-empty list of whole numbers ≥ 1 (1: no caching), e.g. "
-                            f"[1, 2, 3]; got {ks!r}")
-        elif len(set(ks)) != len(ks):
-            problems.append(f"cache_intervals {list(ks)} repeats a value: list each interval once")
-        b = hp.cache_branch
-        if b is not None and (isinstance(b, bool) or not isinstance(b, int) or b < 0):
-            problems.append(f"cache_branch must be a whole number ≥ 0 (the cache branch b); got {b!r}")
-        m = hp.mac_budget
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1):
-            problems.append(f"mac_budget must be a fraction in (0, 1] of the dense trajectory's MACs; got {m!r}")
-        rate_problem = interval_rate_problem(hp.interval_rate)
-        if rate_problem:
-            problems.append(rate_problem)
-        if hp.init not in JOINT_INITS:
-            problems.append(f"a joint search (cache_intervals set) takes init {' or '.join(JOINT_INITS)} "
-                            f"(got {hp.init!r})")
-        return problems
+    @property
+    def space(self) -> SearchSpace | None:
+        """The search space of the search (None before `setup("fit")`)."""
+        return None if self.search is None else self.search.space
 
     # --- the run context (CLI: before fit / predict / test) ---------------------------------------
     def prepare(self, root_dir: str | Path = ".", device: torch.device | str = "cpu") -> RunContext:
         """The run context of a run in `root_dir` (`context`): loads the denoiser on `device` and fixes
         the partition and H the first time; later calls keep them and only rebind the folder."""
-        hp = self.hparams
-        root_dir = Path(root_dir)
-        store_path = Path(hp.store) if hp.store else root_dir / "store"
         if self.context is None:
-            adapter = load_denoiser(hp.denoiser, device=device, dtype=getattr(torch, hp.dtype))
-            partition = StagePartition.from_scheduler(adapter.make_scheduler(hp.sampler), hp.steps, hp.num_stages)
-            levels_max = int(hp.levels or adapter.default_levels("depth" if self.pruner.depth else "width"))
-            check_target(hp.target_level, levels_max, partition.steps_per_stage)
-            if hp.cache_intervals is not None:
-                self.cache_branch = resolve_cache_branch(adapter, hp.cache_branch)
-            self.context = RunContext(root_dir, store_path, adapter, partition, levels_max, hp.target_level,
-                                      hp.sampler, hp.steps, hp.guidance, hp.dtype, self.metric, hp.prompts,
-                                      hp.probe_batch_size)
-        elif self.context.root_dir != root_dir:
-            self.context = dataclasses.replace(self.context, root_dir=root_dir, store_path=store_path)
+            self.context = build_context(self.settings, Path(root_dir), device, depth=self.pruner.depth)
+        elif self.context.root_dir != Path(root_dir):
+            self.context = rebind_context(self.context, self.settings, Path(root_dir))
         return self.context
 
     def ensure_store(self, trainer: L.Trainer, datamodule: Any | None, log=print) -> TrajectoryStore:
@@ -280,41 +192,9 @@ class DiffES(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage != "fit":
             return
-        hp = self.hparams
         context = self.prepare(self.trainer.default_root_dir, self.device)
-        adapter, partition, store = context.adapter, context.partition, context.store
-        adapter.denoiser.to(self.device)
-        if store.levels_max != context.levels_max or store.num_stages != partition.num_stages:
-            raise ScheduleError(f"the store at {context.store_path} has H = {store.levels_max} and "
-                                f"{store.num_stages} stages; this run needs H = {context.levels_max} and "
-                                f"{partition.num_stages} stages")
-        probes = Probes.make(adapter, hp.num_probes, hp.probe_seed, prompts=hp.prompts)
-        self.space = self.joint_space() if hp.cache_intervals is not None else None
-        engine = RolloutEngine(adapter, store, partition, probes, sampler=hp.sampler, guidance=hp.guidance,
-                               batch_size=hp.probe_batch_size, levels_max=context.levels_max,
-                               target_level=hp.target_level, resident=hp.resident_routing, space=self.space)
-        if hp.batch_candidates:
-            from ..memory import probe_rows_that_fit
-
-            engine.batch_candidates = True
-            engine.batch_rows = hp.probe_batch_size or probe_rows_that_fit(adapter, hp.guidance)
-        self.search = EvolutionarySearch(engine, self.metric, offspring=hp.offspring, survivors=hp.survivors,
-                                         max_move=hp.max_move, moves_per_child=hp.moves_per_child, init=hp.init,
-                                         seeds=hp.seeds or [], seed=hp.search_seed,
-                                         racing=None if hp.race_probes is None else
-                                         Racing(hp.race_probes, hp.race_confidence))
-
-    def joint_space(self):
-        """The joint (level, cache interval) search space of this run: the step-cost table is counted
-        once (`caching.budget.step_cost_table`, at the cache branch) and recorded in every schedule."""
-        from ..caching.budget import step_cost_table
-        from .population import joint_space
-
-        hp, context = self.hparams, self.context
-        table = step_cost_table(context.adapter, context.store, context.partition, branch=self.cache_branch)
-        return joint_space(context.levels_max, context.partition.steps_per_stage, table, hp.target_level,
-                           intervals=hp.cache_intervals, branch=self.cache_branch, mac_budget=hp.mac_budget,
-                           interval_rate=hp.interval_rate)
+        context.adapter.denoiser.to(self.device)
+        self.search = build_search(self.settings, context)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The search optimizes nothing, yet it keeps a no-op optimizer (SGD, lr 0) over one placeholder
@@ -330,22 +210,30 @@ class DiffES(L.LightningModule):
 
     def configure_callbacks(self):
         callbacks = []
-        if self.hparams.stop_patience is not None:  # stop when converged: Lightning's own EarlyStopping
+        if self.settings.stop_patience is not None:  # stop when converged: Lightning's own EarlyStopping
             from lightning.pytorch.callbacks import EarlyStopping
 
             callbacks.append(EarlyStopping(monitor="best_fitness", mode="max" if self.metric.higher_is_better else "min",
-                                           patience=self.hparams.stop_patience, min_delta=self.hparams.stop_delta,
+                                           patience=self.settings.stop_patience, min_delta=self.settings.stop_delta,
                                            check_on_train_epoch_end=True, strict=True))
         # the CLI gives the Trainer a checkpoint already (so Lightning adds no default ModelCheckpoint)
         if not any(isinstance(c, GenerationCheckpoint) for c in self.trainer.callbacks):
             callbacks.append(GenerationCheckpoint())
         return callbacks
 
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer driving this module, or None (a module used on its own)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's answer for a module not attached to a Trainer
+            return None
+
     def stop_reason(self) -> str | None:
         """Why the search stopped before its last generation (stop_patience), or None."""
         from lightning.pytorch.callbacks.early_stopping import EarlyStopping, EarlyStoppingReason
 
-        for callback in self.trainer.callbacks if self._trainer is not None else []:
+        trainer = self.attached_trainer()
+        for callback in trainer.callbacks if trainer is not None else []:
             if isinstance(callback, EarlyStopping) and callback.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
                 return (f"converged: best {self.metric.name} improved by no more than {callback.min_delta:g} "
                         f"in {callback.patience} generations (stopped after generation {callback.stopped_epoch + 1})")
@@ -388,24 +276,18 @@ class DiffES(L.LightningModule):
     def best_schedule(self) -> Schedule:
         """The best schedule so far, with what it was searched on (store, pruner, metric)."""
         search, context = self.search, self.context
-        if self.space is not None:
-            return self.space.schedule(search.best, partition=context.partition.to_dict(),
-                                       store=str(context.store_path.resolve()), pruner=self.pruner.name,
-                                       metric=context.metric.name, fitness=search.best_fitness,
-                                       extra=self._extra(), store_key=context.store.key)
-        return Schedule(list(search.best), context.levels_max, context.target_level,
-                        context.partition.steps_per_stage, partition=context.partition.to_dict(),
-                        store=str(context.store_path.resolve()), pruner=self.pruner.name, metric=context.metric.name,
-                        fitness=search.best_fitness, extra=self._extra(), store_key=context.store.key)
+        return search.schedule(search.best, store=str(context.store_path.resolve()), pruner=self.pruner.name,
+                               metric=context.metric.name, fitness=search.best_fitness, extra=self._extra(),
+                               store_key=context.store.key)
 
     def _extra(self) -> dict:
         """schedule.json's `extra`: generations run, whether finished, what the search cost and, if it
         stopped early, why."""
         extra = {"generations": self.search.generation, "finished": False, "cost": self.search.cost()}
-        if self.hparams.race_probes is not None:
-            extra["racing"] = {"probes": self.hparams.race_probes, "of": self.hparams.num_probes,
-                               "confidence": self.hparams.race_confidence}
-        reason = self.stop_reason() if self._trainer is not None else None
+        if self.settings.race_probes is not None:
+            extra["racing"] = {"probes": self.settings.race_probes, "of": self.settings.num_probes,
+                               "confidence": self.settings.race_confidence}
+        reason = self.stop_reason()
         if reason is not None:
             extra["stopped"] = reason
         return extra
@@ -430,24 +312,3 @@ class DiffES(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.search.load_state_dict(checkpoint["diffes"])
 
-
-def resolve_cache_branch(adapter, branch: int | None) -> int:
-    """The cache branch b of a joint search: `branch`, checked against what the adapter declares, or
-    by default the middle block (block caching) / skip branch 0 (DeepCache)."""
-    from ..denoisers.base import BlockCachePoints, UNetCachePoints
-
-    points = adapter.cache_points()
-    if isinstance(points, BlockCachePoints):
-        count, what = points.num_blocks, "blocks (block caching: the first cached block)"
-        default = count // 2
-    elif isinstance(points, UNetCachePoints):
-        count, what = len(points.unet.down_blocks), "UNet skip branches (DeepCache)"
-        default = 0
-    else:
-        raise ValueError(f"{adapter.name} declares cache points of type {type(points).__name__}, which no cache "
-                         "implements: remove model.cache_intervals")
-    if branch is None:
-        return default
-    if not 0 <= branch < count:
-        raise ValueError(f"cache_branch {branch} is outside [0, {count}): {adapter.name} has {count} {what}")
-    return int(branch)

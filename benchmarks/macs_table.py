@@ -1,7 +1,7 @@
 """MACs of one denoiser forward for every registered model name (the README's MACs table).
 
-    python benchmarks/macs.py                                       # every family's hub names
-    python benchmarks/macs.py PixArt-alpha/PixArt-Sigma-XL-2-1024-MS  # one row
+    python benchmarks/macs_table.py                                       # every family's hub names
+    python benchmarks/macs_table.py PixArt-alpha/PixArt-Sigma-XL-2-1024-MS  # one row
 
 Each architecture is built from the config shipped in `diffes_pl/assets/` on the meta device (no
 weights, no memory, no network) and counted by `dp.count_macs`: one forward at batch 1 at the

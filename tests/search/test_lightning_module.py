@@ -11,7 +11,7 @@ import torch
 
 from diffes_pl.schedule import budget_met
 
-from tiny_search import ENV, fit_command
+from helpers.search_runs import ENV, fit_command
 
 
 def fit(run: Path, epochs: int, *extra: str, wait: bool = True):
@@ -123,7 +123,7 @@ def test_reuse_equals_full_rollout(tmp_path):
 
     from diffes_pl.data.calibration import CalibrationDataModule
     from diffes_pl.pruners import WandaPruner
-    from diffes_pl.search.module import DiffES
+    from diffes_pl.search.lightning_module import DiffES
 
     module = DiffES(pruner=WandaPruner(), target_level=4, levels=8, num_stages=4, steps=8, num_probes=4)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
@@ -135,7 +135,7 @@ def test_reuse_equals_full_rollout(tmp_path):
     search.evaluate(parent, None)
     cached, nfe_reused = search.evaluate(child, parent)
     assert nfe_reused == 4  # stages 2 and 3 only: 2 steps each
-    latents, _ = search.engine.run(child)  # full rollout
+    latents, _ = search.engine.run(search.schedule(child))  # full rollout
     images = adapter.decode(latents)
     from diffes_pl.fitness import FitnessInputs
 
@@ -147,7 +147,7 @@ def test_reuse_equals_full_rollout(tmp_path):
     search.evaluate(other)
     value, nfe = search.evaluate(grandchild, parent)
     assert nfe == 4  # from `other`'s latents entering stage 2, not the parent's (stage 0)
-    latents, _ = search.engine.run(grandchild)
+    latents, _ = search.engine.run(search.schedule(grandchild))
     assert value == search.metric(FitnessInputs(adapter.decode(latents), latents, search.reference_images,
                                                 search.reference_latents, search.engine.probes.conditions))
 
@@ -168,6 +168,7 @@ def test_reuse_equals_full_rollout_for_other_samplers(tiny, tmp_path, sampler):
     """Euler ancestral (noise a pure function of probe and step) reuses stage-entry latents with
     results identical to a full rollout; DPM-Solver++ (multistep history) never starts mid-way."""
     from diffes_pl.partition import StagePartition
+    from diffes_pl.search.level_space import LevelSpace
     from diffes_pl.search.rollouts import Probes, RolloutEngine
     from diffes_pl.trajectory import TrajectoryStore, make_key
 
@@ -179,8 +180,9 @@ def test_reuse_equals_full_rollout_for_other_samplers(tiny, tmp_path, sampler):
     store = TrajectoryStore.write(tmp_path / "store", {"key": make_key(fields), "key_fields": fields,
                                                        "pruner": "test", "levels_max": 8, "num_stages": 3}, stages)
     engine = RolloutEngine(tiny, store, partition, Probes.make(tiny, 3, 5), sampler=sampler, guidance=2.0,
-                           batch_size=2, levels_max=8, target_level=2)
-    parent, child = (2, 2, 2), (2, 4, 0)
+                           batch_size=2)
+    space = LevelSpace(8, tuple(partition.steps_per_stage), 2)
+    parent, child = (space.schedule(levels, partition=partition.to_dict()) for levels in [(2, 2, 2), (2, 4, 0)])
     _, entries = engine.run(parent)
     full, _ = engine.run(child)
     resumed, _ = engine.run(child, 1, entries)
@@ -188,7 +190,7 @@ def test_reuse_equals_full_rollout_for_other_samplers(tiny, tmp_path, sampler):
     if engine.resumable:
         torch.testing.assert_close(resumed, full, rtol=0, atol=0)
     small = RolloutEngine(tiny, store, partition, Probes.make(tiny, 3, 5), sampler=sampler, guidance=2.0,
-                          batch_size=1, levels_max=8, target_level=2)
+                          batch_size=1)
     torch.testing.assert_close(small.run(child)[0], full, rtol=1e-5, atol=1e-5)  # batch size does not matter
 
 
@@ -196,14 +198,16 @@ def test_shared_buffer_routing_gives_the_same_fitness_rollouts(tiny, tmp_path):
     """resident_routing=False (the search's low-memory mode) rolls out what resident routing does,
     including a child resumed from its parent's stage-entry latents."""
     from diffes_pl.partition import StagePartition
+    from diffes_pl.search.level_space import LevelSpace
     from diffes_pl.search.rollouts import Probes, RolloutEngine
-    from routing_reference import random_store
+    from helpers.routing_reference import random_store
 
     partition = StagePartition.from_scheduler(tiny.make_scheduler("ddim"), 6, 3)
     store = random_store(tiny, tmp_path / "store", 8, partition, compensated=True)
     engines = [RolloutEngine(tiny, store, partition, Probes.make(tiny, 5, 3), sampler="ddim", guidance=2.0,
-                             batch_size=2, levels_max=8, target_level=3, resident=resident) for resident in (True, False)]
-    parent, child = (3, 3, 3), (3, 6, 0)
+                             batch_size=2, resident=resident) for resident in (True, False)]
+    space = LevelSpace(8, tuple(partition.steps_per_stage), 3)
+    parent, child = (space.schedule(levels, partition=partition.to_dict()) for levels in [(3, 3, 3), (3, 6, 0)])
     (full, entries), (shared, shared_entries) = (e.run(parent) for e in engines)
     torch.testing.assert_close(shared, full, rtol=1e-5, atol=1e-6)
     resumed = [e.run(child, 1, entries)[0] for e in engines]

@@ -86,3 +86,40 @@ def assert_obs_beats_wanda(adapter, stores, stage, hessians, levels_max):
             assert errors["obs"] <= errors["wanda"] * (1 + 1e-6), (stage, g.name, level, errors)
             compared += 1
     return compared
+
+
+# --- text-to-image pruners calibrated on captions ---------------------------------------------------
+def caption_trainer(root):
+    """A quiet CPU Trainer for `build_store` in `root`."""
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=root)
+
+
+def caption_datamodule(folder, nsamples=8):
+    """Caption calibration (no labels) on the image folder `folder`, seed 0."""
+    from diffes_pl.data.calibration import CalibrationDataModule
+
+    return CalibrationDataModule(source=str(folder), label_column=None, caption_column="text", nsamples=nsamples,
+                                 batch_size=4, seed=0)
+
+
+def obs_and_wanda_on_captions(adapter, sampler, caption_folder, root, steps, stages, levels_max):
+    """OBS and Wanda stores of `adapter` calibrated on `caption_folder`'s captions (`stages` stages of its
+    `sampler`'s `steps`-step trajectory, H = `levels_max`), checked with `assert_obs_beats_wanda` at every
+    stage on Σ x xᵀ / tokens gathered by hand over the datamodule's own samples. Returns the stores and
+    how many (stage, group, level) errors were compared."""
+    from diffes_pl.partition import StagePartition
+    from diffes_pl.pruners import OBSPruner, WandaPruner, build_store
+
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(sampler), steps, stages)
+    stores = {p.name: build_store(caption_trainer(root), p, caption_datamodule(caption_folder), adapter, partition,
+                                  root / p.name, levels_max, log=lambda *_: None) for p in (OBSPruner(), WandaPruner())}
+    dm = caption_datamodule(caption_folder)
+    dm.attach(adapter, partition)
+    compared = 0
+    for stage in range(stages):
+        ds = dm.stage_dataset(stage)
+        hessians = hand_hessians(adapter, adapter.unit_groups(),
+                                 lambda: adapter.predict_noise(ds.latents, ds.timesteps, ds.cond))
+        compared += assert_obs_beats_wanda(adapter, stores, stage, hessians, levels_max)
+    return stores, compared

@@ -9,7 +9,7 @@ from diffes_pl.denoisers.base import keep_from_order
 from diffes_pl.partition import StagePartition
 from diffes_pl.pruners import OBSPruner, build_store, prune_groups
 
-from .helpers import HandNoisedDigits, hand_hessians, run_items
+from helpers.pruner_reference import HandNoisedDigits, hand_hessians, run_items
 
 H, LEVEL = 8, 4
 

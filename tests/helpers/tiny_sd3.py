@@ -3,8 +3,8 @@ real classes: the transformer, a 16-channel VAE, CLIP-L + CLIP-G (`CLIPTextModel
 encoders with conftest's word-level tokenizers, diffusers' own pipeline around them, and a local
 `StableDiffusion3Pipeline` folder writer.
 
-(conftest.py is not importable under --import-mode=importlib; tests/ is on the path, as for
-routing_reference.py.)"""
+(conftest.py is not importable under --import-mode=importlib; tests/ is on the path, so the tests
+import this as `helpers.tiny_sd3`.)"""
 import json
 
 import torch

@@ -1,0 +1,101 @@
+"""Assembling a run from its settings, in plain functions (no Lightning): the run context (the
+denoiser loaded, the partition and H fixed), and the search — probes, rollout engine, search space
+and racing, handed to `EvolutionarySearch`."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..caching.budget import step_cost_table
+from ..denoisers import load_denoiser
+from ..denoisers.base import DenoiserAdapter
+from ..errors import ScheduleError
+from ..partition import StagePartition
+from ..run import RunContext
+from ..sampling import probe_rows_that_fit
+from ..schedule import check_target
+from ..step_costs import StepCosts
+from ..trajectory import TrajectoryStore
+from .evolution import EvolutionarySearch
+from .joint_space import joint_space
+from .level_space import LevelSpace
+from .racing import Racing
+from .rollouts import Probes, RolloutEngine
+from .settings import SearchSettings, resolve_cache_branch
+from .space import SearchSpace
+
+
+def build_context(settings: SearchSettings, root_dir: Path, device: torch.device | str = "cpu", *,
+                  depth: bool = False) -> RunContext:
+    """The run context of a run in `root_dir`: loads the denoiser on `device`, fixes the partition and
+    H (default: the adapter's, for width or `depth` pruning) and refuses what needs the loaded
+    denoiser (a target no schedule meets, a cache branch it lacks) before calibration."""
+    adapter = load_denoiser(settings.denoiser, device=device, dtype=getattr(torch, settings.dtype))
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(settings.sampler), settings.steps,
+                                              settings.num_stages)
+    levels_max = int(settings.levels or adapter.default_levels("depth" if depth else "width"))
+    check_target(settings.target_level, levels_max, partition.steps_per_stage)
+    settings.check_denoiser(adapter)
+    return RunContext(root_dir, store_path(settings, root_dir), adapter, partition, levels_max, settings.target_level,
+                      settings.sampler, settings.steps, settings.guidance, settings.dtype, settings.fitness,
+                      settings.prompts, settings.probe_batch_size)
+
+
+def rebind_context(context: RunContext, settings: SearchSettings, root_dir: Path) -> RunContext:
+    """`context` moved to another run folder (the denoiser, partition and H kept)."""
+    return dataclasses.replace(context, root_dir=root_dir, store_path=store_path(settings, root_dir))
+
+
+def store_path(settings: SearchSettings, root_dir: Path) -> Path:
+    """`model.store`, or the run folder's store/."""
+    return Path(settings.store) if settings.store else root_dir / "store"
+
+
+def build_space(settings: SearchSettings, context: RunContext) -> SearchSpace:
+    """The run's search space, the one place that chooses it: the joint (level, cache interval) space
+    when `cache_intervals` is set, else the level space. Either carries the MACs of one step per
+    stage and level (`caching.budget.step_cost_table`, counted once here; the joint one with its
+    cached steps at the cache branch, and recorded in every schedule it makes)."""
+    adapter, store, partition, H = context.adapter, context.store, context.partition, context.levels_max
+    if settings.cache_intervals is None:
+        return level_space(adapter, store, partition, context.target_level)
+    branch = resolve_cache_branch(adapter, settings.cache_branch)
+    table = step_cost_table(adapter, store, partition, branch=branch)
+    return joint_space(H, partition.steps_per_stage, table, context.target_level, intervals=settings.cache_intervals,
+                       branch=branch, mac_budget=settings.mac_budget, interval_rate=settings.interval_rate)
+
+
+def level_space(adapter: DenoiserAdapter, store: TrajectoryStore, partition: StagePartition,
+                target_level: float) -> LevelSpace:
+    """The level space of `store` (its H) on `partition`, with the MACs of one step per level counted
+    on the routed denoiser (`caching.budget.step_cost_table`)."""
+    H = store.levels_max
+    costs = StepCosts.parse(step_cost_table(adapter, store, partition), partition.num_stages, H)
+    return LevelSpace(H, tuple(partition.steps_per_stage), target_level, costs)
+
+
+def build_search(settings: SearchSettings, context: RunContext) -> EvolutionarySearch:
+    """The search of a run whose store exists: probes (`num_probes` seeded latents with labels or the
+    prompts), the rollout engine (probe batches that divide racing's rungs; `batch_candidates`:
+    rows per call from free GPU memory unless `probe_batch_size` is given), the space and racing.
+    Building it rolls the dense reference out (`EvolutionarySearch`)."""
+    adapter, store, partition = context.adapter, context.store, context.partition
+    if store.levels_max != context.levels_max or store.num_stages != partition.num_stages:
+        raise ScheduleError(f"the store at {context.store_path} has H = {store.levels_max} and {store.num_stages} "
+                            f"stages; this run needs H = {context.levels_max} and {partition.num_stages} stages")
+    probes = Probes.make(adapter, settings.num_probes, settings.probe_seed, prompts=settings.prompts)
+    racing = None if settings.race_probes is None else Racing(settings.race_probes, settings.race_confidence)
+    batch_size = settings.probe_batch_size or settings.num_probes
+    if racing is not None:
+        batch_size = racing.batch_divisor(batch_size)
+    rows = None
+    if settings.batch_candidates:
+        rows = settings.probe_batch_size or probe_rows_that_fit(adapter, settings.guidance)
+    engine = RolloutEngine(adapter, store, partition, probes, sampler=settings.sampler, guidance=settings.guidance,
+                           batch_size=batch_size, resident=settings.resident_routing, batch_rows=rows)
+    return EvolutionarySearch(engine, settings.fitness, space=build_space(settings, context),
+                              offspring=settings.offspring, survivors=settings.survivors, max_move=settings.max_move,
+                              moves_per_child=settings.moves_per_child, init=settings.init, seeds=settings.seeds or [],
+                              seed=settings.search_seed, racing=racing, batch_candidates=settings.batch_candidates)
