@@ -1,4 +1,5 @@
 """The small search the CLI tests run: the built-in model, 4 stages of 2 steps, 6 probes, Wanda."""
+import json
 import os
 import sys
 from pathlib import Path
@@ -81,3 +82,8 @@ def calibrated_search(root: Path, max_epochs: int, callbacks: list | None = None
                         enable_model_summary=False, default_root_dir=root, callbacks=callbacks or [])
     module.ensure_store(trainer, CalibrationDataModule(nsamples=4, batch_size=4), log=lambda *_: None)
     return module, trainer
+
+
+def evaluation_rows(run: Path) -> list[dict]:
+    """The rows of a run's evaluations.jsonl (one per evaluated schedule)."""
+    return [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]

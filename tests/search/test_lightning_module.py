@@ -11,7 +11,7 @@ import torch
 
 from diffes_pl.schedule import budget_met
 
-from helpers.search_runs import ENV, fit_command
+from helpers.search_runs import ENV, evaluation_rows, fit_command
 
 
 def fit(run: Path, epochs: int, *extra: str, wait: bool = True):
@@ -21,10 +21,6 @@ def fit(run: Path, epochs: int, *extra: str, wait: bool = True):
     out = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600, cwd=run.parent)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
-
-
-def lines(run: Path):
-    return [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +36,7 @@ def test_outputs_budget_and_bounds(straight):
     assert schedule["extra"]["finished"] is True
     assert schedule["num_stages"] == 4 and schedule["levels_max"] == 8 and schedule["pruner"] == "wanda"
     assert schedule["partition"]["steps_per_stage"] == [2, 2, 2, 2]
-    records = lines(straight)
+    records = evaluation_rows(straight)
     assert len({tuple(r["levels"]) for r in records}) == len(records)  # no schedule evaluated twice
     for r in records:
         assert all(0 <= l <= 8 for l in r["levels"])
@@ -89,13 +85,13 @@ def test_kill_and_resume_matches_uninterrupted(straight, tmp_path, logger):
     assert {r["generation"] for r in state["archive"]} == set(range(done))
     out = fit(run, 6, "--ckpt_path", "last", *extra)
     assert f"{done} of 6 generations done, continuing at generation {done + 1}" in out.stdout
-    total = len(lines(straight))
+    total = len(evaluation_rows(straight))
     assert f"{total} schedules evaluated ({restored} restored from the checkpoint, {total - restored} evaluated " \
            "by this run)" in out.stdout
     assert json.loads((run / "schedule.json").read_text()) | {"store": None} == \
         json.loads((straight / "schedule.json").read_text()) | {"store": None}
-    assert [(r["levels"], r["fitness"], r["nfe"]) for r in lines(run)] == \
-        [(r["levels"], r["fitness"], r["nfe"]) for r in lines(straight)]
+    assert [(r["levels"], r["fitness"], r["nfe"]) for r in evaluation_rows(run)] == \
+        [(r["levels"], r["fitness"], r["nfe"]) for r in evaluation_rows(straight)]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]  # no Lightning extras
     if logger:  # the logger saw the generations' statistics, resumed ones included
         metrics = (tmp_path / "logs").rglob("metrics.csv")
@@ -160,7 +156,7 @@ def test_two_processes_equal_one(straight, tmp_path):
     # the cost differs: each process reuses only the stage prefixes it computed itself
     assert two["extra"].pop("cost")["probe_steps"] >= one["extra"].pop("cost")["probe_steps"]
     assert two == one
-    assert [(r["levels"], r["fitness"]) for r in lines(run)] == [(r["levels"], r["fitness"]) for r in lines(straight)]
+    assert [(r["levels"], r["fitness"]) for r in evaluation_rows(run)] == [(r["levels"], r["fitness"]) for r in evaluation_rows(straight)]
 
 
 @pytest.mark.parametrize("sampler", ["euler_a", "dpm"])

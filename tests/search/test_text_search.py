@@ -16,6 +16,8 @@ import yaml
 import diffes_pl as dp
 from diffes_pl.schedule import budget_met
 
+from helpers.search_runs import evaluation_rows
+
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -54,10 +56,6 @@ def fit(config: Path, run: Path, *extra: str):
     return out
 
 
-def lines(run: Path):
-    return [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def straight(setup):
     tmp, config, _ = setup
@@ -71,7 +69,7 @@ def test_search_runs_on_captions_and_prompts(straight):
     schedule = json.loads((straight / "schedule.json").read_text())
     assert schedule["extra"]["finished"] is True and schedule["pruner"] == "wanda"
     assert schedule["levels_max"] == H and schedule["partition"]["steps_per_stage"] == [2] * STAGES
-    records = lines(straight)
+    records = evaluation_rows(straight)
     assert len({tuple(r["levels"]) for r in records}) == len(records) > 6
     assert all(budget_met(r["levels"], [2] * STAGES, TARGET) for r in records)
     assert all(0 < r["fitness"] <= 1 for r in records)  # SSIM vs the dense samples, finite
@@ -91,8 +89,8 @@ def test_stop_and_resume_matches_uninterrupted(setup, straight):
     assert json.loads((run / "schedule.json").read_text())["extra"]["generations"] == 2
     fit(config, run, "--ckpt_path", "last")
     assert json.loads((run / "schedule.json").read_text()) == json.loads((straight / "schedule.json").read_text())
-    assert [(r["levels"], r["fitness"], r["nfe"], r["parent"]) for r in lines(run)] == \
-        [(r["levels"], r["fitness"], r["nfe"], r["parent"]) for r in lines(straight)]
+    assert [(r["levels"], r["fitness"], r["nfe"], r["parent"]) for r in evaluation_rows(run)] == \
+        [(r["levels"], r["fitness"], r["nfe"], r["parent"]) for r in evaluation_rows(straight)]
 
 
 def test_reuse_equals_full_rollout_with_ancestral_noise(setup, straight, tmp_path):
