@@ -176,15 +176,12 @@ class SamplingModule(L.LightningModule):
             pass
         else:  # under trainer.predict: this rank's device
             self.adapter.denoiser.to(self.device)
-        # weights prepared once for all batches; removed at the end (or on failure, by on_exception)
+        # weights prepared once for all batches, removed in on_predict_end
         self.installed = self._exit.enter_context(install_schedule(self.adapter, self.store, self.schedule))
 
     def on_predict_end(self) -> None:
         self._exit.close()
         self.installed = None
-
-    def on_exception(self, exception: BaseException) -> None:
-        self.on_predict_end()
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> None:
         for b in batch.tolist():
