@@ -85,12 +85,21 @@ def _step_costs(adapter: DenoiserAdapter, branch: int | None, batch_size: int) -
         return full, step_macs(adapter, cache, batch_size)[1]
 
 
-def trajectory_macs(adapter: DenoiserAdapter, schedule: Schedule | None, partition: StagePartition,
-                    router: Router | None = None) -> int:
+def trajectory_macs(adapter: DenoiserAdapter, schedule: Schedule | None, partition: StagePartition, *,
+                    router: Router | None = None, store: TrajectoryStore | None = None) -> int:
     """MACs of a whole sampling run at batch 1 (one forward per step, the CFG duplicate not counted):
-    from the step costs a schedule records (a joint schedule: its cached steps included), else counted
-    stage by stage on `router`, the schedule's installed router (None: the dense denoiser)."""
-    costs = None if schedule is None else schedule.costs
+    the dense denoiser's for `schedule=None`; from the step costs a schedule records (a joint
+    schedule: its cached steps included); else counted stage by stage on the schedule's routed
+    denoiser — `router` when it is installed already, or one built on `store` for the count."""
+    if schedule is None:
+        return schedule_macs(adapter, None, partition)
+    costs = schedule.costs
     if costs is not None:
         return costs.trajectory_macs(schedule.levels, schedule.intervals, schedule.steps_per_stage)
-    return schedule_macs(adapter, router, partition)
+    if router is not None:
+        return schedule_macs(adapter, router, partition)
+    if store is None:
+        raise ValueError(f"schedule {schedule.levels} records no step costs, so its MACs are counted on its routed "
+                         "denoiser: pass its router or the trajectory store")
+    with Router(adapter, store, schedule) as router:
+        return schedule_macs(adapter, router, partition)

@@ -125,7 +125,7 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     rows = {}
     for name, schedule in {"dense": None, **routed}.items():
         with install_schedule(adapter, store, schedule) as installed:
-            macs = trajectory_macs(adapter, schedule, partition, installed.router)
+            macs = trajectory_macs(adapter, schedule, partition, router=installed.router)
             latency = latency_per_image(adapter, installed.router, batch_size=config.latency_batch_size,
                                         repeats=config.latency_repeats, cache=installed.cache,
                                         **kw) if config.latency_batch_size else None

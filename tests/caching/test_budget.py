@@ -146,3 +146,29 @@ def test_a_joint_schedule_builds_its_cache_and_checks_its_own_budget(tiny, tmp_p
             assert cache.rule.intervals == tuple(ind[1]) and cache.branch == 2
             cache.remove()
     assert tiny.is_dense()
+
+
+def test_trajectory_macs_from_the_table_or_counted_on_the_router(tiny, tmp_path, one_thread):
+    """A joint schedule's MACs are its table's; a level-only one's are counted on its routed
+    denoiser, the same whether its router is given or built on the store; with neither, refused."""
+    from diffes_pl.caching.budget import trajectory_macs
+    from diffes_pl.macs import count_macs
+
+    partition = _partition(tiny, 6, 3)
+    store = random_store(tiny, tmp_path / "store", H, partition)
+    level = Schedule([3, 2, 1], H, 2, partition.steps_per_stage, partition=partition.to_dict())
+    with Router(tiny, store, level) as router:
+        counted = trajectory_macs(tiny, level, partition, router=router)
+        by_hand = 0
+        for stage in range(3):
+            router.install(stage)
+            by_hand += 2 * count_macs(tiny)
+    assert counted == by_hand == trajectory_macs(tiny, level, partition, store=store)
+    assert trajectory_macs(tiny, None, partition) == 6 * count_macs(tiny) > counted
+    with pytest.raises(ValueError, match="pass its router or the trajectory store"):
+        trajectory_macs(tiny, level, partition)
+    table = step_cost_table(tiny, store, partition, branch=2)
+    space = joint_space(H, partition.steps_per_stage, table, 2, intervals=(1, 2), branch=2)
+    ind = space.initial_population(2, torch.Generator().manual_seed(0))[1]
+    joint = space.schedule(ind, partition=partition.to_dict())
+    assert trajectory_macs(tiny, joint, partition) == space.cost(ind)  # no router, no store: the table
