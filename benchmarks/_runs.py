@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from diffes_pl.search.archive_file import read_evaluations
+
 # the smoke setting of the test suite (tests/helpers/search_runs.py) without its pruner: 4 stages of 2 steps, few probes
 TINY = ["--model.num_stages", "4", "--model.steps", "8", "--model.num_probes", "6", "--model.offspring", "6",
         "--model.survivors", "2", "--model.max_move", "2", "--data.nsamples", "4", "--data.batch_size", "4"]
@@ -49,12 +51,12 @@ def baselines_at_same_budget(module, run: Path, cache: Path | None = None) -> di
     evaluation count matches)."""
     if cache is not None and cache.exists():
         saved = json.loads(cache.read_text())
-        if saved["evaluations"] == len((run / "evaluations.jsonl").read_text().splitlines()):
+        if saved["evaluations"] == len(read_evaluations(run / "evaluations.jsonl")):
             return saved
     from diffes_pl.search import baselines
 
     search, context, hp = module.search, module.context, module.hparams
-    n_evals = len((run / "evaluations.jsonl").read_text().splitlines())
+    n_evals = len(read_evaluations(run / "evaluations.jsonl"))
     H, w, S = context.levels_max, context.partition.steps_per_stage, context.partition.num_stages
 
     def evaluate(levels) -> float:

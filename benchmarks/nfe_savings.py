@@ -31,7 +31,9 @@ def main() -> None:
                     "--trainer.default_root_dir", str(run), "--trainer.max_epochs", str(args.generations),
                     "--model.num_probes", "2", "--model.max_move", "5", "--trainer.callbacks", "[]",
                     "--overwrite", "true"], check=True)
-    records = [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
+    from diffes_pl.search.archive_file import read_evaluations
+
+    records = read_evaluations(run / "evaluations.jsonl")
     schedule = json.loads((run / "schedule.json").read_text())
     steps = sum(schedule["partition"]["steps_per_stage"])
     used = sum(r["nfe"] for r in records)

@@ -151,6 +151,7 @@ def main() -> None:
     schedules = {name: Schedule.load(runs / slug[name] / "schedule.json") for name in rows}
     results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
     from diffes_pl.macs import count_macs
+    from diffes_pl.search.archive_file import read_evaluations
 
     dense_step = count_macs(context.adapter)  # batch 1, the built-in model
     report = {"config": args.config, "tiny": args.tiny, "generations": args.generations,
@@ -158,7 +159,7 @@ def main() -> None:
     base = schedules["default"].extra["cost"]
     for name, schedule in schedules.items():
         cost = schedule.extra["cost"]
-        records = [json.loads(l) for l in (runs / slug[name] / "evaluations.jsonl").read_text().splitlines()]
+        records = read_evaluations(runs / slug[name] / "evaluations.jsonl")
         row = {**results[name], "cost": cost, "generations_run": schedule.extra["generations"],
                "stopped": schedule.extra.get("stopped"), "search_fitness": schedule.fitness,
                "evaluated": len(records), "raced_out": sum(bool(r.get("raced_out")) for r in records),

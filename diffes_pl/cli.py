@@ -11,6 +11,7 @@ calibration datamodule, `trainer:` Lightning's Trainer.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -28,7 +29,12 @@ from .trajectory import TrajectoryStore, make_key
 
 
 class Terminated(RuntimeError):
-    """The run was stopped by SIGTERM after saving what can be resumed."""
+    """The run was stopped by SIGTERM or Ctrl-C after saving what can be resumed; `code` is the exit
+    code (128 + the signal)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # What each subcommand does here (LightningCLI would describe the Trainer methods of the same names).
@@ -135,37 +141,68 @@ class DiffESCLI(LightningCLI):
         return parser
 
     def before_fit(self) -> None:
-        # Everything that can refuse runs before calibration: the run folder's lock, what the folder
-        # already holds, and the checkpoint a resume starts from (resolved here: Lightning resolves
-        # "last" before the search's own checkpoint callback exists, and in a logger's folder).
+        # Everything that can refuse runs before the denoiser loads and before anything is written or
+        # removed: the settings on this denoiser (from its config), the run folder's lock, what the
+        # folder already holds, the checkpoint a resume starts from (resolved here: Lightning resolves
+        # "last" before the search's own checkpoint callback exists, and in a logger's folder), and a
+        # store in the way. Only then does `--overwrite true` clear the folder.
         from .locks import exclusive
         from .search.resume import (
             check_resumable,
             checkpoint_file,
+            clear_outputs,
             read_checkpoint,
             resolve_resume,
         )
 
         config = self.config_init[self.subcommand]
         run_dir = Path(self.trainer.default_root_dir)
+        self.model.check_run(run_dir)
         if self.trainer.global_rank == 0:
-            self._held.enter_context(exclusive(run_dir / ".diffes-pl.lock", f"running a search in {run_dir}",
-                                               "wait for it to stop, or choose another --trainer.default_root_dir"))
+            self._lock(exclusive, run_dir, f"running a search in {run_dir}",
+                       "wait for it to stop, or choose another --trainer.default_root_dir")
             ckpt_path = resolve_resume(run_dir, config["ckpt_path"], config["overwrite"])
         else:  # launched by rank 0 inside its lock, after it checked (and maybe cleared) the folder
             ckpt_path = checkpoint_file(run_dir, config["ckpt_path"])
         config["ckpt_path"] = ckpt_path
         self.restored = 0
+        resume_line = None
         if ckpt_path is not None:
             checkpoint = read_checkpoint(ckpt_path)
-            self.model.prepare(run_dir, self.trainer.strategy.root_device)
             key = make_key(self.model.store_key_fields(self.datamodule)) if self.datamodule is not None else None
-            self._log(check_resumable(checkpoint, ckpt_path, dict(self.model.hparams), key, self.trainer.max_epochs))
+            resume_line = check_resumable(checkpoint, ckpt_path, dict(self.model.hparams), key, self.trainer.max_epochs)
             self.restored = len(checkpoint["diffes"]["archive"])
+        if self.datamodule is not None:
+            self.model.check_run(run_dir, self.datamodule)  # a store in the way built for other settings
+        if self.trainer.global_rank == 0 and config["overwrite"]:
+            clear_outputs(run_dir)
+        if resume_line is not None:
+            self._log(resume_line)
         # Calibration (when no matching store exists) runs as the pruner's predict epochs on the
         # same trainer (same devices and strategy); the search itself needs no datamodule.
         self.model.ensure_store(self.trainer, self.datamodule, log=self._log)
         self.datamodule = None
+
+    def before_predict(self) -> None:
+        self.model.check_run(self.trainer.default_root_dir, self.datamodule)  # before the denoiser loads
+
+    def before_test(self) -> None:
+        # the schedule against the run's denoiser, partition and store, from the schedule file and the
+        # store's manifest: a schedule the store cannot route is refused before the denoiser loads
+        from .evaluation.report import check_schedule_file, schedule_path
+
+        config = self.config_init["test"]
+        run_dir = Path(self.trainer.default_root_dir)
+        plan = self.model.check_run(run_dir)
+        check_schedule_file(schedule_path(run_dir, config.get("schedule")), self.model.store_folder(run_dir),
+                            None if plan is None else plan.adapter.identity())
+
+    def _lock(self, exclusive, folder: Path, what: str, fix: str) -> None:
+        """Holds the lock on `folder` until the subcommand ends; a folder the lock created is removed
+        again if the subcommand fails and leaves it empty (a refused run leaves nothing behind)."""
+        if not folder.exists():  # pushed first: runs after the lock is released (and its file removed)
+            self._held.push(lambda kind, *_: _remove_if_empty(folder) if kind is not None else None)
+        self._held.enter_context(exclusive(folder / ".diffes-pl.lock", what, fix))
 
     def fit(self, model: DiffES, overwrite: bool = False, **kwargs: Any) -> None:
         self.trainer.fit(model, **kwargs)
@@ -187,20 +224,31 @@ class DiffESCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        try:
-            with ExitStack() as self._held:  # locks taken by before_<subcommand>, released at its end
-                super()._run_subcommand(subcommand)
-        except SIGTERMException:
-            raise Terminated(self._stopped_message()) from None
+        from .interrupts import stop_on_signals
 
-    def _stopped_message(self) -> str:
+        # Ctrl-C stops as SIGTERM does (at the next boundary: between two rollouts, two calibration
+        # stages), for the length of the subcommand only
+        with stop_on_signals(lambda: getattr(self, "trainer", None)) as interrupt:
+            try:
+                with ExitStack() as self._held:  # locks taken by before_<subcommand>, released at its end
+                    super()._run_subcommand(subcommand)
+            except SIGTERMException:
+                # every rank stops; rank 0 alone says so (one line)
+                message = self._stopped_message(interrupt.signal) if self.trainer.global_rank == 0 else ""
+                raise Terminated(message, interrupt.exit_code) from None
+
+    def _stopped_message(self, signum: signal.Signals = signal.SIGTERM) -> str:
+        """The one line saying which signal stopped the run, where its checkpoint is and how to resume
+        (or that nothing is resumable)."""
         from .search.resume import CHECKPOINT
 
+        name = signal.Signals(signum).name
         path = Path(self.trainer.default_root_dir) / CHECKPOINT
         if self.subcommand != "fit" or not path.is_file():
-            return f"stopped by SIGTERM during `{self.subcommand}`; nothing to resume: run the command again"
-        done = self.model.search.generation if self.model.search is not None else 0
-        return (f"stopped by SIGTERM after generation {done}; {path} holds it: "
+            return f"stopped by {name} during `{self.subcommand}`; nothing to resume: run the command again"
+        if self.model.search is None:  # stopped before the search resumed from an earlier run's checkpoint
+            return f"stopped by {name} before the search resumed; {path} holds it: resume with --ckpt_path last"
+        return (f"stopped by {name} after generation {self.model.search.generation}; {path} holds it: "
                 "resume with --ckpt_path last")
 
     def predict(self, model: DiffES, datamodule: CalibrationDataModule | None = None, **_: Any) -> None:
@@ -224,25 +272,34 @@ class DiffESCLI(LightningCLI):
             print(message, flush=True)
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not empty (or gone): what it holds is kept
+        pass
+
+
 # Errors a user can fix: one line, exit code 2, no traceback wall.
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .denoisers import UnknownDenoiserError
     from .locks import LockedError
     from .memory import InsufficientMemoryError
     from .errors import ScheduleError
+    from .integrity import DamagedFileError
     from .search.resume import ResumeError
     from .trajectory import StoreMismatchError
 
     return (LockedError, ResumeError, InsufficientMemoryError, UnknownDenoiserError, ScheduleError,
-            StoreMismatchError, ValueError, FileNotFoundError, OSError, ImportError)
+            StoreMismatchError, DamagedFileError, ValueError, FileNotFoundError, OSError, ImportError)
 
 
 def main(args: Any = None) -> None:
     try:
         DiffESCLI(args=args)
     except Terminated as err:
-        print(f"diffes-pl: {err}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM: the job did not finish; a scheduler may requeue it
+        if str(err):
+            print(f"diffes-pl: {err}", file=sys.stderr)
+        sys.exit(err.code)  # 128 + the signal (143 SIGTERM, 130 Ctrl-C): the job did not finish
     except _user_errors() as err:
         cause = err
         while cause.__cause__ is not None and str(err) == "":

@@ -17,6 +17,14 @@ class ConfigSyntaxError(TypeError):
     """A --config file that is not valid YAML (TypeError: what jsonargparse turns into a parse error)."""
 
 
+class ConfigContentError(TypeError):
+    """A --config file that is valid YAML but holds no settings: empty (or comments only), or not a mapping."""
+
+
+# the shipped configs, named in messages as a place to start from
+EXAMPLE = "configs/tiny_obs.yaml"
+
+
 class DiffESParser(LightningArgumentParser):
     """Parse errors as one line on stderr naming the config file (when one is being read), the cause
     and the fix, instead of the full usage and, for YAML, a position in "<unicode string>"."""
@@ -39,6 +47,8 @@ class DiffESParser(LightningArgumentParser):
         except TypeError as err:
             if isinstance(err.__cause__, yaml.YAMLError):
                 raise ConfigSyntaxError(_yaml_problem(err.__cause__)) from err.__cause__
+            if str(err).startswith("Unexpected config:"):  # jsonargparse's words for "not a mapping"
+                raise ConfigContentError(_not_settings(content)) from None
             raise
 
     def error(self, message: str, ex: Exception | None = None) -> Any:
@@ -48,7 +58,11 @@ class DiffESParser(LightningArgumentParser):
             super().error(message, ex)
         where = f"{self._config_path}: " if self._config_path else ""
         text = _plain(" ".join(line.strip() for line in str(message).splitlines() if line.strip()))
-        if not isinstance(ex, ConfigSyntaxError):
+        missing = re.match(r'Parser key "config": File does not exist: \'(.*)\'$', text)
+        if missing:
+            where, text = f"{missing.group(1)}: ", (f"the config file does not exist; check the path (the shipped "
+                                                     f"configs are in configs/, e.g. {EXAMPLE})")
+        elif not isinstance(ex, (ConfigSyntaxError, ConfigContentError)):
             text += f"; see `{self.prog.replace(' [options]', '')} --help` for the accepted options"
         print(f"diffes-pl: error: {where}{text}", file=sys.stderr)
         self.exit(2)
@@ -67,6 +81,19 @@ def _plain(message: str) -> str:
         return re.sub(r"<class '([\w.]+)'>", r"\1", message)
     names = [name.replace("NoneType", "null") for name in re.findall(r"<class '([\w.]+)'>", types)] or [types]
     return f"{key}: expected {' or '.join(names)}, got {value}"
+
+
+def _not_settings(content: str) -> str:
+    """Why a config that parses is no config: it is empty, or holds a list or a value instead of settings."""
+    import yaml
+
+    value = yaml.safe_load(content)
+    if value is None:
+        return (f"the config file is empty; write its settings in it (model:, data:, trainer:; start from "
+                f"{EXAMPLE}), or leave out --config")
+    kind = {list: "list", str: "string"}.get(type(value), type(value).__name__)
+    return (f"the config file holds a YAML {kind}, not settings (model:, data:, trainer:); write them as a "
+            f"mapping, as {EXAMPLE} does")
 
 
 def _yaml_problem(err: Exception) -> str:

@@ -16,8 +16,11 @@ An export folder holds:
     schedule.json        levels, partition, H; for a joint schedule also its cache (per-stage
                          `cache_intervals`, `cache_branch`, `mac_budget` and the `step_costs` table):
                          caching needs no weights, so the routes are the same
-    export.json          what the folder is (format, denoiser name and family, noise schedule)
-`load` rebuilds the adapter with `load_denoiser` on `pipeline/` (diffusers' own `from_pretrained`),
+    export.json          what the folder is (format, denoiser name and family, noise schedule), the
+                         sha256 and size of every other file (`files`) and of itself (`export_sha256`)
+`load` first verifies every file against export.json (a damaged, changed or missing file is refused
+naming it, before any model loads; exports of format /2 have no checksums and load unverified), then
+rebuilds the adapter with `load_denoiser` on `pipeline/` (diffusers' own `from_pretrained`),
 opens `routes/` and returns the adapter and a Router: sampling with it reproduces the routed samples
 exactly, for every family with a pipeline class. An export whose schedule caches is opened with
 `load_cached` (adapter, router and the schedule's feature cache, to pass to `dp.sample(...,
@@ -38,6 +41,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -45,12 +49,17 @@ import torch
 from .denoisers import family_of, load_denoiser
 from .denoisers.base import DenoiserAdapter
 from .denoisers.samplers import scheduler_config
+from .integrity import DamagedFileError, file_sha256, seal_holds, sealed
 from .io import write_json
 from .schedule import Schedule
 from .routing import Router
-from .trajectory import TrajectoryStore
+from .trajectory import MANIFEST_SHA256, TrajectoryStore
 
-FORMAT = "diffes-pl-routed/2"
+# /3: export.json holds every file's sha256 and size (`files`) and its own (`export_sha256`); /2
+# exports (no checksums) still load, unverified, with a warning
+FORMAT = "diffes-pl-routed/3"
+LEGACY_FORMATS = ("diffes-pl-routed/2",)
+EXPORT_SHA256 = "export_sha256"
 
 
 def _routes(store: TrajectoryStore, schedule: Schedule, adapter: DenoiserAdapter):
@@ -80,16 +89,19 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
         if not was_dense:
             raise RuntimeError("the adapter has a router installed; export from the dense denoiser")
         text_encoders, missing = _save_pipeline(adapter, tmp / "pipeline", sampler)
-        manifest = {k: v for k, v in store.manifest.items() if k not in ("nbytes", "format")}
+        manifest = {k: v for k, v in store.manifest.items() if k not in ("nbytes", "format", MANIFEST_SHA256)}
         TrajectoryStore.write(tmp / "routes", manifest, _routes(store, schedule, adapter))
         schedule.save(tmp / "schedule.json")
-        write_json(tmp / "export.json", {"format": FORMAT, "name": adapter.name, "family": adapter.family,
-                                         "noise_schedule": adapter.noise_schedule,
-                                         "text_encoders": text_encoders,
-                                         # pass these as None to DiffusionPipeline.from_pretrained
-                                         "pipeline_missing": missing,
-                                         # what a pipeline folder does not say: FLUX's T5 token count
-                                         "text_len": adapter.text_len})
+        files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        write_json(tmp / "export.json", sealed({"format": FORMAT, "name": adapter.name, "family": adapter.family,
+                                                "noise_schedule": adapter.noise_schedule,
+                                                "text_encoders": text_encoders,
+                                                # pass these as None to DiffusionPipeline.from_pretrained
+                                                "pipeline_missing": missing,
+                                                # what a pipeline folder does not say: FLUX's T5 token count
+                                                "text_len": adapter.text_len,
+                                                "files": files}, EXPORT_SHA256))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -162,13 +174,14 @@ def _quiet_diffusers():
 def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[DenoiserAdapter, Router]:
     """(adapter, router) from an export folder; no trajectory store needed. Refuses an export whose
     schedule caches (use `load_cached`)."""
+    info = verify(path)
     schedule = Schedule.load(Path(path) / "schedule.json") if (Path(path) / "schedule.json").exists() else None
     if schedule is not None and schedule.caches:
         raise ValueError(f"{path}: this export's schedule caches (cache intervals {schedule.intervals}, branch "
                          f"{schedule.cache_branch}); a router alone would run every step in full. Open it with "
                          f"diffes_pl.export.load_cached(path) → (adapter, router, cache) and sample with "
                          f"dp.sample(..., router=router, cache=cache)")
-    return _load(path, device)
+    return _load(path, device, info)
 
 
 def load_cached(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -181,14 +194,48 @@ def load_cached(path: str | os.PathLike, device: str | torch.device = "cpu"):
     return adapter, router, schedule_cache(adapter, router.schedule)
 
 
-def _load(path: str | os.PathLike, device: str | torch.device) -> tuple[DenoiserAdapter, Router]:
+def verify(path: str | os.PathLike) -> dict:
+    """export.json of the export at `path`, after checking it and every file it lists (size, then
+    sha256): a damaged, changed or missing file raises `DamagedFileError` naming it. A /2 export has
+    no checksums: it is returned with a warning."""
     path = Path(path)
     info_path = path / "export.json"
     if not info_path.exists():
         raise FileNotFoundError(f"{path} is not a diffes-pl export (no export.json); write one with diffes_pl.export.save")
-    info = json.loads(info_path.read_text())
+
+    def damaged(name: str, what: str) -> DamagedFileError:
+        return DamagedFileError(f"export {path}: {name} is damaged ({what}); export again with diffes_pl.export.save")
+
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError:  # a UnicodeDecodeError too
+        raise damaged("export.json", "not valid JSON") from None
+    if not isinstance(info, dict):
+        raise damaged("export.json", "not a JSON object")
+    if info.get("format") in LEGACY_FORMATS:
+        warnings.warn(f"export {path} has no checksums (format {info['format']}, written by an older diffes-pl): "
+                      "its files are read unverified; export again to verify them", stacklevel=3)
+        return info
     if info.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported export format {info.get('format')!r} (this version reads {FORMAT})")
+    if not seal_holds(info, EXPORT_SHA256):
+        raise damaged("export.json", "checksum mismatch" if EXPORT_SHA256 in info else "its checksum is missing")
+    for name, record in info["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise damaged(name, "the file is missing")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise damaged(name, f"{size} bytes where export.json says {record['bytes']}")
+        if file_sha256(file) != record["sha256"]:
+            raise damaged(name, "checksum mismatch")
+    return info
+
+
+def _load(path: str | os.PathLike, device: str | torch.device,
+          info: dict | None = None) -> tuple[DenoiserAdapter, Router]:
+    path = Path(path)
+    info = verify(path) if info is None else info
     adapter = load_denoiser(str(path / "pipeline"), device=device)
     if info.get("noise_schedule") is not None:
         # the schedule it was trained (and routed) with; older exports say {"flow": true} for flow matching

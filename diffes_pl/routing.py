@@ -45,6 +45,28 @@ def check_store(schedule: Schedule, store: TrajectoryStore) -> None:
                            f"settings); route it with {recorded}, or search a schedule on this store")
 
 
+def check_routable(schedule: Schedule, store: TrajectoryStore, identity: dict | None = None) -> None:
+    """Refuses a schedule the store cannot route, from the store's manifest alone (no shard read):
+    another store (`check_store`), other stages, H or stage boundaries, no partition, or (with the
+    denoiser's `identity()`, which its config gives before it loads) another denoiser."""
+    schedule.validate()
+    check_store(schedule, store)
+    if schedule.num_stages != store.num_stages:
+        raise RoutingError(f"the schedule has {schedule.num_stages} stages but the store at {store.path} has "
+                           f"{store.num_stages}; search a schedule on this store or build a store for this partition")
+    if schedule.levels_max != store.levels_max:
+        raise RoutingError(f"the schedule's H = {schedule.levels_max} differs from the store's H = {store.levels_max}")
+    if schedule.partition is None:
+        raise RoutingError("the schedule carries no partition (timesteps and stages); it cannot be routed")
+    stored = store.manifest.get("key_fields", {}).get("denoiser")
+    if identity is not None and stored is not None and stored.get("config") != identity["config"]:
+        raise RoutingError(f"the store at {store.path} was built for another denoiser "
+                           f"({stored.get('name')}); this one is {identity['name']}")
+    stored_partition = store.manifest.get("key_fields", {}).get("partition")
+    if stored_partition is not None and stored_partition.get("steps_per_stage") != list(schedule.steps_per_stage):
+        raise RoutingError("the schedule's stage boundaries differ from the store's")
+
+
 def estimate_prepared_bytes(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule,
                             resident: bool = True) -> int:
     """Bytes a Router prepares for `schedule`: per stage, the sliced modules (the kept share of each
@@ -91,7 +113,7 @@ class Router:
         self.schedule = schedule
         self.device = torch.device(device) if device is not None else adapter.device
         self.resident = resident
-        self._check()
+        check_routable(schedule, store, adapter.identity())
         self._check_memory()  # before any stage is prepared
         self.partition = StagePartition.from_dict(schedule.partition)
         self._stages: list[dict] = []
@@ -104,26 +126,6 @@ class Router:
         self._current: int | None = None
 
     # --- validation ----------------------------------------------------------------------------
-    def _check(self) -> None:
-        store, schedule = self.store, self.schedule
-        schedule.validate()
-        check_store(schedule, store)
-        if schedule.num_stages != store.num_stages:
-            raise RoutingError(f"the schedule has {schedule.num_stages} stages but the store at {store.path} has "
-                               f"{store.num_stages}; search a schedule on this store or build a store for this partition")
-        if schedule.levels_max != store.levels_max:
-            raise RoutingError(f"the schedule's H = {schedule.levels_max} differs from the store's H = {store.levels_max}")
-        if schedule.partition is None:
-            raise RoutingError("the schedule carries no partition (timesteps and stages); it cannot be routed")
-        stored = store.manifest.get("key_fields", {}).get("denoiser")
-        identity = self.adapter.identity()
-        if stored is not None and stored.get("config") != identity["config"]:
-            raise RoutingError(f"the store at {store.path} was built for another denoiser "
-                               f"({stored.get('name')}); this one is {identity['name']}")
-        stored_partition = store.manifest.get("key_fields", {}).get("partition")
-        if stored_partition is not None and stored_partition.get("steps_per_stage") != list(schedule.steps_per_stage):
-            raise RoutingError("the schedule's stage boundaries differ from the store's")
-
     def _check_memory(self) -> None:
         from .memory import check_fits, gib
 

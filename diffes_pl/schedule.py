@@ -33,6 +33,15 @@ def budget_met(levels: Sequence[int], steps_per_stage: Sequence[int], target_lev
 
 
 _CACHE_FIELDS = ("cache_intervals", "cache_branch", "mac_budget", "step_costs")
+_PARTITION_INTS = ("num_stages", "num_train_timesteps", "steps_per_stage")  # the partition's integer fields
+
+
+def _whole_to_int(value):
+    """`value` with every whole float (JSON's 4.0) in it, in lists at any depth, made an int; anything
+    else (4.5, True, a string) left as it is, for validation to refuse."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_whole_to_int(v) for v in value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 @dataclass
@@ -70,10 +79,18 @@ class Schedule:
 
     def __post_init__(self) -> None:
         self._check_types()
-        self.levels = [int(l) for l in self.levels]  # numpy integers from a search become plain ints
+        # numpy integers from a search, and whole floats from a JSON file (4.0), become plain ints
+        self.levels = [int(l) for l in self.levels]
         self.steps_per_stage = [int(w) for w in self.steps_per_stage]
+        self.levels_max = int(self.levels_max)
         if self.cache_intervals is not None:
             self.cache_intervals = [int(k) for k in self.cache_intervals]
+        if self.cache_branch is not None:
+            self.cache_branch = int(self.cache_branch)
+        if isinstance(self.partition, dict):
+            self.partition = {k: _whole_to_int(v) if k in _PARTITION_INTS else v for k, v in self.partition.items()}
+        if isinstance(self.step_costs, dict):
+            self.step_costs = {k: _whole_to_int(v) for k, v in self.step_costs.items()}
         self.validate()
 
     def _check_types(self) -> None:

@@ -21,8 +21,11 @@ from .errors import ScheduleError
 
 
 def is_whole(value: Any) -> bool:
-    """A whole number as JSON or numpy gives one: int or numpy integer, never bool, float or str."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
+    """A whole number as JSON or numpy gives one: int or numpy integer, or a float that is whole (JSON's
+    `4.0`); never bool, str or a float with a fraction. Read it with `int()`."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, Integral) or (isinstance(value, float) and value.is_integer())
 
 
 def stage_full_steps(steps: int, interval: int) -> int:

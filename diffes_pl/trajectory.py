@@ -14,6 +14,8 @@ all; `.<name>.lock` is held while it is written (see `locks.py`).
 Every shard is verified when first opened: its size and sha256 against the manifest, then its
 contents (every `.order` a permutation, every group's order present, weight widths matching the
 level). A store that fails is refused with one line naming the shard and the fix, never used.
+The manifest itself carries the sha256 of its other fields (`manifest_sha256`), checked before any
+shard: an edited manifest is named as such, not blamed on the shard whose recorded checksum changed.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .integrity import DamagedFileError, file_sha256, json_digest, seal_holds
 from .locks import exclusive
 from .schedule import units_removed
 
@@ -38,7 +41,10 @@ MANIFEST = "manifest.json"
 # 2: the manifest holds every shard's size and sha256 ("shards"). Format-1 stores (no checksums)
 # are still read, with a one-line warning: their contents are validated like any store's, and
 # refusing them would throw away calibrations that may have taken hours; rebuilding verifies them.
-FORMAT_VERSION = 2
+# 3: the manifest also holds the sha256 of its own other fields (`MANIFEST_SHA256`); format-2 stores
+# are read as before (their manifest unverified, their shards verified).
+FORMAT_VERSION = 3
+MANIFEST_SHA256 = "manifest_sha256"
 
 
 def rebuild(path: Path) -> str:
@@ -50,7 +56,7 @@ class StoreMismatchError(ValueError):
     """A store built for another denoiser, calibration, partition or pruner."""
 
 
-class StoreCorruptError(StoreMismatchError):
+class StoreCorruptError(StoreMismatchError, DamagedFileError):
     """A store whose files changed after it was written (checksum, size) or hold invalid trajectories."""
 
 
@@ -131,12 +137,10 @@ def check_free_space(path: Path, needed: int, margin: float = 0.1) -> None:
 _VERIFIED: set[tuple] = set()  # shards hashed in this process: (file, inode, size, mtime, ctime, sha256)
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+def sealed_manifest(manifest: dict) -> dict:
+    """The manifest as written (canonical), with `MANIFEST_SHA256` over all its other fields."""
+    manifest = canonical({k: v for k, v in manifest.items() if k != MANIFEST_SHA256})
+    return {**manifest, MANIFEST_SHA256: json_digest(manifest)}
 
 
 def _stamp(path: Path, sha: str) -> tuple:
@@ -257,7 +261,7 @@ class TrajectoryStore:
             if problems:
                 raise StoreCorruptError(f"the shard {file} just written is invalid: {'; '.join(problems[:3])}")
         manifest = {**manifest, "format": FORMAT_VERSION, "nbytes": nbytes, "shards": shards}
-        (folder / MANIFEST).write_text(json.dumps(canonical(manifest), indent=1))
+        (folder / MANIFEST).write_text(json.dumps(sealed_manifest(manifest), indent=1))
         os.chmod(folder, 0o755)
         if path.exists():
             shutil.rmtree(path)
@@ -280,8 +284,10 @@ class TrajectoryStore:
                 f"no trajectory store at {path} (no {MANIFEST}); build one with `diffes-pl predict --config …`")
         try:
             manifest = json.loads((path / MANIFEST).read_text())
-        except ValueError as err:
+        except ValueError as err:  # a UnicodeDecodeError too
             raise StoreCorruptError(f"the manifest {path / MANIFEST} is not valid JSON ({err}); {rebuild(path)}") from None
+        if not isinstance(manifest, dict):
+            raise StoreCorruptError(f"the manifest {path / MANIFEST} is not a JSON object; {rebuild(path)}")
         store = cls(path, manifest)
         store._check_format()
         if key_fields is not None:
@@ -292,13 +298,24 @@ class TrajectoryStore:
         return store
 
     def _check_format(self) -> None:
-        version = int(self.manifest.get("format", 1))
+        """Refuses a newer format and a manifest whose own checksum fails (before any shard is read,
+        whose recorded checksums it holds); warns about a store without checksums."""
+        version = self.manifest.get("format", 1)
+        if not isinstance(version, int):
+            raise self._manifest_changed(f"its format is {version!r}")
         if version > FORMAT_VERSION:
             raise StoreMismatchError(f"the trajectory store at {self.path} has format {version}, written by a newer "
                                      f"diffes-pl (this one reads up to {FORMAT_VERSION}); upgrade, or {rebuild(self.path)}")
+        if version >= 3 and not seal_holds(self.manifest, MANIFEST_SHA256):
+            raise self._manifest_changed("checksum mismatch" if MANIFEST_SHA256 in self.manifest else
+                                         "its checksum is missing")
         if "shards" not in self.manifest:
             warnings.warn(f"the trajectory store at {self.path} has no checksums (written by an older diffes-pl): "
                           f"its shards are validated but cannot be verified; rebuild it to verify them", stacklevel=3)
+
+    def _manifest_changed(self, what: str) -> StoreCorruptError:
+        return StoreCorruptError(f"the manifest {self.path / MANIFEST} was changed after the store was written "
+                                 f"({what}); {rebuild(self.path)}")
 
     def verify(self) -> None:
         """Verifies every shard now (checksum, size, contents) instead of when first used."""

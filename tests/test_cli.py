@@ -259,6 +259,28 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     assert elapsed < FAST and not (tmp_path / "run").exists()
 
 
+EMPTY = ("the config file is empty; write its settings in it (model:, data:, trainer:; start from "
+         "configs/tiny_obs.yaml), or leave out --config")
+
+
+@pytest.mark.parametrize("text, cause", [
+    ("", EMPTY),
+    ("# settings to come\n\n", EMPTY),
+    ("- model\n- data\n", "the config file holds a YAML list, not settings (model:, data:, trainer:); write them as "
+                          "a mapping, as configs/tiny_obs.yaml does"),
+    (None, "the config file does not exist; check the path (the shipped configs are in configs/, e.g. "
+           "configs/tiny_obs.yaml)"),
+], ids=["empty", "comments-only", "a-list", "missing"])
+def test_config_file_without_settings_is_one_line(text, cause, tmp_path):
+    config = tmp_path / "config.yaml"
+    if text is not None:
+        config.write_text(text)
+    proc, elapsed = _run(_console_script() + ["fit", "--config", str(config),
+                                              "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert _error_line(proc) == f"diffes-pl: error: {config}: {cause}"
+    assert elapsed < FAST and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("where", ["command-line", "config-file"])
 def test_config_value_of_wrong_type_is_one_line(where, tmp_path):
     args = ["fit", "--config", "configs/tiny_obs.yaml", "--trainer.default_root_dir", str(tmp_path / "run")]

@@ -230,6 +230,11 @@ def test_hub_hint_names_hf_download(name, monkeypatch):
 
     for cls in (DiTTransformer2DModel, FluxTransformer2DModel):
         monkeypatch.setattr(cls, "from_pretrained", not_cached)
+    # the loader's own hint: with the hub offline, `check_available` refuses before any loader runs
+    # (tests/denoisers/test_registry.py)
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     _limit(monkeypatch, math.inf)
     with pytest.raises(OSError, match=rf"download it first \(`hf download {name}`\)"):
         dp.load_denoiser(name)

@@ -52,7 +52,6 @@ def test_check_target():
 GOOD = {"levels": [10, 6, 8], "levels_max": 16, "target_level": 8, "steps_per_stage": [1, 1, 1]}
 BAD_SCHEDULES = {
     "float-level": ({"levels": [6.9, 9, 8]}, "whole numbers"),  # was truncated to 6 (and then missed the budget)
-    "whole-float-level": ({"levels": [10.0, 6, 8]}, "whole numbers"),  # was evaluated as 10
     "string-level": ({"levels": ["10", 6, 8]}, "whole numbers"),  # was coerced
     "bool-level": ({"levels": [True, 6, 8]}, "whole numbers"),
     "null-levels": ({"levels": None}, "levels must be a list"),  # was a TypeError traceback
@@ -109,6 +108,42 @@ def test_valid_schedule_files_load_unchanged(tmp_path):
     data = {k: v for k, v in GOOD.items() if k != "steps_per_stage"}
     path.write_text(json.dumps({**data, "partition": {"steps_per_stage": [1, 1, 1]}}))
     assert Schedule.load(path).steps_per_stage == [1, 1, 1]
+
+
+def test_whole_floats_in_a_schedule_file_are_read_as_integers(tmp_path):
+    """Tools that spell 4 as 4.0 (floats from numpy or pandas) write schedules that mean the same: every
+    integer field takes a whole float and holds an int once loaded; written back, it reads 4."""
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({**OLD_SCHEDULE, "levels": [10.0, 6, 8.0], "levels_max": 16.0,
+                                "steps_per_stage": [1.0, 1, 1],
+                                "partition": {**OLD_SCHEDULE["partition"], "num_stages": 3.0, "steps_per_stage": [1.0, 1, 1]}}))
+    s = Schedule.load(path)
+    assert s.to_dict() == OLD_SCHEDULE
+    assert all(type(v) is int for v in [*s.levels, *s.steps_per_stage, s.levels_max, s.partition["num_stages"],
+                                        *s.partition["steps_per_stage"]])
+    s.save(tmp_path / "again.json")
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again == OLD_SCHEDULE and all(type(v) is int for v in [*again["levels"], again["levels_max"]])  # 10, not 10.0
+    costs = {"full": [100.0, 90, 80, 70, 60], "cached": [30, 28, 26.0, 24, 22]}
+    s = Schedule([0.0, 1, 2], 4.0, 2, [2, 2.0, 2], cache_intervals=[2.0, 1, 1], cache_branch=1.0, mac_budget=0.8,
+                 step_costs=costs)
+    assert s == joint([0, 1, 2], [2, 1, 1]) and type(s.cache_branch) is int
+    assert all(type(v) is int for v in [*s.cache_intervals, *s.step_costs["full"], *s.step_costs["cached"]])
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("levels", [4.5, 6, 8], "levels must be whole numbers; got [4.5] in [4.5, 6, 8]"),
+    ("levels", [True, 6, 8], "levels must be whole numbers; got [True] in [True, 6, 8]"),
+    ("steps_per_stage", [1, 1.5, 1], "steps_per_stage must be whole numbers; got [1.5] in [1, 1.5, 1]"),
+    ("levels_max", 16.5, "levels_max (H) must be a whole number ≥ 1; got 16.5"),
+    ("levels_max", True, "levels_max (H) must be a whole number ≥ 1; got True"),
+])
+def test_fractions_and_booleans_stay_refused(field, value, message, tmp_path):
+    path = tmp_path / "schedule.json"
+    path.write_text(json.dumps({**GOOD, field: value}))
+    with pytest.raises(ScheduleError) as err:
+        Schedule.load(path)
+    assert str(err.value) == f"schedule file {path}: {message}; fix the file, or use the schedule.json a fit run wrote"
 
 
 # ---------------------------------------------------------------- the cache dimension and the MAC budget

@@ -56,7 +56,7 @@ def test_key_is_order_independent():
 
 
 # --- verification: checksums, orders, truncation -------------------------------------------------
-from diffes_pl.trajectory import StoreCorruptError, file_sha256  # noqa: E402
+from diffes_pl.trajectory import StoreCorruptError, file_sha256, sealed_manifest  # noqa: E402
 
 GROUPS = [{"name": "blocks.0.ff", "kind": "channels", "block": 0, "attr": "ff", "size": 4, "unit_width": 1}]
 
@@ -77,7 +77,7 @@ def _one_line(err) -> str:
 def test_manifest_holds_every_shards_checksum(tmp_path):
     store, _ = _write(tmp_path / "store")
     shards = store.manifest["shards"]
-    assert store.manifest["format"] == 2 and sorted(shards) == ["stage_00.safetensors", "stage_01.safetensors"]
+    assert store.manifest["format"] == 3 and sorted(shards) == ["stage_00.safetensors", "stage_01.safetensors"]
     for name, record in shards.items():
         assert record["sha256"] == file_sha256(tmp_path / "store" / name)
         assert record["bytes"] == (tmp_path / "store" / name).stat().st_size
@@ -140,7 +140,7 @@ def test_tampered_order_refused_when_read(tmp_path):
     manifest_file = tmp_path / "store" / "manifest.json"
     manifest = json.loads(manifest_file.read_text())
     manifest["shards"][shard.name] = {"sha256": file_sha256(shard), "bytes": shard.stat().st_size}
-    manifest_file.write_text(json.dumps(manifest))
+    manifest_file.write_text(json.dumps(sealed_manifest(manifest)))  # the manifest's own checksum updated too
     store = TrajectoryStore.open(tmp_path / "store")
     with pytest.raises(StoreCorruptError) as err:
         store.order(1, "blocks.0.ff")

@@ -308,6 +308,13 @@ class CalibrationDataModule(L.LightningDataModule):
                 "version": CALIBRATION_VERSION}
 
     # --- binding --------------------------------------------------------------------------------
+    def check_source(self, adapter: Any) -> None:
+        """Opens the source and checks it (columns, labels or captions for this denoiser's
+        conditioning) without the denoiser's weights — the adapter over its architecture is enough —
+        so that a missing dataset is refused before the denoiser loads. The rows are kept for `attach`."""
+        self._check_conditioning(adapter)
+        self._prepare_rows()
+
     def attach(self, adapter: Any, partition: Any) -> None:
         """Binds the denoiser adapter and the stage partition, and checks the source against them
         (split, columns, labels, image size, schedule) before any image is decoded or encoded."""

@@ -5,12 +5,23 @@ its record (names, folder classes, pipeline, loaders, text encoders) on import.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from .base import ConstantOutput, DenoiserAdapter, TextCondition, UnitGroup, keep_from_order
 from .dit_adapter import DiTAdapter
 from .footprint import check_denoiser_memory
-from .registry import Family, Resolved, UnknownDenoiserError, families, family_of, resolve
+from .registry import (
+    DenoiserUnavailableError,
+    Family,
+    Resolved,
+    UnknownDenoiserError,
+    check_cached,
+    families,
+    family_of,
+    resolve,
+)
 from .samplers import Sampler
 
 
@@ -22,6 +33,17 @@ def check_name(name: str) -> Resolved:
     return resolve(name)
 
 
+def check_available(name: str, weights: bool = True) -> Resolved:
+    """`check_name`, and for a hub id whose weights would load (`weights`, or no shipped config) while
+    the hub is offline: that the local Hugging Face cache holds it (`DenoiserUnavailableError`
+    otherwise, naming the cache, `hf download` and the local-folder way). Loads nothing: what the CLI
+    checks before any work, and what `load_denoiser` checks first."""
+    resolved = resolve(name)
+    if weights or name not in resolved.family.hub_names:
+        check_cached(name, resolved)
+    return resolved
+
+
 def load_denoiser(name: str, weights: bool = True, device: str | torch.device = "cpu",
                   dtype: torch.dtype | None = None) -> DenoiserAdapter:
     """The adapter for `name`.
@@ -30,18 +52,22 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
         name: a built-in name (`tiny-digits`) or a hub id with a config shipped in the package (every
             name of `registry.known_names()`: `facebook/DiT-XL-2-256`,
             `stabilityai/stable-diffusion-xl-base-1.0`, `black-forest-labs/FLUX.1-schnell`, …), another
-            hub id a family claims (any `owner/…DiT…`), or a local folder (a path: it holds a path
-            separator or starts with "."): a diffusers pipeline folder of any registered family (the
-            denoiser's subfolder, optional `vae/` and text encoders) or a bare denoiser folder,
-            recognised by `_class_name` (an unrecognised folder is read as DiT). Hub ids load with
-            diffusers' `from_pretrained` from the hub or its local cache.
+            hub id a family claims (any `owner/…DiT…`), or a local folder (an existing path, or one that
+            starts with "/", "./", "../" or "~"; `org/name` alone is a hub id): a diffusers pipeline
+            folder of any registered family (the denoiser's subfolder, optional `vae/` and text
+            encoders) or a bare denoiser folder, recognised by `_class_name` (an unrecognised folder
+            is read as DiT). Hub ids load with
+            diffusers' `from_pretrained` from the hub or its local cache; offline, a hub id not in the
+            cache is refused before any loading (`check_available`).
         weights: False builds the real architecture from the config shipped for `name` with random
             weights (no network; `device="meta"` then allocates nothing). Built-in names and hub ids
             with a shipped config only: a local folder, or a hub id without one, is loaded with its weights.
         device: where the denoiser (and its VAE) lives.
         dtype: the inference dtype (None: float32); a VAE marked `force_upcast` stays float32 in float16.
     """
-    resolved = check_name(name)
+    resolved = check_available(name, weights)
+    if resolved.source == "folder":
+        name = str(Path(name).expanduser())
     check_denoiser_memory(name, resolved, weights, device, dtype)  # before anything is allocated
     family = resolved.family
     if resolved.source == "builtin":
@@ -59,6 +85,29 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
     return adapter
 
 
-__all__ = ["check_name", "ConstantOutput", "DenoiserAdapter", "DiTAdapter", "Family", "Resolved", "Sampler",
+def architecture(name: str, dtype: torch.dtype | None = None) -> DenoiserAdapter | None:
+    """The adapter of `name` over its architecture on the meta device (no weights read, no memory):
+    what a run's settings are checked against before the denoiser loads (H, partition, cache
+    points, store key). None where no config is at hand without loading (a hub model not in the
+    local cache: loading says why)."""
+    from .footprint import building_dtype, meta_denoiser
+
+    resolved = check_name(name)
+    family = resolved.family
+    if resolved.source == "builtin" or name in family.hub_names:  # a shipped config
+        adapter = load_denoiser(name, weights=False, device="meta", dtype=dtype)
+    else:
+        with building_dtype(dtype):
+            denoiser = meta_denoiser(name, resolved)
+        if denoiser is None:
+            return None
+        adapter = family.adapter(denoiser, name)
+    if dtype is not None and adapter.dtype != dtype:  # the built-in model is built in float32, whatever was asked
+        adapter.denoiser.to(dtype)
+    return adapter
+
+
+__all__ = ["architecture", "check_available", "check_name", "ConstantOutput", "DenoiserAdapter",
+           "DenoiserUnavailableError", "DiTAdapter", "Family", "Resolved", "Sampler",
            "TextCondition", "UnitGroup", "UnknownDenoiserError", "families", "family_of", "keep_from_order",
            "load_denoiser"]

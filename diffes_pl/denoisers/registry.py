@@ -17,6 +17,7 @@ import importlib
 import json
 import os
 import pkgutil
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -165,21 +166,70 @@ def folder_family(path: Path) -> Family:
     return next(f for f in known if f.default_folder)
 
 
+def is_hub_id(name: str) -> bool:
+    """`org/name` as the Hugging Face hub spells a repository: exactly one slash, no leading dot, slash
+    or tilde (those, like more slashes, make a path)."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*", name) is not None
+
+
+def is_path(name: str) -> bool:
+    """Whether `name` means a local folder: it exists as a path, starts like one ("/", "./", "../",
+    "~") or has a path separator without being shaped like a hub id."""
+    if not name:
+        return False
+    if name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or name in (".", ".."):
+        return True
+    if Path(name).expanduser().exists():
+        return True
+    separators = {os.path.sep, os.path.altsep} - {None}
+    return any(sep in name for sep in separators) and not is_hub_id(name)
+
+
 def resolve(name: str) -> Resolved:
     """Which family and source serve `name`, without loading anything (a local folder's JSON configs
-    are read); unknown names and missing folders are refused here, before any long work."""
+    are read); unknown names and missing folders are refused here, before any long work.
+
+    A built-in name is built in; a path (`is_path`: an existing one, or one that starts like a path) is
+    a local folder; an `org/name` hub id is served by the family that ships its config or claims it."""
     known = families()
     for family in known.values():
-        if name in family.hub_names:
-            return Resolved(family, "builtin" if family.builtin else "hub")
-    if os.path.sep in name or name.startswith("."):
-        if not Path(name).exists():
+        if family.builtin and name in family.hub_names:
+            return Resolved(family, "builtin")
+    if is_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
             raise FileNotFoundError(f"local checkpoint {name} does not exist; pass an existing folder or a hub id")
-        return Resolved(folder_family(Path(name)), "folder")
+        return Resolved(folder_family(path), "folder")
+    for family in known.values():
+        if name in family.hub_names:
+            return Resolved(family, "hub")
     for family in known.values():
         if family.claims_hub_id is not None and family.claims_hub_id(name):
             return Resolved(family, "hub")
     claimed = _titles(f for f in known.values() if f.claims_hub_id is not None)
+    what = (f"unknown hub id {name!r}: no denoiser family serves it, and no folder {name} exists"
+            if is_hub_id(name) else f"unknown denoiser {name!r}")
     raise UnknownDenoiserError(
-        f"unknown denoiser {name!r}: use one of {known_names()}, " + (f"a {claimed} hub id, " if claimed else "")
+        f"{what}: use one of {known_names()}, " + (f"a {claimed} hub id, " if claimed else "")
         + "or a local folder (e.g. ./models/DiT-XL-2-256)")
+
+
+class DenoiserUnavailableError(OSError):
+    """A hub model that is not in the local Hugging Face cache while the hub is offline."""
+
+
+def check_cached(name: str, resolved: Resolved) -> None:
+    """Refuses (DenoiserUnavailableError) hub id `name` when the hub is offline and the local Hugging
+    Face cache does not hold its denoiser's config: loading would fail only after a long wait, or with
+    a message about something else. Online, or cached, nothing is checked (diffusers downloads)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = constants.HF_HUB_OFFLINE  # what `huggingface_hub.is_offline_mode()` answers (HF_HUB_OFFLINE=1)
+    if resolved.source != "hub" or not offline:
+        return
+    cache = constants.HF_HUB_CACHE
+    found = try_to_load_from_cache(name, f"{resolved.family.denoiser_subfolder}/config.json", cache_dir=cache)
+    if not isinstance(found, str):
+        raise DenoiserUnavailableError(
+            f"could not load {name!r}: it is not in the local Hugging Face cache ({cache}) and the hub is "
+            f"offline; download it first (hf download {name}), or pass a local folder")

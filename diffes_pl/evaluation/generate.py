@@ -4,7 +4,10 @@ An `ImageSet` is N images sampled in fixed batches from seeded noise; batch b is
 `<folder>/batch_<b>.safetensors` (images [B, C, H, W] uint8) the moment it is done, so a run that
 is interrupted, or asked for more images later, regenerates nothing already on disk. The folder
 name carries a hash of everything that decides the pixels (denoiser, store, levels, sampler, steps,
-guidance, seed, batch size): images made under other settings are never reused silently.
+guidance, seed, batch size): images made under other settings are never reused silently. Each batch
+file records the sha256 of its pixels in its metadata, verified whenever it is read: a damaged batch
+is refused naming it (delete it: it is sampled again). The key also holds `BATCH_FORMAT`, so that
+folders of older versions (batches without checksums) are not reused but sampled anew.
 
 For people and for other FID tools, `write_pngs` also writes every image as `<folder>/png/000000.png`,
 … (exactly the first N images, the pixels of the batch files) and a `<folder>/grid.png` overview,
@@ -32,7 +35,18 @@ import torch
 from torch import Tensor
 
 from ..caching.installed import install_schedule
+from ..integrity import DamagedFileError, sha256_hex
 from ..sampling import sample, seeded_noise
+
+# 2: every batch file records its pixels' sha256 (`PIXELS_SHA256` in its metadata)
+BATCH_FORMAT = 2
+PIXELS_SHA256 = "pixels_sha256"
+
+
+def pixels_digest(pixels: Tensor) -> str:
+    """sha256 of a uint8 image batch: its shape, then its bytes (a changed shape changes it too)."""
+    pixels = pixels.contiguous()
+    return sha256_hex(f"{pixels.dtype}{list(pixels.shape)}".encode() + pixels.numpy().tobytes())
 
 
 @dataclass
@@ -48,7 +62,8 @@ class ImageSet:
 
     @property
     def folder(self) -> Path:
-        key = json.dumps({"levels": self.levels, **self.settings}, sort_keys=True, default=str)
+        key = json.dumps({"levels": self.levels, **self.settings, "batch_format": BATCH_FORMAT}, sort_keys=True,
+                         default=str)
         return self.root / f"{self.name}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
     @property
@@ -74,15 +89,35 @@ class ImageSet:
     def noise(self, b: int, latent_shape: Sequence[int]) -> Tensor:
         return seeded_noise((self.batch_size, *latent_shape), int(self.settings["seed"]) * 1_000_003 + b)
 
+    def read_batch(self, b: int) -> Tensor:
+        """Batch b's pixels [B, C, H, W] uint8, after checking them against the sha256 saved with them."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.batch_path(b)
+
+        def damaged(what: str) -> DamagedFileError:
+            return DamagedFileError(f"evaluation batch {path} is damaged ({what}); delete it (it is sampled again) "
+                                    "and rerun")
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                expected = (f.metadata() or {}).get(PIXELS_SHA256)
+                pixels = f.get_tensor("images")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:  # a damaged header or size
+            raise damaged(f"unreadable: {type(err).__name__}") from None
+        if expected is None:
+            raise damaged("its checksum is missing")
+        if pixels.dtype != torch.uint8 or pixels_digest(pixels) != expected:
+            raise damaged("checksum mismatch: its pixels changed after they were written")
+        return pixels
+
     def load(self) -> Tensor:
         """The first num_images images [N, C, H, W] float in [0, 1]."""
-        from safetensors.torch import load_file
-
         missing = self.missing()
         if missing:
             raise FileNotFoundError(f"{len(missing)} batches of {self.folder} are missing (first: {missing[0]}); "
                                     "sample them first")
-        batches = [load_file(str(self.batch_path(b)))["images"] for b in range(self.num_batches)]
+        batches = [self.read_batch(b) for b in range(self.num_batches)]
         return torch.cat(batches)[:self.num_images].float() / 255
 
     @property
@@ -96,8 +131,6 @@ class ImageSet:
         """PNGs of the first num_images images (from the batch files, lossless), the missing ones
         only, and grid.png of the first `grid_size`; PNGs past num_images are removed so that the
         folder holds exactly the evaluated images. Returns how many PNGs were written."""
-        from safetensors.torch import load_file
-
         from ..io import atomic_path
 
         written = 0
@@ -106,7 +139,7 @@ class ImageSet:
             rows = range(first, min(first + self.batch_size, self.num_images))
             todo = [i for i in rows if not self.png_path(i).is_file()]
             if todo:
-                pixels = load_file(str(self.batch_path(b)))["images"]
+                pixels = self.read_batch(b)
                 for i in todo:
                     with atomic_path(self.png_path(i)) as tmp:
                         to_pil(pixels[i - first]).save(tmp, format="PNG")
@@ -127,7 +160,7 @@ class ImageSet:
 
         pixels = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
         with atomic_path(self.batch_path(b)) as tmp:
-            save_file({"images": pixels}, str(tmp))
+            save_file({"images": pixels}, str(tmp), metadata={PIXELS_SHA256: pixels_digest(pixels)})
 
 
 def to_pil(pixels: Tensor) -> Any:

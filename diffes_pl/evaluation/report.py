@@ -23,7 +23,7 @@ import torch
 from ..caching.budget import trajectory_macs
 from ..caching.installed import install_schedule
 from ..io import write_json
-from ..routing import check_store
+from ..routing import check_routable, check_store
 from ..run import RunContext
 from ..schedule import Schedule
 from ..trajectory import StoreMismatchError, TrajectoryStore
@@ -264,21 +264,34 @@ def evaluate_run(context: RunContext, trainer, schedule: str | Path | None = Non
                  config: EvalConfig | None = None, log: Callable[[str], None] = print) -> dict:
     """`diffes-pl test`: the schedule file (default <run folder>/schedule.json); its folder receives
     eval/ and evaluation.json."""
-    path = Path(schedule) if schedule else context.root_dir / "schedule.json"
-    loaded = Schedule.load(path)
-    store = schedule_store(context, loaded, path)
+    path = schedule_path(context.root_dir, schedule)
+    loaded, store = check_schedule_file(path, context.store_path, context.adapter.identity())
     log(f"evaluating {path} on the trajectory store {store.path} (pruner {store.pruner})")
     return evaluate_schedule(context, trainer, loaded, config or EvalConfig(), path.parent, log=log,
                              source=str(path), store=store)
 
 
-def schedule_store(context: RunContext, schedule: Schedule, source: Path) -> TrajectoryStore:
+def schedule_path(root_dir: str | Path, schedule: str | Path | None) -> Path:
+    """The schedule file `diffes-pl test` evaluates: `schedule`, else <root_dir>/schedule.json."""
+    return Path(schedule) if schedule else Path(root_dir) / "schedule.json"
+
+
+def check_schedule_file(path: Path, store_path: Path, identity: dict | None) -> tuple[Schedule, TrajectoryStore]:
+    """The schedule at `path` and the store it is evaluated on, refused — from the schedule file and
+    the store's manifest alone, before any denoiser loads or image is sampled — when that store cannot
+    route it (`routing.check_routable`; `identity`: the denoiser's, None to skip that check)."""
+    schedule = Schedule.load(path)
+    store = schedule_store(store_path, schedule, path)
+    check_routable(schedule, store, identity)
+    return schedule, store
+
+
+def schedule_store(configured: Path, schedule: Schedule, source: Path) -> TrajectoryStore:
     """The store a schedule file is evaluated on: the one recorded in it (where it was searched),
-    else the run's configured store, if it is that same store (same key), never another one."""
+    else the run's configured store (`configured`), if it is that same store (same key), never another one."""
     if schedule.store and TrajectoryStore.exists(schedule.store):
         store = TrajectoryStore.open(schedule.store)
     else:
-        configured = context.store_path
         store = TrajectoryStore.open(configured)
         if schedule.store_key is not None and schedule.store_key != store.key:
             raise StoreMismatchError(

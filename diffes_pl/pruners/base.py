@@ -54,6 +54,9 @@ class Pruner(L.LightningModule):
     compensated = False
     depth = False
     passes = 1  # predict epochs per stage; OBS-Diff's sequential calibration uses one per block group
+    # a stop request (SIGTERM, Ctrl-C: trainer.received_sigterm) ends calibration after the predict epoch
+    # under way (`_calibrate`); Lightning's predict loop does not look at it
+    stops_at_boundaries = True
 
     def __init__(self, stat_dtype: str = "float64", store_dtype: str | None = None) -> None:
         """
@@ -311,6 +314,8 @@ def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: Den
             for part in range(pruner.passes):
                 pruner.begin_pass(stage, part)
                 trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
+                if (stage, part) != (partition.num_stages - 1, pruner.passes - 1):  # the last: sealed first
+                    _stop_if_requested(trainer)
         if trainer.global_rank == 0:
             store = _seal(shard_dir, path, {
                 "key": make_key(key_fields), "key_fields": key_fields, "pruner": pruner.name,
@@ -323,6 +328,20 @@ def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: Den
             shutil.rmtree(shard_dir)
     if trainer.world_size > 1:
         trainer.strategy.barrier("diffes-store-sealed")
+    _stop_if_requested(trainer)  # during the last stage: the store is complete, and a rerun reuses it
+
+
+def _stop_if_requested(trainer: L.Trainer) -> None:
+    """Between two predict epochs (stages, or passes of one): a SIGTERM or Ctrl-C received during the
+    last one stops calibration here, on every rank as rank 0 decides (nothing of it is resumable: the
+    shards are removed, a rerun calibrates again)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    stop = trainer.received_sigterm
+    if trainer.world_size > 1:
+        stop = trainer.strategy.broadcast(stop, src=0)
+    if stop:
+        raise SIGTERMException()
 
 
 def _seal(shard_dir: Path, path: Path, manifest: dict) -> TrajectoryStore:

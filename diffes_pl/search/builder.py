@@ -4,12 +4,13 @@ and racing, handed to `EvolutionarySearch`."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..caching.budget import step_cost_table
-from ..denoisers import load_denoiser
+from ..denoisers import architecture, check_available, load_denoiser
 from ..denoisers.base import DenoiserAdapter
 from ..errors import ScheduleError
 from ..partition import StagePartition
@@ -27,17 +28,61 @@ from .settings import SearchSettings, resolve_cache_branch
 from .space import SearchSpace
 
 
-def build_context(settings: SearchSettings, root_dir: Path, device: torch.device | str = "cpu", *,
-                  depth: bool = False) -> RunContext:
-    """The run context of a run in `root_dir`: loads the denoiser on `device`, fixes the partition and
-    H (default: the adapter's, for width or `depth` pruning) and refuses what needs the loaded
-    denoiser (a target no schedule meets, a cache branch it lacks) before calibration."""
-    adapter = load_denoiser(settings.denoiser, device=device, dtype=getattr(torch, settings.dtype))
+@dataclass(frozen=True)
+class RunPlan:
+    """What a run is, fixed before its denoiser loads: the adapter over the architecture on the meta
+    device (no weights), the partition and H."""
+
+    adapter: DenoiserAdapter
+    partition: StagePartition
+    levels_max: int
+
+
+def plan_run(settings: SearchSettings, *, depth: bool = False) -> RunPlan | None:
+    """The run's plan, from the denoiser's config alone (`denoisers.architecture`, well under a second
+    even for FLUX), refusing what the settings cannot do on this denoiser — a partition the sampler
+    cannot cut, a target above H, a cache branch it lacks — before anything is loaded or written.
+    None where the config is not at hand without loading (a hub model outside the local cache)."""
+    dtype = getattr(torch, settings.dtype)
+    check_available(settings.denoiser)  # a hub id outside the local cache, offline: refused now
+    adapter = architecture(settings.denoiser, dtype=dtype)
+    if adapter is None:
+        return None
+    return _plan(settings, adapter, depth)
+
+
+def _plan(settings: SearchSettings, adapter: DenoiserAdapter, depth: bool) -> RunPlan:
     partition = StagePartition.from_scheduler(adapter.make_scheduler(settings.sampler), settings.steps,
                                               settings.num_stages)
     levels_max = int(settings.levels or adapter.default_levels("depth" if depth else "width"))
     check_target(settings.target_level, levels_max, partition.steps_per_stage)
     settings.check_denoiser(adapter)
+    return RunPlan(adapter, partition, levels_max)
+
+
+def check_existing_store(path: Path, plan: RunPlan, key_fields: dict | None = None) -> None:
+    """Refuses, from its manifest alone (no shard read), a store already at `path` that this run
+    cannot use: other stages or H, or (with `key_fields`) another key. No store there: nothing to check."""
+    if not TrajectoryStore.exists(path):
+        return
+    store = TrajectoryStore.open(path)
+    if store.levels_max != plan.levels_max or store.num_stages != plan.partition.num_stages:
+        raise ScheduleError(f"the store at {path} has H = {store.levels_max} and {store.num_stages} stages; this "
+                            f"run needs H = {plan.levels_max} and {plan.partition.num_stages} stages: point "
+                            "--model.store elsewhere (a new store is built there), or restore the settings")
+    if key_fields is not None:
+        store.check_key(key_fields)
+
+
+def build_context(settings: SearchSettings, root_dir: Path, device: torch.device | str = "cpu", *,
+                  depth: bool = False) -> RunContext:
+    """The run context of a run in `root_dir`: refuses what the settings cannot do on this denoiser
+    (`plan_run`: from its config, before loading), then loads the denoiser on `device` and fixes the
+    partition and H (default: the adapter's, for width or `depth` pruning)."""
+    plan_run(settings, depth=depth)
+    adapter = load_denoiser(settings.denoiser, device=device, dtype=getattr(torch, settings.dtype))
+    plan = _plan(settings, adapter, depth)  # the same, from the loaded denoiser (no config at hand before)
+    partition, levels_max = plan.partition, plan.levels_max
     return RunContext(root_dir, store_path(settings, root_dir), adapter, partition, levels_max, settings.target_level,
                       settings.sampler, settings.steps, settings.guidance, settings.dtype, settings.fitness,
                       settings.prompts, settings.probe_batch_size)

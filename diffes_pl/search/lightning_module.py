@@ -10,12 +10,11 @@ schedules across ranks and sums their fitness values, logs the generation's stat
 schedule.json and evaluations.jsonl, and puts `search.state_dict()` into the checkpoint
 `GenerationCheckpoint` (search/resume.py) saves as `<run>/checkpoints/last.ckpt` after every
 generation — so a run killed at any point and resumed with `--ckpt_path last` ends exactly as an
-uninterrupted one. A SIGTERM (a cluster's preemption) stops the search at once: the generation under
-way is dropped, the last checkpoint stands.
+uninterrupted one. A SIGTERM (a cluster's preemption) or Ctrl-C (`interrupts.py`) stops the search
+at once: the generation under way is dropped, the last checkpoint stands.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,8 @@ from ..pruners.obs import OBSPruner
 from ..run import RunContext
 from ..schedule import Schedule
 from ..trajectory import TrajectoryStore
-from .builder import build_context, build_search, rebind_context
+from .archive_file import evaluation_lines
+from .builder import RunPlan, build_context, build_search, check_existing_store, plan_run, rebind_context, store_path
 from .evolution import EvolutionarySearch
 from .resume import GenerationCheckpoint
 from .settings import SearchSettings
@@ -39,6 +39,8 @@ from .space import SearchSpace
 
 class DiffES(L.LightningModule):
     """Stage-wise structural pruning by evolutionary search (one generation per epoch)."""
+
+    stops_at_boundaries = True  # a stop request (trainer.received_sigterm) ends the search between rollouts
 
     def __init__(
         self,
@@ -150,6 +152,7 @@ class DiffES(L.LightningModule):
         self.pruner = pruner if pruner is not None else OBSPruner()
         self.automatic_optimization = False
         self._tick = nn.Parameter(torch.zeros(1))  # the no-op optimizer's parameter (see configure_optimizers)
+        self._plan: RunPlan | None = None  # `check_run` makes it (from the denoiser's config)
         self.context: RunContext | None = None  # `prepare` builds it (loads the denoiser)
         self.search: EvolutionarySearch | None = None  # `setup("fit")` builds it
 
@@ -168,6 +171,24 @@ class DiffES(L.LightningModule):
             self.context = rebind_context(self.context, self.settings, Path(root_dir))
         return self.context
 
+    def check_run(self, root_dir: str | Path = ".", datamodule: Any | None = None) -> RunPlan | None:
+        """Refuses, from the denoiser's config (`builder.plan_run`) and the store's manifest, before
+        the denoiser loads and before anything is written, what this run cannot do: settings the
+        denoiser cannot serve, a store in the way with other stages or H, or — given the calibration
+        `datamodule` — another key. Returns the plan (None: the config is not at hand before loading)."""
+        if self._plan is None:
+            self._plan = plan_run(self.settings, depth=self.pruner.depth)
+        if self._plan is not None:
+            key_fields = None if datamodule is None else self.store_key_fields(datamodule)
+            check_existing_store(self.store_folder(root_dir), self._plan, key_fields)
+            if datamodule is not None and not TrajectoryStore.exists(self.store_folder(root_dir)):
+                datamodule.check_source(self._plan.adapter)  # calibration will read it: open it now
+        return self._plan
+
+    def store_folder(self, root_dir: str | Path) -> Path:
+        """The store of a run in `root_dir`: `store`, or <root_dir>/store."""
+        return store_path(self.settings, Path(root_dir))
+
     def ensure_store(self, trainer: L.Trainer, datamodule: Any | None, log=print) -> TrajectoryStore:
         """Opens the matching store, or builds it by calibration (needs the datamodule)."""
         context = self.prepare(trainer.default_root_dir, trainer.strategy.root_device)
@@ -184,9 +205,8 @@ class DiffES(L.LightningModule):
 
     def store_key_fields(self, datamodule: Any) -> dict:
         """What the store of this run depends on (denoiser, calibration, partition, pruner, H)."""
-        context = self.context or self.prepare()
-        return store_key_fields(context.adapter, context.partition, datamodule.settings(), self.pruner,
-                                context.levels_max)
+        known = self.context or self._plan or self.prepare()  # the plan: no weights needed for the key
+        return store_key_fields(known.adapter, known.partition, datamodule.settings(), self.pruner, known.levels_max)
 
     # --- search ---------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -261,7 +281,7 @@ class DiffES(L.LightningModule):
         return self.trainer.strategy.reduce(tensor.to(self.device), reduce_op="sum").cpu()
 
     def _stop_if_terminated(self) -> None:
-        """A SIGTERM stops a single-process search between two rollouts: the generation under way is
+        """A SIGTERM or Ctrl-C stops a single-process search between two rollouts: the generation under way is
         dropped (nothing of it is saved) and the previous generation's checkpoint stands. Several
         processes stop at the generation's end instead, where Lightning agrees on it across ranks."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -302,7 +322,7 @@ class DiffES(L.LightningModule):
         root = self.context.root_dir
         schedule.save(root / "schedule.json")
         with atomic_path(root / "evaluations.jsonl") as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.search.archive))
+            tmp.write_text(evaluation_lines(self.search.archive))
 
     # --- checkpoint ---------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -9,12 +9,18 @@ any work starts. It is a `Checkpoint` (Lightning runs those after the module's e
 generation's outputs are written first) but not a `ModelCheckpoint`, so a user's own
 `ModelCheckpoint` is neither replaced by it nor mistaken for it. The CLI also gives it to the Trainer,
 so that Lightning adds no default `ModelCheckpoint` of its own (`epoch=…-step=….ckpt` files).
+
+The checkpoint carries the sha256 of the whole file in its zip archive comment (`integrity.seal_zip`:
+torch.save writes a zip, and zip readers — torch.load's, so Lightning's `fit(ckpt_path=…)` too — skip
+the comment), and `read_checkpoint` verifies it before unpickling anything: damaged latents would
+otherwise resume silently. Checkpoints of older versions (no comment) are read with a warning.
 """
 from __future__ import annotations
 
 import os
 import pickle
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,11 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
 
+from ..integrity import DamagedFileError, check_zip, seal_zip
+
 CHECKPOINT = Path("checkpoints") / "last.ckpt"
+# the checkpoint's format, written with its checksum (a change to what `diffes` holds bumps it)
+CHECKPOINT_FORMAT = "diffes-pl-checkpoint/1"
 # the files a search writes into its run folder (a finished or stopped search is recognised by them)
 OUTPUTS = ("schedule.json", "evaluations.jsonl", "checkpoints", "plots")
 # settings a resumed search may change: they decide how fast the fitness is computed, not its value
@@ -53,6 +63,7 @@ class GenerationCheckpoint(Checkpoint):
             path.parent.mkdir(parents=True, exist_ok=True)
         trainer.save_checkpoint(tmp, weights_only=False)  # every rank calls it; rank 0 writes
         if trainer.is_global_zero:
+            seal_zip(tmp, CHECKPOINT_FORMAT)  # before the rename: last.ckpt is always sealed
             os.replace(tmp, path)
         trainer.strategy.barrier("diffes-checkpoint")
 
@@ -62,6 +73,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ResumeError(f"checkpoint {path} does not exist; pass an existing checkpoint or start without --ckpt_path")
+    fix = "resume from a copy, or start again with --overwrite true (its generations are lost)"
+    verified, problem = check_zip(path, CHECKPOINT_FORMAT)
+    if problem:
+        state = "is damaged" if "mismatch" in problem else "is truncated or corrupt"
+        raise DamagedFileError(f"checkpoint {path} {state} ({problem}); {fix}")
+    if not verified:
+        warnings.warn(f"checkpoint {path} has no checksum (written by an older diffes-pl): it is read unverified",
+                      stacklevel=2)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
@@ -99,8 +118,8 @@ def describe(run_dir: Path) -> str:
 def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite: bool) -> str | None:
     """The checkpoint file a `fit` resumes from (None: a new search), after refusing what would lose
     or mix results: a new search over an existing one without `overwrite`, `last` with nothing to
-    resume. With `overwrite`, the old search's outputs are removed first (the store is kept: it is
-    keyed, and reused only when it matches)."""
+    resume. Nothing is removed here: with `overwrite`, `clear_outputs` removes the old search's
+    outputs once every other check has passed."""
     run_dir = Path(run_dir)
     if ckpt_path is None:
         existing = [name for name in OUTPUTS if (run_dir / name).exists()]
@@ -108,9 +127,6 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite:
             raise ResumeError(
                 f"{run_dir} already holds {describe(run_dir)} ({', '.join(existing)}); resume it with "
                 "--ckpt_path last, start over with --overwrite true, or choose another --trainer.default_root_dir")
-        for name in existing:
-            target = run_dir / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
         return None
     if overwrite:
         raise ResumeError("--overwrite true starts a new search and --ckpt_path resumes one: pass only one of them")
@@ -122,6 +138,17 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, overwrite:
     elif ckpt_path in ("best", "hpc", "registry"):
         raise ResumeError(f"--ckpt_path {ckpt_path} has no meaning for a search; use --ckpt_path last or a file")
     return path
+
+
+def clear_outputs(run_dir: str | os.PathLike) -> None:
+    """Removes a search's outputs from `run_dir` (`--overwrite true`); the store is kept: it is keyed,
+    and reused only when it matches."""
+    for name in OUTPUTS:
+        target = Path(run_dir) / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def checkpoint_file(run_dir: str | os.PathLike, ckpt_path: str | None) -> str | None:

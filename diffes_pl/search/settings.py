@@ -17,6 +17,7 @@ from ..denoisers.base import BlockCachePoints, DenoiserAdapter, UNetCachePoints
 from ..denoisers.registry import family_titles
 from ..denoisers.tiny import NAME as BUILTIN
 from ..fitness import Metric, get_metric
+from ..partition import split_steps
 from .joint_space import JOINT_INITS, interval_rate_problem
 from .level_space import INITS
 from .racing import Racing
@@ -84,6 +85,10 @@ class SearchSettings:
     def _problems(self) -> list[str]:
         """One-line refusals of the settings alone."""
         problems = []
+        try:
+            split_steps(self.steps, self.num_stages)
+        except ValueError as err:
+            problems.append(str(err))
         if self.num_probes < 1:
             problems.append(f"num_probes must be ≥ 1 (got {self.num_probes})")
         if self.offspring < 1 or self.survivors < 1:

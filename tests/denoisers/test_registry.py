@@ -61,6 +61,101 @@ def test_unrecognised_folder_is_dit_and_unknown_names_are_refused(tmp_path):
         check_name(str(tmp_path / "missing"))
 
 
+# --- hub ids and folders -----------------------------------------------------------------------------
+
+def _no_loading(monkeypatch) -> None:
+    """Every loader of the dit family raises: a refusal must come before any of them runs."""
+    import dataclasses
+
+    from diffes_pl.denoisers import registry
+
+    def loader(*_args, **_kwargs):
+        raise AssertionError("a loader was called")
+
+    dit = family_of("dit")
+    monkeypatch.setitem(registry._FAMILIES, "dit", dataclasses.replace(dit, load_hub=loader, load_folder=loader))
+
+
+@pytest.fixture
+def offline_cache(tmp_path, monkeypatch):
+    """An empty local Hugging Face cache, the hub offline."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub-cache"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_an_uncached_hub_id_offline_is_refused_before_any_loading(offline_cache, monkeypatch):
+    """`org/name` is a hub id, not a missing folder: offline and not in the cache it is refused at once,
+    naming the cache and both ways out, and no loader runs."""
+    from diffes_pl.denoisers import DenoiserUnavailableError, check_available
+
+    _no_loading(monkeypatch)
+    for name, kwargs in (("facebook/DiT-XL-2-512", {}), ("facebook/DiT-XL-2-512", {"weights": False}),
+                         ("facebook/DiT-XL-2-256", {})):  # claimed; claimed without a shipped config; shipped
+        assert str(check_name(name)) == "dit-hub"
+        with pytest.raises(DenoiserUnavailableError) as err:
+            dp.load_denoiser(name, device="meta", **kwargs)
+        assert str(err.value) == (f"could not load '{name}': it is not in the local Hugging Face cache "
+                                  f"({offline_cache}) and the hub is offline; download it first (hf download "
+                                  f"{name}), or pass a local folder")
+        with pytest.raises(DenoiserUnavailableError):
+            check_available(name, **kwargs)
+    # the shipped architecture needs no cache: random weights, offline
+    assert check_available("facebook/DiT-XL-2-256", weights=False).source == "hub"
+    monkeypatch.undo()
+    assert type(dp.load_denoiser("facebook/DiT-XL-2-256", weights=False, device="meta").denoiser).__name__ == \
+        "DiTTransformer2DModel"
+
+
+def test_a_cached_hub_id_goes_on_to_its_loader(offline_cache, monkeypatch):
+    from diffes_pl.denoisers import check_available
+
+    _no_loading(monkeypatch)
+    repo = offline_cache / "models--facebook--DiT-XL-2-512"
+    config = repo / "snapshots" / "0123abcd" / "transformer" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    assert str(check_available("facebook/DiT-XL-2-512")) == "dit-hub"
+    with pytest.raises(AssertionError, match="a loader was called"):
+        dp.load_denoiser("facebook/DiT-XL-2-512", device="meta")
+
+
+def test_an_unknown_hub_id_lists_what_is_accepted(offline_cache, monkeypatch):
+    from diffes_pl.denoisers.registry import known_names
+
+    _no_loading(monkeypatch)
+    with pytest.raises(UnknownDenoiserError) as err:
+        dp.load_denoiser("someorg/unet-model", device="meta")
+    assert str(err.value) == (f"unknown hub id 'someorg/unet-model': no denoiser family serves it, and no folder "
+                              f"someorg/unet-model exists: use one of {known_names()}, a DiT hub id, or a local "
+                              "folder (e.g. ./models/DiT-XL-2-256)")
+
+
+@pytest.mark.parametrize("name", ["./models/DiT-XL-2-512", "../DiT-XL-2-512", "~/no-such-diffes-model",
+                                  "models/dit/DiT-XL-2-512", "/no/such/DiT"])
+def test_names_that_look_like_paths_are_missing_folders(name, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _no_loading(monkeypatch)
+    with pytest.raises(FileNotFoundError) as err:
+        dp.load_denoiser(name, device="meta")
+    assert str(err.value) == f"local checkpoint {name} does not exist; pass an existing folder or a hub id"
+
+
+def test_an_existing_folder_named_like_a_hub_id_is_a_folder(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "facebook" / "DiT-XL-2-512").mkdir(parents=True)
+    assert str(check_name("facebook/DiT-XL-2-512")) == "dit-folder"
+    home = tmp_path / "home"
+    (home / "models" / "dit").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    assert str(check_name("~/models/dit")) == "dit-folder"
+
+
 def test_a_name_is_served_by_one_family():
     taken = {name: family.name for family in families().values() for name in family.hub_names}
     dit = family_of("dit")

@@ -1,5 +1,4 @@
 """The small search the CLI tests run: the built-in model, 4 stages of 2 steps, 6 probes, Wanda."""
-import json
 import os
 import sys
 from pathlib import Path
@@ -52,8 +51,7 @@ def text_family_search(tmp_path: Path, text_models, folder: Path, model: dict, g
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
     def read(run: Path) -> tuple[dict, list[dict]]:
-        lines = (run / "evaluations.jsonl").read_text().splitlines()
-        return json.loads((run / "schedule.json").read_text()), [json.loads(line) for line in lines]
+        return json.loads((run / "schedule.json").read_text()), evaluation_rows(run)
 
     run, resumed = tmp_path / "run", tmp_path / "resumed"
     fit(run)
@@ -85,5 +83,7 @@ def calibrated_search(root: Path, max_epochs: int, callbacks: list | None = None
 
 
 def evaluation_rows(run: Path) -> list[dict]:
-    """The rows of a run's evaluations.jsonl (one per evaluated schedule)."""
-    return [json.loads(line) for line in (run / "evaluations.jsonl").read_text().splitlines()]
+    """The rows of a run's evaluations.jsonl (one per evaluated schedule), each line's check verified."""
+    from diffes_pl.search.archive_file import read_evaluations
+
+    return read_evaluations(run / "evaluations.jsonl")

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from diffes_pl.schedule import budget_met
+from diffes_pl.search.archive_file import read_evaluations
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -48,7 +49,7 @@ def test_flux_depth_search_end_to_end(tmp_path, text_models):
     schedule = json.loads((run / "schedule.json").read_text())
     assert schedule["extra"]["finished"] is True and schedule["pruner"] == "depth"
     assert schedule["partition"]["timesteps"] == [1000.0, 750.0, 500.0, 250.0]
-    records = [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
+    records = read_evaluations(run / "evaluations.jsonl")
     assert len(records) > 4 and all(budget_met(r["levels"], [1] * 4, 1) for r in records)
     assert all(0 < r["fitness"] <= 1 for r in records)
     assert any(r["fitness"] < 1 for r in records)  # skipping blocks changes the samples
@@ -62,5 +63,5 @@ def test_flux_depth_search_end_to_end(tmp_path, text_models):
                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert json.loads((resumed / "schedule.json").read_text()) | {"store": None} == schedule | {"store": None}
-    again = [json.loads(l) for l in (resumed / "evaluations.jsonl").read_text().splitlines()]
+    again = read_evaluations(resumed / "evaluations.jsonl")
     assert [(r["levels"], r["fitness"], r["nfe"]) for r in again] == [(r["levels"], r["fitness"], r["nfe"]) for r in records]

@@ -16,6 +16,7 @@ from diffes_pl.fitness import FitnessInputs, get_metric
 from diffes_pl.pruners import WandaPruner
 from diffes_pl.schedule import Schedule
 from diffes_pl.step_costs import mac_budget_met
+from diffes_pl.search.archive_file import read_evaluations
 from diffes_pl.search.builder import level_space
 from diffes_pl.search.evolution import EvolutionarySearch
 from diffes_pl.search.joint_space import JointSpace
@@ -45,7 +46,7 @@ def fitted(tmp_path_factory):
 
 
 def rows(module):
-    return [json.loads(l) for l in (module.context.root_dir / "evaluations.jsonl").read_text().splitlines()]
+    return read_evaluations(module.context.root_dir / "evaluations.jsonl")
 
 
 def test_every_evaluated_schedule_meets_the_mac_budget(fitted):

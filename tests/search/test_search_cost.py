@@ -17,7 +17,7 @@ from diffes_pl.search.lightning_module import DiffES
 from diffes_pl.search.racing import Racing
 from diffes_pl.search.rollouts import Probes, RolloutEngine
 
-from helpers.search_runs import ENV, calibrated_search, fit_command
+from helpers.search_runs import ENV, calibrated_search, evaluation_rows, fit_command
 
 SETTINGS = dict(target_level=4, levels=8, num_stages=4, steps=8, num_probes=12, offspring=6, survivors=2, max_move=2)
 
@@ -224,7 +224,7 @@ def raced_run(tmp_path_factory):
 
 
 def _lines(run):
-    return [json.loads(l) for l in (run / "evaluations.jsonl").read_text().splitlines()]
+    return evaluation_rows(run)
 
 
 def test_racing_cli_resume_and_two_processes_equal_the_straight_run(raced_run, tmp_path):
