@@ -1,37 +1,34 @@
-"""Export a routed denoiser and load it back without the trajectory store.
+"""Export a routed denoiser as a diffusers pipeline folder that opens pruned.
 
-An export folder holds:
-    pipeline/            the dense model as a diffusers pipeline folder, written by the pipeline's own
-                         `save_pretrained` (the adapter's `pipeline_class`): the denoiser
-                         (`transformer/` or `unet/`), `scheduler/` (the adapter's sampler), the VAE
-                         and, for text-conditioned families, the text encoders and tokenizers when the
-                         adapter has them. `diffusers.DiffusionPipeline.from_pretrained(path / "pipeline")` opens
-                         it; components the adapter lacks (the pixel-space built-in model has no VAE,
-                         a text-conditioned adapter may have no text encoders) are recorded as
+An export folder (format diffes-pl-routed/4) IS a diffusers pipeline folder, written by the
+pipeline's own `save_pretrained` (the adapter's `pipeline_class`):
+    model_index.json     names the denoiser as ["diffes_pl.routed_model", "Routed<Class>"], so
+                         `diffusers.DiffusionPipeline.from_pretrained(path)` samples the PRUNED model
+                         (routed by the timestep, with its cache for a joint schedule; routed_model.py)
+    transformer/ or unet/  the routed denoiser's folder: config.json, the dense weights, routes/
+                         (the trajectory store cut down to what the schedule uses), schedule.json
+                         (levels, partition, H; a joint schedule's cache) and routing.json
+    scheduler/           the adapter's sampler; vae/ and, for text-conditioned families, the text
+                         encoders and tokenizers when the adapter has them. Components the adapter
+                         lacks (the pixel-space built-in model has no VAE) are recorded as
                          `[null, null]` and listed in export.json `pipeline_missing`: pass them as
-                         `None` (`from_pretrained(..., vae=None)`). That pipeline samples the DENSE model;
-                         the routed one needs `load` below.
-    routes/              a trajectory store cut down to what the schedule uses: per stage, the
-                         removal orders and the compensated weights at that stage's level only
-    schedule.json        levels, partition, H; for a joint schedule also its cache (per-stage
-                         `cache_intervals`, `cache_branch`, `mac_budget` and the `step_costs` table):
-                         caching needs no weights, so the routes are the same
+                         `None` (`from_pretrained(path, vae=None)`)
     export.json          what the folder is (format, denoiser name and family, noise schedule), the
                          sha256 and size of every other file (`files`) and of itself (`export_sha256`)
-`load` first verifies every file against export.json (a damaged, changed or missing file is refused
-naming it, before any model loads; exports of format /2 have no checksums and load unverified), then
-rebuilds the adapter with `load_denoiser` on `pipeline/` (diffusers' own `from_pretrained`),
-opens `routes/` and returns the adapter and a Router: sampling with it reproduces the routed samples
-exactly, for every family with a pipeline class. An export whose schedule caches is opened with
-`load_cached` (adapter, router and the schedule's feature cache, to pass to `dp.sample(...,
-cache=cache)`); `load` refuses it, since the router alone would run every step in full — not the
-schedule that was searched and reported.
+`push_to_hub` of the pipeline uploads it as it is. `load` first verifies every file against
+export.json (a damaged, changed or missing file is refused naming it, before any model loads), then
+returns the DENSE adapter (`load_denoiser`, diffusers' own `from_pretrained`) and a Router over the
+routes, for `dp.sample(adapter, ..., router=router)`; sampling with it reproduces the routed samples
+exactly. An export whose schedule caches is opened with `load_cached` (adapter, router and the
+schedule's feature cache); `load` refuses it, since the router alone would run every step in full.
+Exports of the earlier layout (/3: `pipeline/`, `routes/`, `schedule.json` side by side; /2 without
+checksums, loaded unverified with a warning) still load.
 
-A single-stage, uniformly pruned denoiser cannot be written for diffusers' `from_pretrained`: in
-`DiTTransformer2DModel`, the SDXL UNet's `Transformer2DModel` and FLUX's blocks an attention's width
-is `num_attention_heads × attention_head_dim` AND the block's residual width, and the MLP width is
-derived from it (×4, or GEGLU's ×4), so a config cannot say "fewer heads at the same width" or "a
-narrower MLP"; such a model is exported in this format instead (a 1-stage schedule).
+A single-stage, uniformly pruned denoiser cannot be written as a plain (unrouted) diffusers model:
+in `DiTTransformer2DModel`, the SDXL UNet's `Transformer2DModel` and FLUX's blocks an attention's
+width is `num_attention_heads × attention_head_dim` AND the block's residual width, and the MLP
+width is derived from it, so a config cannot say "fewer heads at the same width"; such a model is
+exported in this format too (a 1-stage schedule).
 """
 from __future__ import annotations
 
@@ -49,51 +46,35 @@ import torch
 from .denoisers import family_of, load_denoiser
 from .denoisers.base import DenoiserAdapter
 from .denoisers.samplers import scheduler_config
-from .integrity import DamagedFileError, file_sha256, seal_holds, sealed
+from .integrity import DamagedFileError, check_files, file_records, seal_holds, sealed
 from .io import write_json
 from .schedule import Schedule
 from .routing import Router
-from .trajectory import MANIFEST_SHA256, TrajectoryStore
+from .trajectory import TrajectoryStore
 
-# /3: export.json holds every file's sha256 and size (`files`) and its own (`export_sha256`); /2
-# exports (no checksums) still load, unverified, with a warning
-FORMAT = "diffes-pl-routed/3"
+# /4: the folder is a diffusers pipeline whose denoiser is a routed model (routes inside its folder);
+# /3: pipeline/ (dense), routes/ and schedule.json side by side, with checksums; /2: /3 without them
+FORMAT = "diffes-pl-routed/4"
+LAYOUT_3 = ("diffes-pl-routed/3",)
 LEGACY_FORMATS = ("diffes-pl-routed/2",)
 EXPORT_SHA256 = "export_sha256"
-
-
-def _routes(store: TrajectoryStore, schedule: Schedule, adapter: DenoiserAdapter):
-    for stage, level in enumerate(schedule.levels):
-        tensors = {}
-        if store.depth:
-            tensors["blocks.order"] = store.block_order(stage)
-        else:
-            for group in adapter.unit_groups():
-                tensors[f"{group.name}.order"] = store.order(stage, group.name)
-                weight = store.weight(stage, group.name, level)
-                if weight is not None:
-                    tensors[f"{group.name}.weight.{level}"] = weight
-        yield tensors
 
 
 def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, path: str | os.PathLike,
          sampler: str | None = None) -> Path:
     """Writes the export folder atomically (temporary name, then rename). `sampler` names the
-    scheduler written to `pipeline/scheduler/` (default: the adapter's default sampler)."""
+    scheduler written to `scheduler/` (default: the adapter's default sampler)."""
+    from .routed_model import routed_denoiser
+
     Router(adapter, store, schedule).remove()  # refuses what the store cannot serve, before writing
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        was_dense = adapter.is_dense()
-        if not was_dense:
+        if not adapter.is_dense():
             raise RuntimeError("the adapter has a router installed; export from the dense denoiser")
-        text_encoders, missing = _save_pipeline(adapter, tmp / "pipeline", sampler)
-        manifest = {k: v for k, v in store.manifest.items() if k not in ("nbytes", "format", MANIFEST_SHA256)}
-        TrajectoryStore.write(tmp / "routes", manifest, _routes(store, schedule, adapter))
-        schedule.save(tmp / "schedule.json")
-        files = {p.relative_to(tmp).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
-                 for p in sorted(tmp.rglob("*")) if p.is_file()}
+        denoiser = routed_denoiser(adapter, store, schedule, start=False)  # nothing to route while writing
+        text_encoders, missing = _save_pipeline(adapter, denoiser, tmp, sampler)
         write_json(tmp / "export.json", sealed({"format": FORMAT, "name": adapter.name, "family": adapter.family,
                                                 "noise_schedule": adapter.noise_schedule,
                                                 "text_encoders": text_encoders,
@@ -101,7 +82,7 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
                                                 "pipeline_missing": missing,
                                                 # what a pipeline folder does not say: FLUX's T5 token count
                                                 "text_len": adapter.text_len,
-                                                "files": files}, EXPORT_SHA256))
+                                                "files": file_records(tmp)}, EXPORT_SHA256))
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
@@ -111,10 +92,11 @@ def save(adapter: DenoiserAdapter, store: TrajectoryStore, schedule: Schedule, p
     return path
 
 
-def _save_pipeline(adapter: DenoiserAdapter, folder: Path, sampler: str | None) -> tuple[bool, list[str]]:
-    """The dense model as a diffusers pipeline folder, written by the pipeline's own `save_pretrained`
-    so that `DiffusionPipeline.from_pretrained` opens it. Returns (whether text encoders were written,
-    the pipeline components the adapter lacks)."""
+def _save_pipeline(adapter: DenoiserAdapter, denoiser: torch.nn.Module, folder: Path,
+                   sampler: str | None) -> tuple[bool, list[str]]:
+    """The pipeline with `denoiser` (the routed model) as a diffusers pipeline folder, written by the
+    pipeline's own `save_pretrained` so that `DiffusionPipeline.from_pretrained` opens it. Returns
+    (whether text encoders were written, the pipeline components the adapter lacks)."""
     import diffusers
 
     if adapter.pipeline_class is None:
@@ -122,7 +104,7 @@ def _save_pipeline(adapter: DenoiserAdapter, folder: Path, sampler: str | None) 
                          "diffusers pipeline (pipeline_class)")
     pipeline_cls = getattr(diffusers, adapter.pipeline_class)
     scheduler = adapter.make_scheduler() if sampler is None else adapter.make_scheduler(sampler)
-    components = {adapter.denoiser_subfolder: adapter.denoiser, "vae": adapter.vae,
+    components = {adapter.denoiser_subfolder: denoiser, "vae": adapter.vae,
                   "scheduler": _diffusers_scheduler(scheduler)}
     encoders = _text_encoders(adapter)
     if encoders is not None:
@@ -175,7 +157,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[D
     """(adapter, router) from an export folder; no trajectory store needed. Refuses an export whose
     schedule caches (use `load_cached`)."""
     info = verify(path)
-    schedule = Schedule.load(Path(path) / "schedule.json") if (Path(path) / "schedule.json").exists() else None
+    schedule = _schedule(path, info)
     if schedule is not None and schedule.caches:
         raise ValueError(f"{path}: this export's schedule caches (cache intervals {schedule.intervals}, branch "
                          f"{schedule.cache_branch}); a router alone would run every step in full. Open it with "
@@ -216,32 +198,39 @@ def verify(path: str | os.PathLike) -> dict:
         warnings.warn(f"export {path} has no checksums (format {info['format']}, written by an older diffes-pl): "
                       "its files are read unverified; export again to verify them", stacklevel=3)
         return info
-    if info.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported export format {info.get('format')!r} (this version reads {FORMAT})")
+    if info.get("format") not in (FORMAT, *LAYOUT_3):
+        raise ValueError(f"{path}: unsupported export format {info.get('format')!r} (this version reads {FORMAT} "
+                         f"and the earlier {', '.join(LAYOUT_3 + LEGACY_FORMATS)})")
     if not seal_holds(info, EXPORT_SHA256):
         raise damaged("export.json", "checksum mismatch" if EXPORT_SHA256 in info else "its checksum is missing")
-    for name, record in info["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise damaged(name, "the file is missing")
-        size = file.stat().st_size
-        if size != record["bytes"]:
-            raise damaged(name, f"{size} bytes where export.json says {record['bytes']}")
-        if file_sha256(file) != record["sha256"]:
-            raise damaged(name, "checksum mismatch")
+    check_files(path, info["files"], damaged)
     return info
+
+
+def _parts(path: Path, info: dict) -> tuple[Path, Path, Path]:
+    """(the pipeline folder, the routes, schedule.json) of an export of either layout."""
+    if info.get("format") == FORMAT:
+        denoiser = path / family_of(info["family"]).denoiser_subfolder
+        return path, denoiser / "routes", denoiser / "schedule.json"
+    return path / "pipeline", path / "routes", path / "schedule.json"
+
+
+def _schedule(path: str | os.PathLike, info: dict) -> Schedule | None:
+    schedule = _parts(Path(path), info)[2]
+    return Schedule.load(schedule) if schedule.exists() else None
 
 
 def _load(path: str | os.PathLike, device: str | torch.device,
           info: dict | None = None) -> tuple[DenoiserAdapter, Router]:
     path = Path(path)
     info = verify(path) if info is None else info
-    adapter = load_denoiser(str(path / "pipeline"), device=device)
+    pipeline, routes, schedule = _parts(path, info)
+    with _quiet_diffusers():  # the denoiser's config names the routed class: read here as its dense base
+        adapter = load_denoiser(str(pipeline), device=device)
     if info.get("noise_schedule") is not None:
         # the schedule it was trained (and routed) with; older exports say {"flow": true} for flow matching
         adapter.noise_schedule = scheduler_config(info["noise_schedule"])
     adapter.name = info["name"]
     if info.get("text_len") is not None:
         adapter.text_len = int(info["text_len"])  # read when the text encoders load (first prompt)
-    store = TrajectoryStore.open(path / "routes")
-    return adapter, Router(adapter, store, Schedule.load(path / "schedule.json"), device=device)
+    return adapter, Router(adapter, TrajectoryStore.open(routes), Schedule.load(schedule), device=device)

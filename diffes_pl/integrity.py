@@ -65,6 +65,28 @@ def seal_holds(obj: dict, field: str) -> bool | None:
     return obj[field] == json_digest({k: v for k, v in obj.items() if k != field})
 
 
+# --- folders of files (exports, routed models) ----------------------------------------------------
+def file_records(root: str | os.PathLike, skip: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{relative path: {"sha256", "bytes"}} of every file under `root` but `skip`, in sorted order."""
+    root = Path(root)
+    return {p.relative_to(root).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).as_posix() not in skip}
+
+
+def check_files(root: str | os.PathLike, records: dict[str, dict], damaged: Any) -> None:
+    """Checks every file of `records` under `root` (present, then size, then sha256); the first that
+    fails raises `damaged(name, what)` (a DamagedFileError naming the file and the way out)."""
+    for name, record in records.items():
+        file = Path(root) / name
+        if not file.is_file():
+            raise damaged(name, "the file is missing")
+        size = file.stat().st_size
+        if size != record["bytes"]:
+            raise damaged(name, f"{size} bytes where the record says {record['bytes']}")
+        if file_sha256(file) != record["sha256"]:
+            raise damaged(name, "checksum mismatch")
+
+
 CHECK = "check"  # a JSON line's own field: the first 16 hex digits of the digest of the others
 
 

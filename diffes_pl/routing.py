@@ -218,17 +218,16 @@ class Router:
         if stage != self._current:
             self.install(stage)
 
-    def pipeline_callback(self):
-        """Routing inside a diffusers pipeline (`StableDiffusionXLPipeline`, `DiTPipeline`, …) that
-        runs this denoiser: installs stage 0 now and returns a `callback_on_step_end` that installs
-        the stage of step i + 1 after step i. The pipeline must run the partition's timesteps (give
-        it the adapter's scheduler and the searched step count); otherwise the callback raises at
-        the first step rather than route the wrong stages. Call `remove()` afterwards. With a
-        feature cache, use `sampling.pipeline_callback(router.partition, [router, cache])`."""
-        from .sampling import pipeline_callback
+    def attach(self, cache: Any = None):
+        """Routing inside any diffusers pipeline that runs this denoiser (`DiTPipeline`,
+        `StableDiffusionXLPipeline`, …): a diffusers hook on the denoiser switches stages by the
+        timestep each call receives (`step_hook.py`); `cache`, the schedule's feature cache
+        (`caching.schedule_cache`), follows the router. The pipeline must run the partition's
+        timesteps (the adapter's scheduler and the searched step count); the first call off them
+        raises `RoutingError`. Returns the step source: `remove()` it (or use `with`), then the router."""
+        from .step_hook import apply_step_source
 
-        self.install(self.partition.step_to_stage[0])  # even if a stage looks installed already
-        return pipeline_callback(self.partition, [self], error=RoutingError)
+        return apply_step_source(self.adapter, self.partition, [self, cache], error=RoutingError)
 
     def restore_dense(self) -> None:
         self.adapter.restore_dense()

@@ -29,7 +29,7 @@ def test_export_load_sample_identical(tiny, tmp_path):
     adapter, router = export.load(tmp_path / "exported")
     again = dp.sample(adapter, labels, steps=STEPS, guidance=2.0, seed=3, router=router)
     assert torch.equal(again, routed)
-    routes = dp.TrajectoryStore.open(tmp_path / "exported" / "routes")
+    routes = dp.TrajectoryStore.open(tmp_path / "exported" / "transformer" / "routes")
     g = tiny.unit_groups()[0].name
     assert routes.weight(0, g, 3) is not None and "weight.1" not in " ".join(routes.keys(0))  # only used levels
 
@@ -103,15 +103,15 @@ def _same_weights(module, dense):
 
 
 def _open_with_diffusers(folder, **missing):
-    """The export's pipeline/ through diffusers' own loader, components the export lacks passed as None."""
+    """The export through diffusers' own loader, components the export lacks passed as None."""
     import json
 
     from diffusers import DiffusionPipeline
 
     info = json.loads((folder / "export.json").read_text())
     assert sorted(missing) == info["pipeline_missing"]
-    return DiffusionPipeline.from_pretrained(folder / "pipeline", local_files_only=True, **missing), json.loads(
-        (folder / "pipeline" / "model_index.json").read_text())
+    return DiffusionPipeline.from_pretrained(folder, local_files_only=True, **missing), json.loads(
+        (folder / "model_index.json").read_text())
 
 
 def test_dit_export_opens_with_diffusers(random_dit, text_models, tmp_path):
@@ -123,7 +123,7 @@ def test_dit_export_opens_with_diffusers(random_dit, text_models, tmp_path):
     schedule = Schedule([3, 1], store.levels_max, 2, partition.steps_per_stage, partition=partition.to_dict())
     export.save(random_dit, store, schedule, tmp_path / "exported")
     pipe, index = _open_with_diffusers(tmp_path / "exported")
-    assert index["transformer"] == ["diffusers", "DiTTransformer2DModel"]
+    assert index["transformer"] == ["diffes_pl.routed_model", "RoutedDiTTransformer2DModel"]
     assert index["vae"] == ["diffusers", "AutoencoderKL"]
     assert isinstance(pipe, DiTPipeline) and isinstance(pipe.scheduler, DDIMScheduler)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731

@@ -238,13 +238,13 @@ def exported(tiny, tmp_path_factory):
 
 
 def weights_file(folder: Path) -> str:
-    (weights,) = [p for p in (folder / "pipeline").rglob("diffusion_pytorch_model*.safetensors")]
+    (weights,) = [p for p in folder.rglob("diffusion_pytorch_model*.safetensors")]
     return weights.relative_to(folder).as_posix()
 
 
 @pytest.mark.parametrize("where", WHERE)
-@pytest.mark.parametrize("name", ["weights", "routes/stage_00.safetensors", "routes/manifest.json", "schedule.json",
-                                  "export.json"])
+@pytest.mark.parametrize("name", ["weights", "transformer/routes/stage_00.safetensors", "transformer/routes/manifest.json",
+                                  "transformer/schedule.json", "transformer/routing.json", "export.json"])
 def test_a_damaged_export_file_is_refused_before_loading(exported, tmp_path, where, name):
     folder = tmp_path / "exported"
     shutil.copytree(exported, folder)
@@ -260,17 +260,20 @@ def test_an_export_missing_a_file_is_refused_and_an_intact_one_loads(exported, t
     _, router = export.load(folder)
     router.remove()
     info = json.loads((folder / "export.json").read_text())
-    assert info["format"] == "diffes-pl-routed/3" and "routes/manifest.json" in info["files"]
+    assert info["format"] == "diffes-pl-routed/4" and "transformer/routes/manifest.json" in info["files"]
     name = weights_file(folder)
     assert info["files"][name]["bytes"] == (folder / name).stat().st_size
-    (folder / "routes" / "stage_01.safetensors").unlink()
+    (folder / "transformer" / "routes" / "stage_01.safetensors").unlink()
     refused(tmp_path, DamagedFileError, lambda: export.load(folder),
-            f"export {folder}: routes/stage_01.safetensors is damaged (the file is missing)")
+            f"export {folder}: transformer/routes/stage_01.safetensors is damaged (the file is missing)")
 
 
-def test_a_format_2_export_still_loads(exported, tmp_path):
-    folder = tmp_path / "exported"
-    shutil.copytree(exported, folder)
+def test_a_format_2_export_still_loads(tiny, tmp_path):
+    from helpers.legacy_export import save_layout_3
+
+    store, partition = random_store_and_partition(tiny, tmp_path / "store", 4, 2, 4, compensated=True)
+    schedule = Schedule([3, 1], store.levels_max, 2, partition.steps_per_stage, partition=partition.to_dict())
+    folder = save_layout_3(tiny, store, schedule, tmp_path / "exported")
     info = json.loads((folder / "export.json").read_text())
     old = {k: v for k, v in info.items() if k not in ("files", export.EXPORT_SHA256)}
     (folder / "export.json").write_text(json.dumps({**old, "format": "diffes-pl-routed/2"}))

@@ -1,6 +1,6 @@
 """A routed UNet dropped into diffusers' own StableDiffusionXLPipeline (tiny random components,
-Euler ancestral): the router's step callback gives the same latents as the masked dense UNet driven
-the same way, and refuses a pipeline that runs other timesteps."""
+Euler ancestral): the router's timestep hook gives the same latents as the masked dense UNet driven
+by the pipeline's step callback, and refuses a pipeline that runs other timesteps."""
 import pytest
 import torch
 
@@ -47,9 +47,9 @@ def test_routed_unet_in_sdxl_pipeline_equals_masked(pipe_and_adapter, tmp_path):
 
     masked = _run(pipe, masked_callback)
     masker.clear()
-    with Router(adapter, store, schedule) as router:
-        routed = _run(pipe, router.pipeline_callback())
-    assert adapter.is_dense()
+    with Router(adapter, store, schedule) as router, router.attach():
+        routed = _run(pipe, None)
+    assert adapter.is_dense() and not hasattr(adapter.denoiser, "_diffusers_hook")
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
     assert (routed - dense).abs().max() > 1e-3
 
@@ -59,6 +59,7 @@ def test_pipeline_with_other_timesteps_is_refused(pipe_and_adapter, tmp_path):
     partition = StagePartition.from_scheduler(adapter.make_scheduler("euler_a"), STEPS, STAGES)
     store = random_store(adapter, tmp_path / "store", H, partition)
     schedule = Schedule([3, 1], H, 2, partition.steps_per_stage, partition=partition.to_dict())
-    with Router(adapter, store, schedule) as router, pytest.raises(RoutingError, match="timesteps"):
-        _run(pipe, router.pipeline_callback(), steps=STEPS + 2)
+    with Router(adapter, store, schedule) as router, router.attach(), \
+            pytest.raises(RoutingError, match="off the trajectory .* 4 steps"):
+        _run(pipe, None, steps=STEPS + 2)
     assert adapter.is_dense()

@@ -1,8 +1,8 @@
 """Feature caching that composes with routing (docs/DESIGN.md: Vocabulary, cache interval).
 
 A cache is a step listener driven by the same step source as the router: `sampling.rollout`'s
-`on_step(step, stage)`, or inside a diffusers pipeline `pipeline_callback(partition, [router,
-cache])`; it comes after the router. It wraps the deep part's slots reversibly (`slots.py`), runs
+`on_step(step, stage)`, or inside a diffusers pipeline the timestep hook `router.attach(cache)`
+(`step_hook.py`); it comes after the router. It wraps the deep part's slots reversibly (`slots.py`), runs
 full or cached steps by the refresh rule (`refresh.py`) and is cleared at the end of a run:
 
     with Router(adapter, store, schedule) as router, \\
@@ -19,7 +19,6 @@ from typing import Sequence
 
 from ..denoisers.base import BlockCachePoints, DenoiserAdapter, UNetCachePoints
 from ..schedule import Schedule
-from ..sampling import pipeline_callback
 from .blocks import BlockCache
 from .cache import CacheError, FeatureCache
 from .cached_step_macs import step_macs
@@ -27,7 +26,7 @@ from .refresh import RefreshRule, full_steps
 from .unet import UNetDeepCache
 
 __all__ = ["BlockCache", "CacheError", "FeatureCache", "RefreshRule", "UNetDeepCache", "feature_cache",
-           "full_steps", "pipeline_callback", "schedule_cache", "step_macs"]
+           "full_steps", "schedule_cache", "step_macs"]
 
 
 def feature_cache(adapter: DenoiserAdapter, intervals: int | Sequence[int] = 2, branch: int = 1,

@@ -225,6 +225,11 @@ class DenoiserAdapter(ABC):
         """A replacement for block `index` that passes the residual stream through unchanged."""
 
     # --- calling the denoiser ----------------------------------------------------------------
+    def denoiser_timestep(self, t: float) -> float:
+        """The `timestep` argument the denoiser receives at the sampler's timestep `t` (in its
+        family's pipeline and in `predict_noise`); the step-source hook keys on it."""
+        return float(t)
+
     @abstractmethod
     def predict_noise(self, latents: Tensor, timesteps: Tensor, cond: Any) -> Tensor:
         """ε-prediction (or flow velocity) [B, C, H, W] for latents [B, C, H, W] at timesteps [B]."""

@@ -286,6 +286,10 @@ class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
     def latent_shape(self) -> tuple[int, int, int]:
         return (int(self.denoiser.config.in_channels) // 4, self.latent_size, self.latent_size)
 
+    def denoiser_timestep(self, t: float) -> float:
+        """σ = t / 1000: FluxPipeline and `predict_noise` pass the transformer the sigma."""
+        return float(t) / float(self.noise_schedule["num_train_timesteps"])
+
     def predict_noise(self, latents: Tensor, timesteps: Tensor, cond: TextCondition) -> Tensor:
         """Flow velocity [B, C, H, W] for unpacked latents [B, C, H, W] at timesteps t = σ · 1000 [B]."""
         b, _, h, w = latents.shape

@@ -30,9 +30,9 @@ diffusers' `scripts/convert_pixart_sigma_to_diffusers.py` builds for the 1024 ch
 interpolation_scale 2, use_additional_conditions false = no --micro_condition), the rest the class
 defaults.
 
-Routing inside diffusers' own `PixArtSigmaPipeline`: that pipeline has only the legacy
-`callback(step, timestep, latents)` hook (no `callback_on_step_end`), so wrap the router's:
-`cb = router.pipeline_callback(); pipe(..., callback=lambda i, t, x: cb(pipe, i, t, {}), callback_steps=1)`.
+Routing inside diffusers' own `PixArtSigmaPipeline` (which has only the legacy
+`callback(step, timestep, latents)`): `with router.attach(): pipe(...)` — the hook keys on the
+timestep the transformer receives, so no callback is needed.
 """
 from __future__ import annotations
 

@@ -147,10 +147,13 @@ def _titles(selected: Iterable[Family]) -> str:
 
 
 def _class_name(config: Path) -> str | None:
+    """`_class_name` of a config, a routed model's (`Routed<Class>`, routed_model.py) read as its
+    dense class: the family is the same."""
     try:
-        return json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+        name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
     except (OSError, ValueError):
         return None
+    return name.removeprefix("Routed") if isinstance(name, str) else name
 
 
 def folder_family(path: Path) -> Family:

@@ -7,7 +7,7 @@ import torch
 
 import diffes_pl as dp
 from helpers.caching_reference import DeepCacheReference, masked_cached
-from diffes_pl.caching import UNetDeepCache, feature_cache, pipeline_callback, step_macs
+from diffes_pl.caching import UNetDeepCache, feature_cache, step_macs
 from diffes_pl.partition import StagePartition
 from diffes_pl.schedule import Schedule
 from diffes_pl.routing import Router
@@ -87,11 +87,11 @@ def test_routed_cached_equals_masked_cached(sdxl, tmp_path, kind, intervals, bra
 
 
 def test_router_and_cache_inside_the_sdxl_pipeline(text_models, tmp_path, one_thread):
-    """The pipeline driven by `pipeline_callback(partition, [router, cache])` gives the latents of the
-    masked dense UNet driven by the same callback with the hook-based reference."""
+    """The pipeline driven by the timestep hook `router.attach(cache)` gives the latents of the masked
+    dense UNet and the hook-based reference driven by the pipeline's step callback."""
     from diffusers import StableDiffusionXLPipeline
 
-    from helpers.routing_reference import MaskingListener
+    from helpers.routing_reference import MaskingListener, masking_callback
 
     adapter = text_models.build_tiny_sdxl()
     enc = adapter.text_encoders()
@@ -112,11 +112,12 @@ def test_router_and_cache_inside_the_sdxl_pipeline(text_models, tmp_path, one_th
 
     masker = MaskingListener(adapter, store, schedule)
     reference = DeepCacheReference(adapter, partition, 2, 0, schedule.levels)
-    masked = run(pipeline_callback(partition, [masker, reference]))
+    masked = run(masking_callback([masker, reference], partition))
     masker.clear()
     reference.clear()
-    with Router(adapter, store, schedule) as router, UNetDeepCache(adapter, 2, 0, levels=schedule.levels) as cache:
-        routed = run(pipeline_callback(partition, [router, cache]))
+    with Router(adapter, store, schedule) as router, UNetDeepCache(adapter, 2, 0, levels=schedule.levels) as cache, \
+            router.attach(cache):
+        routed = run(None)
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
     assert adapter.is_dense()
 

@@ -261,9 +261,8 @@ def test_routed_transformer_in_pixart_pipeline_equals_masked(pipe_and_adapter, t
 
     masked = _run_pipeline(pipe, noise, masked_callback)
     masker.clear()
-    with Router(adapter, store, schedule) as router:
-        callback = router.pipeline_callback()
-        routed = _run_pipeline(pipe, noise, lambda step, t, _latents: callback(pipe, step, t, {}))
+    with Router(adapter, store, schedule) as router, router.attach():
+        routed = _run_pipeline(pipe, noise)
     assert adapter.is_dense()
     assert_close_at_scale(routed, masked)
     assert (routed - dense).abs().max() > 1e-2 * dense.abs().max()
@@ -286,7 +285,7 @@ def test_export_round_trip_opens_with_diffusers(text_models, tmp_path):
     shutil.rmtree(tmp_path / "store")  # the export must not need it
     info = json.loads((tmp_path / "exported" / "export.json").read_text())
     assert info["family"] == "pixart" and info["text_len"] == TEXT_LEN and info["pipeline_missing"] == []
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "exported" / "pipeline", local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "exported", local_files_only=True)
     assert type(pipe) is PixArtSigmaPipeline and type(pipe.scheduler) is DPMSolverMultistepScheduler
     for module, dense in ((pipe.transformer, adapter.denoiser), (pipe.text_encoder, adapter.text_encoders().encoders[0]),
                           (pipe.vae, adapter.vae)):

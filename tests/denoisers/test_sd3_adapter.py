@@ -219,8 +219,8 @@ def test_routed_transformer_in_sd3_pipeline_equals_masked(sd3, tmp_path):
     masker = MaskingListener(sd3, store, schedule)
     masked = run(masking_callback(masker, partition))
     masker.clear()
-    with Router(sd3, store, schedule) as router:
-        routed = run(router.pipeline_callback())
+    with Router(sd3, store, schedule) as router, router.attach():
+        routed = run(None)
     assert sd3.is_dense()
     torch.testing.assert_close(routed, masked, rtol=1e-4, atol=1e-4)
     assert (routed - dense).abs().max() > 1e-3
@@ -253,7 +253,7 @@ def test_export_round_trip_and_diffusers_loader(sd3, tmp_path):
     shutil.rmtree(tmp_path / "store")
     info = json.loads((tmp_path / "exported" / "export.json").read_text())
     assert info["family"] == "sd3" and info["text_len"] == T5_TOKENS and info["pipeline_missing"] == []
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "exported" / "pipeline", local_files_only=True)
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "exported", local_files_only=True)
     assert type(pipe) is StableDiffusion3Pipeline and type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
     assert pipe.scheduler.config.shift == 3.0 and type(pipe.text_encoder_3).__name__ == "T5EncoderModel"
     for key, value in sd3.denoiser.state_dict().items():

@@ -160,13 +160,17 @@ def dense_masked_routed(adapter, store, schedule, conditions, **sample_kw):
 
 
 def masking_callback(masker, partition):
-    """A diffusers `callback_on_step_end` that applies `masker` (a MaskingListener) inside a pipeline the
-    way `Router.pipeline_callback` routes: stage 0 now, the stage of step i + 1 after step i."""
-    masker.on_step(0, partition.step_to_stage[0])
+    """A diffusers `callback_on_step_end` that tells `masker` (a MaskingListener, or a list of
+    listeners) the steps inside a pipeline by the pipeline's own step counter — a reference for the
+    timestep hook (`Router.attach`): stage 0 now, the stage of step i + 1 after step i."""
+    listeners = masker if isinstance(masker, list) else [masker]
+    for listener in listeners:
+        listener.on_step(0, partition.step_to_stage[0])
 
     def callback(_pipe, step, _t, _kw):
         if step + 1 < partition.num_steps:
-            masker.on_step(step + 1, partition.step_to_stage[step + 1])
+            for listener in listeners:
+                listener.on_step(step + 1, partition.step_to_stage[step + 1])
         return {}
 
     return callback
