@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import ProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .cli_parser import DiffESParser
+from .cli_help import DESCRIPTION, SUBCOMMAND_HELP
+from .cli_parser import TRAINER_GROUP_HELP, TRAINER_HELP_SHOWN, DiffESParser
 from .data.calibration import CalibrationDataModule
 from .io import check_writable
 from .search.lightning_module import DiffES
@@ -37,14 +38,20 @@ class Terminated(RuntimeError):
         self.code = code
 
 
-# What each subcommand does here (LightningCLI would describe the Trainer methods of the same names).
-SUBCOMMAND_HELP = {
-    "fit": "Calibrate (when no trajectory store matches the run), then search for the best schedule; writes "
-           "<default_root_dir>/schedule.json. Resume an interrupted search with --ckpt_path last.",
-    "predict": "Calibrate and build the trajectory store (no search); fit and test reuse it when it matches.",
-    "test": "Evaluate a schedule (--schedule, default <default_root_dir>/schedule.json): FID, IS, "
-            "precision/recall, SSIM against the dense model, MACs and latency; writes evaluation.json beside it.",
-}
+class RunFolderConfig(SaveConfigCallback):
+    """Writes config.yaml into the run folder (--trainer.default_root_dir) whatever logger is
+    configured: LightningCLI writes it into `trainer.log_dir`, a logger's version folder when one is
+    configured, away from the schedule, checkpoint and store it describes."""
+
+    def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:  # rank 0 only
+        folder = Path(trainer.default_root_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        # None values are kept (the file reproduces the run); jsonargparse 4.49 renamed the option (the old name warns)
+        from importlib.metadata import version
+
+        keep = "skip_unset" if tuple(int(x) for x in version("jsonargparse").split(".")[:2]) >= (4, 49) else "skip_none"
+        self.parser.save(self.config, str(folder / self.config_filename), overwrite=self.overwrite,
+                         multifile=self.multifile, **{keep: False})
 
 
 class DiffESCLI(LightningCLI):
@@ -54,12 +61,11 @@ class DiffESCLI(LightningCLI):
         super().__init__(
             DiffES, CalibrationDataModule,
             # resuming a run rewrites its config.yaml instead of refusing to start
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=RunFolderConfig, save_config_kwargs={"overwrite": True, "save_to_log_dir": False},
             # the search's own checkpoint is in place before Lightning adds a default ModelCheckpoint
             trainer_defaults={"logger": False, "enable_model_summary": False, "num_sanity_val_steps": 0,
                               "callbacks": [GenerationCheckpoint()]},
-            parser_kwargs={"description": "Diff-ES: stage-wise structural pruning of diffusion models by "
-                                          "evolutionary search (PyTorch Lightning)."},
+            parser_kwargs={"description": DESCRIPTION},
             parser_class=DiffESParser,
             # the search has no optimizer: no --optimizer / --lr_scheduler options
             auto_configure_optimizers=False,
@@ -73,6 +79,7 @@ class DiffESCLI(LightningCLI):
         for choice in parser._subcommands_action._choices_actions:  # the list in `diffes-pl --help`
             choice.help = SUBCOMMAND_HELP.get(choice.dest, choice.help)
         for name, subparser in self._subcommand_parsers.items():
+            subparser.hide_from_help("trainer", TRAINER_HELP_SHOWN, TRAINER_GROUP_HELP)  # a search trains nothing
             for group in subparser._action_groups:  # the Trainer method's docstring titles its options
                 if group.title and group.title.startswith(("Runs the full", "Run inference", "Perform one")):
                     group.title = f"{name} options"
@@ -215,7 +222,7 @@ class DiffESCLI(LightningCLI):
         cost, reason = search.cost(), self.model.stop_reason()
         raced = sum(bool(r.get("raced_out")) for r in search.archive)
         self._log(f"search: {search.generation} generations, {len(search.archive)} schedules evaluated "
-                  f"({self.restored} restored from the checkpoint, {search.evaluated_here} evaluated by this run"
+                  f"({self.restored} restored from the checkpoint, {self.model.evaluated_this_run} evaluated by this run"
                   f"{f'; {raced} raced out on the probe subset' if search.racing is not None else ''}); "
                   f"cost {cost['probe_steps']:,} probe-steps, {cost['macs'] / 1e12:.3g} TMAC; "
                   f"best {search.metric.name} {search.best_fitness:.4f} → {self.model.context.root_dir / 'schedule.json'}"

@@ -6,9 +6,10 @@ jsonargparse prints the whole usage and, for a YAML syntax error, a position in 
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
-from typing import Any
+from typing import Any, Iterable
 
 from lightning.pytorch.cli import LightningArgumentParser
 
@@ -24,12 +25,51 @@ class ConfigContentError(TypeError):
 # the shipped configs, named in messages as a place to start from
 EXAMPLE = "configs/tiny_obs.yaml"
 
+# The Trainer options `--help` shows: what a run (calibration, search, evaluation) reads. The search
+# trains nothing (one generation per epoch, a no-op optimizer), so gradient clipping, accumulation,
+# validation, batch limits, sanity steps and the like mean nothing here; they stay accepted (a
+# config may set them and config.yaml records them) and are only left out of the help.
+TRAINER_HELP_SHOWN = ("accelerator", "strategy", "devices", "num_nodes", "precision", "logger", "callbacks",
+                      "max_epochs", "default_root_dir", "enable_progress_bar")
+TRAINER_GROUP_HELP = ("Lightning's Trainer; shown are the options a run uses (max_epochs: generations of the "
+                      "search). Lightning's other Trainer options are accepted in a config too, but a search "
+                      "trains nothing: they are not listed here.")
+
 
 class DiffESParser(LightningArgumentParser):
     """Parse errors as one line on stderr naming the config file (when one is being read), the cause
     and the fix, instead of the full usage and, for YAML, a position in "<unicode string>"."""
 
     _config_path: str | None = None
+    _hidden_help: tuple[str, ...] = ()  # option strings `format_help` leaves out (hide_from_help)
+
+    def hide_from_help(self, prefix: str, shown: Iterable[str], description: str | None = None) -> None:
+        """Leaves the options `<prefix>.<name>…` whose name is not in `shown` out of `--help` (usage
+        and list) and, given a `description`, puts it under the group's title. Parsing, defaults and
+        the saved config are unchanged: a hidden option is still accepted and recorded."""
+        shown = set(shown)
+        options = {option for action in self._actions for option in action.option_strings}
+        self._hidden_help += tuple(sorted(
+            option for option in options if option.startswith(f"--{prefix}.")
+            and option[len(prefix) + 3:].split(".")[0].rstrip("+") not in shown))
+        if description is not None:
+            for group in self._action_groups:
+                if any(a.option_strings == [f"--{prefix}"] for a in group._group_actions):
+                    group.description = description
+
+    def format_help(self) -> str:
+        # jsonargparse drops an action whose help is SUPPRESS from saved configs too: suppress
+        # only while the help is formatted
+        hidden = [action for action in self._actions
+                  if action.option_strings and set(action.option_strings) <= set(self._hidden_help)]
+        saved = [action.help for action in hidden]
+        for action in hidden:
+            action.help = argparse.SUPPRESS
+        try:
+            return super().format_help()
+        finally:
+            for action, text in zip(hidden, saved):
+                action.help = text
 
     def parse_path(self, path: Any, *args: Any, **kwargs: Any) -> Any:
         # jsonargparse reports YAML errors against the file's text, not its name: remember the name

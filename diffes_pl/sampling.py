@@ -23,8 +23,15 @@ class StepListener(Protocol):
 
 
 def seeded_noise(shape: Sequence[int], seed: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Initial noise [N, C, H, W] from a CPU generator: the same for a seed on every device and batch size."""
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(dtype)
+    """Initial noise [N, C, H, W] from a CPU generator: the same for a seed on every device and batch size.
+
+    Drawn by diffusers' `randn_tensor` (what its pipelines draw latents with), in float32 on the CPU
+    and cast after, so that the numbers do not depend on the requested dtype."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    noise = randn_tensor(tuple(shape), generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
+                         dtype=torch.float32)
+    return noise.to(dtype)
 
 
 def step_generators(noise_seeds: Sequence[int], step: int) -> list[torch.Generator]:
@@ -101,32 +108,6 @@ def rollout(adapter: DenoiserAdapter, scheduler: Any, latents: Tensor, cond: Any
         kwargs = {"generator": step_generators(noise_seeds, step)} if noise_seeds is not None else {}
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
     return latents
-
-
-def pipeline_callback(partition: StagePartition, listeners: Sequence[StepListener],
-                      error: type[Exception] = ValueError) -> Callable[..., dict]:
-    """The step source inside a diffusers pipeline, whose loop offers only a callback after each
-    step: tells `listeners` (router first, then a feature cache) step 0 now and returns a
-    `callback_on_step_end` that tells them step i + 1 after step i. The pipeline must run the
-    partition's timesteps (the adapter's scheduler and step count); otherwise the callback raises
-    `error` at the first step rather than route or cache the wrong stages."""
-    step_to_stage = partition.step_to_stage
-    for listener in listeners:
-        listener.on_step(0, step_to_stage[0])
-
-    def callback(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
-        if step == 0:
-            ran = [float(t) for t in pipeline.scheduler.timesteps]
-            if ran != list(partition.timesteps):
-                raise error(f"the pipeline runs timesteps {ran[:4]}… ({len(ran)} steps) but the schedule "
-                            f"was searched on {list(partition.timesteps)[:4]}… "
-                            f"({partition.num_steps} steps): use the adapter's scheduler and step count")
-        if step + 1 < len(step_to_stage):
-            for listener in listeners:
-                listener.on_step(step + 1, step_to_stage[step + 1])
-        return {}
-
-    return callback
 
 
 def prepare_scheduler(adapter: DenoiserAdapter, sampler: str, steps: int) -> Any:

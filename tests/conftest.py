@@ -19,22 +19,27 @@ def tiny():
     return dp.load_denoiser("tiny-digits")
 
 
-@pytest.fixture
-def random_dit():
-    """A tiny random DiTTransformer2DModel built from config: latent 4×8×8, learned sigma, 4 heads."""
+def build_random_dit(num_classes: int = 5, vae=None):
+    """DiTAdapter on a tiny random DiTTransformer2DModel built from config: latent 4×8×8, learned
+    sigma, 4 heads, `num_classes` labels (+ the null class)."""
     from diffusers import DiTTransformer2DModel
 
     from diffes_pl.denoisers import DiTAdapter
 
     torch.manual_seed(0)
     model = DiTTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=8,
-                                  num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=5,
+                                  num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=num_classes,
                                   norm_num_groups=1)
     # ada_norm_zero starts at zero gates: randomize so that every unit matters.
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    return DiTAdapter(model, "random-dit")
+    return DiTAdapter(model, "random-dit", vae=vae)
+
+
+@pytest.fixture
+def random_dit():
+    return build_random_dit()
 
 
 # --- tiny text-to-image models (SDXL UNet, FLUX transformer) with tiny VAEs and text encoders --------
@@ -187,6 +192,7 @@ def text_models():
     from types import SimpleNamespace
 
     return SimpleNamespace(build_tiny_sdxl=build_tiny_sdxl, build_tiny_flux=build_tiny_flux, tiny_vae=tiny_vae,
+                           build_random_dit=build_random_dit,
                            tiny_tokenizer=tiny_tokenizer, tiny_clip=_clip, save_pipeline_folder=save_pipeline_folder,
                            write_caption_folder=write_caption_folder, CAPTIONS=CAPTIONS)
 
@@ -216,3 +222,18 @@ def no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(autouse=True)
+def log_handlers_on_this_tests_stderr():
+    """Logging handlers made during an earlier test (Lightning's, when the CLI first ran in-process)
+    hold that test's captured stderr, closed since: every in-process CLI call would print a
+    'Logging error' traceback. Point them at this test's stderr."""
+    import logging
+    import sys
+
+    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values()
+                                      if isinstance(v, logging.Logger))]
+    for handler in (h for logger in loggers for h in logger.handlers):
+        if type(handler) is logging.StreamHandler and handler.stream is not sys.stdout:
+            handler.stream = sys.stderr  # (setStream would flush the closed one)

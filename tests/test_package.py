@@ -53,7 +53,7 @@ def test_wheel_holds_every_package_folder_and_asset(tmp_path):
                          f"package-data in pyproject.toml):\n" + "\n".join(missing))
     stale = sorted(n for n in names if n.endswith(".py") and n not in expected)
     assert not stale, f"the wheel holds modules the source tree does not: {stale}"
-    assert "diffes-pl = diffes_pl.cli:main" in entry_points
+    assert "diffes-pl = diffes_pl.__main__:main" in entry_points  # --help without Lightning, then cli.main
 
 
 def test_callbacks_are_part_of_the_package(tmp_path):

@@ -42,15 +42,8 @@ def _snapshot(folder: Path) -> dict:
 
 def _refused(capfd, args: list[str]) -> str:
     """Runs the CLI; returns its one error line (exit code 2, no traceback)."""
-    import logging
-    import sys
-
     from diffes_pl.cli import main
 
-    loggers = [logging.getLogger(), *(v for v in logging.root.manager.loggerDict.values() if isinstance(v, logging.Logger))]
-    for handler in (h for logger in loggers for h in logger.handlers):  # bound to an earlier test's captured stream
-        if type(handler) is logging.StreamHandler:
-            handler.stream = sys.stderr  # (setStream would flush the closed one)
     with pytest.raises(SystemExit) as exit_:
         main(args)
     err = capfd.readouterr().err

@@ -1,11 +1,14 @@
 """Plots of a search: fitness per generation, and the best schedule as sparsity per stage (like the
-paper's Figure 4). Written to <default_root_dir>/plots/ at the end of fit.
+paper's Figure 4). Written to <default_root_dir>/plots/ at the end of fit, and to the trainer's loggers
+(TensorBoard: the images, under plots/<name>; other loggers: the file paths, as hyperparameters).
 
 They read the search module's public parts only: its run context (`context`: folder, denoiser, store,
 sampling settings, metric), its search (`search.archive`) and `best_schedule()`."""
 from __future__ import annotations
 
 import lightning as L
+
+from diffes_pl.evaluation.to_loggers import log_figure, log_image
 
 
 class SearchPlots(L.Callback):
@@ -48,6 +51,7 @@ class SearchPlots(L.Callback):
         ax.set_ylabel(f"best {context.metric.name}")
         fig.tight_layout()
         fig.savefig(out / "fitness.png", dpi=120)
+        log_figure(trainer, "plots/fitness", fig, out / "fitness.png")
         plt.close(fig)
 
         schedule = pl_module.best_schedule()
@@ -59,12 +63,14 @@ class SearchPlots(L.Callback):
         ax.legend()
         fig.tight_layout()
         fig.savefig(out / "schedule.png", dpi=120)
+        log_figure(trainer, "plots/schedule", fig, out / "schedule.png")
         plt.close(fig)
 
 
 class SampleGrid(L.Callback):
     """Saves `samples.png` at the end of fit: dense (top row) vs the best schedule (bottom row) on
-    the same seeds and labels (or, for text-to-image models, the run's probe prompts in turn)."""
+    the same seeds and labels (or, for text-to-image models, the run's probe prompts in turn), each
+    row labelled on its left, small images enlarged (`evaluation/grids.py`)."""
 
     def __init__(self, num: int = 10, seed: int = 0, dirname: str = "plots") -> None:
         """
@@ -77,11 +83,12 @@ class SampleGrid(L.Callback):
         search, context = pl_module.search, pl_module.context
         if trainer.global_rank != 0 or search is None or not search.survivors:
             return
+        import numpy as np
         import torch
-        from torchvision.utils import save_image
 
         import diffes_pl as dp
         from diffes_pl.caching.installed import install_schedule
+        from diffes_pl.evaluation.grids import labelled_rows
 
         adapter, prompts = context.adapter, context.prompts
         if prompts:
@@ -95,7 +102,14 @@ class SampleGrid(L.Callback):
             pruned = dp.sample(adapter, conditions, router=installed.router, cache=installed.cache, **kw)
         out = context.root_dir / self.dirname
         out.mkdir(parents=True, exist_ok=True)
-        grid = torch.cat([dense, pruned]).float()
-        if grid.shape[-1] < 64:  # upscale tiny images so the grid is readable
-            grid = torch.nn.functional.interpolate(grid, scale_factor=64 // grid.shape[-1], mode="nearest")
-        save_image(grid, out / "samples.png", nrow=self.num, padding=2, pad_value=1.0)
+        image = labelled_rows([("dense", dense.float().cpu()), (row_label(schedule), pruned.float().cpu())])
+        image.save(out / "samples.png")
+        log_image(trainer, "plots/samples", torch.from_numpy(np.array(image)).permute(2, 0, 1), out / "samples.png")
+
+
+def row_label(schedule) -> str:
+    """samples.png's label of the searched row: its levels (and cache intervals) and sparsity."""
+    label = "searched: levels " + " ".join(map(str, schedule.levels))
+    if schedule.caches:
+        label += " / k " + " ".join(map(str, schedule.intervals))
+    return f"{label} ({schedule.sparsity:.0%} sparse)"

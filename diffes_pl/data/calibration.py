@@ -6,10 +6,14 @@
 
 with t drawn uniformly from the integer native timesteps of the stage's interval
 (`StagePartition.stage_interval(s)`: low exclusive, high inclusive) and β the denoiser's own training
-schedule (`adapter.noise_schedule`, a diffusers scheduler config). Flow-matching denoisers (those
-declaring `FlowMatchEulerDiscreteScheduler`) use x_σ = (1 − σ) · x0 + σ · ε with σ = t / num_train_timesteps drawn from the same interval. A
-sampler's `add_noise` is deliberately not used: it indexes the sampler's own (possibly resampled)
-sigma table, which is wrong off its trajectory for DPM-Solver and Euler.
+schedule (`adapter.noise_schedule`, a diffusers scheduler config). The noising is diffusers' own
+`DDPMScheduler.add_noise` on a DDPMScheduler built from that TRAINING schedule — the forward process
+diffusers' training scripts noise with — indexed by the native timestep itself. A sampler's
+`add_noise` is not used: it indexes the sampler's own (possibly resampled) sigma table, which is
+wrong off its trajectory for DPM-Solver and Euler; the training DDPMScheduler has one entry per
+training timestep, so it has no such table. Flow-matching denoisers (those declaring
+`FlowMatchEulerDiscreteScheduler`) use x_σ = (1 − σ) · x0 + σ · ε with σ = t / num_train_timesteps
+drawn from the same interval, written out by hand (`noise_flow` says why).
 
 x0 are the clean latents of `nsamples` images chosen once, by `seed`, from the source: preprocessed
 to [-1, 1] and, for latent denoisers, encoded by the VAE (posterior mean) and scaled by
@@ -46,7 +50,9 @@ from .sources import (DIGITS_COLUMNS, SourceError, SourceSpec, caption_texts, ch
                       open_source, preprocess_image, resolve_source, select_indices)
 
 # Bump when the noising or preprocessing changes: it is part of `settings()` (the store key).
-CALIBRATION_VERSION = 1
+# 2: DDPM noising by `DDPMScheduler.add_noise` (float32 ᾱ, as diffusers trains) instead of a float64
+#    ᾱ by hand — samples differ from version 1 in the last float32 bits, so stores are rebuilt.
+CALIBRATION_VERSION = 2
 CACHE_VERSION = 2  # caches of caption runs also hold the encoded captions
 
 
@@ -57,11 +63,11 @@ def is_flow(noise_schedule: dict) -> bool:
     return is_flow_matching(noise_schedule)
 
 
-def alphas_cumprod(noise_schedule: dict) -> Tensor:
-    """ᾱ_t = Π_{u ≤ t} (1 − β_u), t = 0 … T−1 (float64), from the denoiser's training betas.
-
-    The betas are diffusers' own (`DDPMScheduler(**noise_schedule).betas`: linear, scaled_linear,
-    squaredcos_cap_v2, trained_betas, zero-SNR rescaling), so ᾱ_0 = 1 − β_0 < 1: t = 0 is noisy."""
+def training_scheduler(noise_schedule: dict) -> Any:
+    """diffusers' `DDPMScheduler` of the denoiser's training schedule: its `alphas_cumprod`
+    ᾱ_t = Π_{u ≤ t} (1 − β_u), t = 0 … T−1, come from diffusers' own betas (linear, scaled_linear,
+    squaredcos_cap_v2, trained_betas, zero-SNR rescaling), so ᾱ_0 = 1 − β_0 < 1: t = 0 is noisy.
+    Keys that are not DDPM schedule settings are refused (a typo would silently fall back to defaults)."""
     from diffusers import DDPMScheduler
 
     if is_flow(noise_schedule):
@@ -72,8 +78,7 @@ def alphas_cumprod(noise_schedule: dict) -> Tensor:
     if unknown:
         raise ValueError(f"noise_schedule keys {sorted(unknown)} are not DDPM schedule settings; "
                          f"use {sorted(k for k in accepted if 'beta' in k or 'timesteps' in k)}")
-    betas = DDPMScheduler(**noise_schedule).betas.to(torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
+    return DDPMScheduler(**noise_schedule)
 
 
 def num_train_timesteps(noise_schedule: dict) -> int:
@@ -102,13 +107,11 @@ def draw_timesteps(interval: tuple[float, float], n: int, generator: torch.Gener
     return torch.randint(first, last + 1, (n,), generator=generator, dtype=torch.int64)
 
 
-def noise_ddpm(x0: Tensor, noise: Tensor, timesteps: Tensor, abar: Tensor) -> Tensor:
-    """x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε, ᾱ indexed by the native timestep itself (no shift)."""
-    a = abar.to(torch.float64)[timesteps.long()]
-    shape = (-1,) + (1,) * (x0.ndim - 1)
-    signal = a.sqrt().reshape(shape).to(x0.dtype)
-    sigma = (1.0 - a).sqrt().reshape(shape).to(x0.dtype)
-    return signal * x0 + sigma * noise.to(x0.dtype)
+def noise_ddpm(x0: Tensor, noise: Tensor, timesteps: Tensor, scheduler: Any) -> Tensor:
+    """x_t = sqrt(ᾱ_t) x0 + sqrt(1 − ᾱ_t) ε by `scheduler.add_noise` (a `training_scheduler`), ᾱ
+    indexed by the native timestep itself (no shift). diffusers keeps ᾱ in float32: x_t differs from
+    a float64 ᾱ by at most 4e-6 · (|x0| + |ε|) (tests/test_library_equivalence.py)."""
+    return scheduler.add_noise(x0, noise.to(x0.dtype), timesteps.long())
 
 
 # Flow matching (rectified flow) — kept apart: FLUX / SD3 adapters declare FlowMatchEulerDiscreteScheduler.
@@ -122,7 +125,12 @@ def draw_flow_timesteps(interval: tuple[float, float], n: int, generator: torch.
 
 
 def noise_flow(x0: Tensor, noise: Tensor, timesteps: Tensor, num_train: int) -> Tensor:
-    """x_σ = (1 − σ) x0 + σ ε with σ = t / num_train."""
+    """x_σ = (1 − σ) x0 + σ ε with σ = t / num_train.
+
+    Hand-written on purpose: `FlowMatchEulerDiscreteScheduler.scale_noise` finds σ by looking each
+    timestep up in its own table (`index_for_timestep`: exact equality with one of its
+    num_train_timesteps entries) and raises IndexError for the continuous timesteps drawn here
+    (tests/test_library_equivalence.py shows it). On the table's own timesteps it equals this bit for bit."""
     sigma = (timesteps.to(torch.float64) / num_train).reshape((-1,) + (1,) * (x0.ndim - 1)).to(x0.dtype)
     return (1.0 - sigma) * x0 + sigma * noise.to(x0.dtype)
 
@@ -324,7 +332,7 @@ class CalibrationDataModule(L.LightningDataModule):
             raise ValueError(f"the partition counts {partition.num_train_timesteps} training timesteps but the "
                              f"denoiser was trained with {T}; build the partition from adapter.make_scheduler()")
         self._check_conditioning(adapter)
-        self._abar = None if is_flow(schedule) else alphas_cumprod(schedule)
+        self._ddpm = None if is_flow(schedule) else training_scheduler(schedule)
         self._schedule = schedule
         if self.adapter is not adapter:
             self._clean = None
@@ -489,14 +497,17 @@ class CalibrationDataModule(L.LightningDataModule):
         interval = self.partition.stage_interval(stage)
         T = num_train_timesteps(self._schedule)
         n = len(clean.latents)
-        if self._abar is None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # ε by diffusers' randn_tensor on the stage's CPU generator (the same numbers as torch.randn)
+        if self._ddpm is None:
             t = draw_flow_timesteps(interval, n, g, T)
-            noise = torch.randn(clean.latents.shape, generator=g, dtype=torch.float32)
+            noise = randn_tensor(tuple(clean.latents.shape), generator=g, device=torch.device("cpu"), dtype=torch.float32)
             xt = noise_flow(clean.latents, noise, t, T)
         else:
             t = draw_timesteps(interval, n, g, T)
-            noise = torch.randn(clean.latents.shape, generator=g, dtype=torch.float32)
-            xt = noise_ddpm(clean.latents, noise, t, self._abar)
+            noise = randn_tensor(tuple(clean.latents.shape), generator=g, device=torch.device("cpu"), dtype=torch.float32)
+            xt = noise_ddpm(clean.latents, noise, t, self._ddpm)
         dataset = StageDataset(xt, t, stage, clean.cond)
         self._stage_cache = (int(stage), dataset)
         return dataset

@@ -77,11 +77,14 @@ def load_denoiser(name: str, weights: bool = True, device: str | torch.device = 
     else:
         adapter = family.load_folder(family, name, device, dtype)
     if str(device) != "meta":
-        kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
-        adapter.denoiser.to(**kw)
+        def moved(module: torch.nn.Module, keep_dtype: bool = False) -> None:
+            # dtype only when it changes: diffusers' `to(dtype=…)` warns about float32 modules even when it has none
+            same = dtype is None or keep_dtype or next(module.parameters()).dtype == dtype
+            module.to(**({"device": device} if same else {"device": device, "dtype": dtype}))
+
+        moved(adapter.denoiser)
         if adapter.vae is not None:  # a VAE marked force_upcast (SDXL's) overflows in float16: kept float32
-            upcast = getattr(adapter.vae.config, "force_upcast", False) and dtype == torch.float16
-            adapter.vae.to(**({"device": device} if upcast else kw))
+            moved(adapter.vae, getattr(adapter.vae.config, "force_upcast", False) and dtype == torch.float16)
     return adapter
 
 

@@ -37,6 +37,7 @@ from torch import Tensor
 from ..caching.installed import install_schedule
 from ..integrity import DamagedFileError, sha256_hex
 from ..sampling import sample, seeded_noise
+from .grids import image_grid
 
 # 2: every batch file records its pixels' sha256 (`PIXELS_SHA256` in its metadata)
 BATCH_FORMAT = 2
@@ -171,15 +172,6 @@ def to_pil(pixels: Tensor) -> Any:
     return Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array)
 
 
-def image_grid(images: Tensor, per_row: int = 8) -> Tensor:
-    """Images [N, C, H, W] in [0, 1] → one uint8 grid [C, H', W'] (2-pixel white gaps)."""
-    from torchvision.utils import make_grid
-
-    grid = make_grid(images, nrow=min(per_row, len(images)), padding=2, pad_value=1.0)
-    grid = grid[:1] if images.shape[1] == 1 else grid  # make_grid repeats 1-channel images to RGB
-    return (grid * 255).round().to(torch.uint8)
-
-
 def sample_batch(image_set: ImageSet, b: int, adapter, router, *, sampler: str, steps: int, guidance: float,
                  cache=None) -> Tensor:
     """Images [B, C, H, W] in [0, 1] of batch b (module-level so that tests can count calls); `cache`:
@@ -264,11 +256,19 @@ def ensure_images(image_set: ImageSet, adapter, store=None, schedule=None, *, sa
     return module.sampled
 
 
-@torch.no_grad()
 def latency_per_image(adapter, router, *, batch_size: int, sampler: str, steps: int, guidance: float,
                       repeats: int = 3, warmup: int = 1, cache=None) -> float:
     """Median seconds per image of a full sampling run (all steps + decode) at `batch_size` (`cache`:
     a joint schedule's feature cache, after the router)."""
+    return statistics.median(latency_times(adapter, router, batch_size=batch_size, sampler=sampler, steps=steps,
+                                           guidance=guidance, repeats=repeats, warmup=warmup, cache=cache))
+
+
+@torch.no_grad()
+def latency_times(adapter, router, *, batch_size: int, sampler: str, steps: int, guidance: float,
+                  repeats: int = 3, warmup: int = 1, cache=None) -> list[float]:
+    """Seconds per image of each of `repeats` timed sampling runs (all steps + decode) at `batch_size`,
+    after `warmup` untimed ones (`cache`: a joint schedule's feature cache, after the router)."""
     cond = (torch.arange(batch_size) % adapter.num_classes) if adapter.conditioning == "class" else \
         [""] * batch_size
     noise = seeded_noise((batch_size, *adapter.latent_shape), 0)
@@ -283,5 +283,5 @@ def latency_per_image(adapter, router, *, batch_size: int, sampler: str, steps: 
         if cuda:
             torch.cuda.synchronize(adapter.device)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch_size
+            times.append((time.perf_counter() - start) / batch_size)
+    return times

@@ -14,6 +14,7 @@ the `RunContext` (`DiffES.context`); this module imports nothing of the search.
 from __future__ import annotations
 
 import hashlib
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,7 +89,7 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     (default store: the run's). Sampling is split across the trainer's ranks (`launched`: the ranks
     already run, e.g. inside fit; see `ensure_images`); metrics are computed on rank 0 (other ranks
     return {})."""
-    from .generate import ImageSet, ensure_images, latency_per_image
+    from .generate import ImageSet, ensure_images, latency_times
 
     run = Path(run)
     device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
@@ -126,13 +127,14 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     for name, schedule in {"dense": None, **routed}.items():
         with install_schedule(adapter, store, schedule) as installed:
             macs = trajectory_macs(adapter, schedule, partition, router=installed.router)
-            latency = latency_per_image(adapter, installed.router, batch_size=config.latency_batch_size,
-                                        repeats=config.latency_repeats, cache=installed.cache,
-                                        **kw) if config.latency_batch_size else None
+            times = latency_times(adapter, installed.router, batch_size=config.latency_batch_size,
+                                  repeats=config.latency_repeats, cache=installed.cache,
+                                  **kw) if config.latency_batch_size else None
         rows[name] = {"levels": None if schedule is None else schedule.levels,
                       **({"intervals": schedule.intervals} if schedule is not None and schedule.caches else {}),
                       "sparsity": 0.0 if schedule is None else schedule.sparsity,
-                      "macs": macs, "latency_s": latency, **metrics[name]}
+                      "macs": macs, "latency_s": statistics.median(times) if times else None,
+                      "latency_runs_s": times, **metrics[name]}
     for row in rows.values():
         row["mac_ratio"] = rows["dense"]["macs"] / row["macs"]
         row["speedup"] = rows["dense"]["latency_s"] / row["latency_s"] if row["latency_s"] else None
@@ -194,17 +196,11 @@ def _macs(n: int) -> str:
     return str(n)
 
 
-def print_table(rows: dict, title: str = "evaluation") -> None:
-    """A rich table, one row per schedule, columns shaped like the paper's Table 1."""
-    from rich.console import Console
-    from rich.table import Table
-
+def table_cells(rows: dict) -> tuple[list[str], list[list[str]]]:
+    """The evaluation table as text: headers, and one row of cells per schedule, columns shaped like
+    the paper's Table 1 (those no row has left out)."""
     present = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows.values())]
-    table = Table(title=title)
-    table.add_column("schedule")
-    table.add_column("levels")
-    for _, header, _ in present:
-        table.add_column(header, justify="right")
+    body = []
     for name, row in rows.items():
         cells = []
         for key, _, fmt in present:
@@ -213,7 +209,28 @@ def print_table(rows: dict, title: str = "evaluation") -> None:
         levels = "dense" if row.get("levels") is None else " ".join(map(str, row["levels"]))
         if row.get("intervals") is not None:  # a cached schedule: levels / cache intervals
             levels += " / k " + " ".join(map(str, row["intervals"]))
-        table.add_row(name, levels, *cells)
+        body.append([name, levels, *cells])
+    return ["schedule", "levels", *(header for _, header, _ in present)], body
+
+
+def table_markdown(rows: dict, title: str = "evaluation") -> str:
+    """The evaluation table in Markdown (what TensorBoard's text tab renders)."""
+    headers, body = table_cells(rows)
+    lines = [f"**{title}**", "", "| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body])
+
+
+def print_table(rows: dict, title: str = "evaluation") -> None:
+    """A rich table, one row per schedule (`table_cells`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    headers, body = table_cells(rows)
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i >= 2 else "left")
+    for cells in body:
+        table.add_row(*cells)
     Console(width=200).print(table)
 
 
@@ -231,22 +248,31 @@ def evaluate_schedule(context: RunContext, trainer, searched: Schedule, config: 
     if config.uniform and float(searched.target_level).is_integer():
         schedules["uniform"] = Schedule.uniform(int(searched.target_level), searched.levels_max,
                                                 searched.steps_per_stage, partition=searched.partition)
+    from .latency import latency_warnings
+
     rows = evaluate(context, trainer, schedules, config, run, log=log, launched=launched, store=store)
     if not rows:
         return rows
     # what was evaluated: the schedule (file and levels) and the store that routed it
     result = {"schedule": source or searched.levels, "levels": searched.levels, "store": str(store.path),
-              "store_key": store.key, "pruner": store.pruner, "config": asdict(config), "results": rows}
+              "store_key": store.key, "pruner": store.pruner, "config": asdict(config), "results": rows,
+              "warnings": latency_warnings(rows)}
     write_json(run / "evaluation.json", result)
-    log_to_loggers(trainer, result)
-    print_table(rows, title=f"{source or 'searched schedule'} — {config.num_images} images per row")
+    title = f"{source or 'searched schedule'} — {config.num_images} images per row"
+    log_to_loggers(trainer, result, title, run / "evaluation.json")
+    print_table(rows, title=title)
+    for warning in result["warnings"]:
+        log(f"warning: {warning}")
     log(f"wrote {run / 'evaluation.json'}")
     return result
 
 
-def log_to_loggers(trainer, result: dict) -> None:
+def log_to_loggers(trainer, result: dict, title: str = "evaluation", path: Path | None = None) -> None:
     """evaluation.json's numbers to the trainer's loggers (CSV, TensorBoard, …) as `eval/<row>/<metric>`
-    (e.g. eval/searched/fid), and what was evaluated as hyperparameters."""
+    (e.g. eval/searched/fid), what was evaluated as hyperparameters, and the table as `eval/table`
+    (TensorBoard: its text; other loggers: the path of evaluation.json, `path`)."""
+    from .to_loggers import log_text
+
     loggers = list(trainer.loggers) if trainer is not None else []
     if not loggers:
         return
@@ -258,6 +284,7 @@ def log_to_loggers(trainer, result: dict) -> None:
         logger.log_hyperparams(what)
         logger.log_metrics(metrics, step=trainer.global_step)
         logger.save()
+    log_text(trainer, "eval/table", table_markdown(result["results"], title), path or Path("evaluation.json"))
 
 
 def evaluate_run(context: RunContext, trainer, schedule: str | Path | None = None,

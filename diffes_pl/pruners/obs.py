@@ -47,7 +47,8 @@ class OBSPruner(Pruner):
             store_dtype: dtype of stored compensated weights (default: the denoiser's).
             timestep_weighting: weight every calibration sample's contribution to the Hessian by
                 OBS-Diff's log-decreasing w_t (early, high-noise steps weigh most). Off by default.
-            w_min: smallest weight. w_max: largest weight.
+            w_min: the smallest timestep weight w_t (the last, low-noise step; with timestep_weighting).
+            w_max: the largest timestep weight w_t (the first, high-noise step; with timestep_weighting).
             sequential_groups: K > 1 calibrates the blocks in K contiguous groups in turn, each
                 group's Hessians gathered with the earlier groups already pruned at
                 `sequential_level` (OBS-Diff's group-wise sequential calibration). 1: all at once.

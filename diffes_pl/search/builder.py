@@ -16,7 +16,6 @@ from ..errors import ScheduleError
 from ..partition import StagePartition
 from ..run import RunContext
 from ..sampling import probe_rows_that_fit
-from ..schedule import check_target
 from ..step_costs import StepCosts
 from ..trajectory import TrajectoryStore
 from .evolution import EvolutionarySearch
@@ -31,11 +30,12 @@ from .space import SearchSpace
 @dataclass(frozen=True)
 class RunPlan:
     """What a run is, fixed before its denoiser loads: the adapter over the architecture on the meta
-    device (no weights), the partition and H."""
+    device (no weights), the partition, H and the budget as a level of H (`model.sparsity` converted)."""
 
     adapter: DenoiserAdapter
     partition: StagePartition
     levels_max: int
+    target_level: float
 
 
 def plan_run(settings: SearchSettings, *, depth: bool = False) -> RunPlan | None:
@@ -55,9 +55,9 @@ def _plan(settings: SearchSettings, adapter: DenoiserAdapter, depth: bool) -> Ru
     partition = StagePartition.from_scheduler(adapter.make_scheduler(settings.sampler), settings.steps,
                                               settings.num_stages)
     levels_max = int(settings.levels or adapter.default_levels("depth" if depth else "width"))
-    check_target(settings.target_level, levels_max, partition.steps_per_stage)
+    target_level = settings.check_budget(levels_max, partition.steps_per_stage)  # sparsity → level: H known now
     settings.check_denoiser(adapter)
-    return RunPlan(adapter, partition, levels_max)
+    return RunPlan(adapter, partition, levels_max, target_level)
 
 
 def check_existing_store(path: Path, plan: RunPlan, key_fields: dict | None = None) -> None:
@@ -83,7 +83,7 @@ def build_context(settings: SearchSettings, root_dir: Path, device: torch.device
     adapter = load_denoiser(settings.denoiser, device=device, dtype=getattr(torch, settings.dtype))
     plan = _plan(settings, adapter, depth)  # the same, from the loaded denoiser (no config at hand before)
     partition, levels_max = plan.partition, plan.levels_max
-    return RunContext(root_dir, store_path(settings, root_dir), adapter, partition, levels_max, settings.target_level,
+    return RunContext(root_dir, store_path(settings, root_dir), adapter, partition, levels_max, plan.target_level,
                       settings.sampler, settings.steps, settings.guidance, settings.dtype, settings.fitness,
                       settings.prompts, settings.probe_batch_size)
 

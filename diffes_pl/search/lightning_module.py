@@ -32,8 +32,9 @@ from ..trajectory import TrajectoryStore
 from .archive_file import evaluation_lines
 from .builder import RunPlan, build_context, build_search, check_existing_store, plan_run, rebind_context, store_path
 from .evolution import EvolutionarySearch
+from .progress_line import GenerationTimer, generation_line, wants_plain_lines
 from .resume import GenerationCheckpoint
-from .settings import SearchSettings
+from .settings import DEFAULT_TARGET_LEVEL, SearchSettings
 from .space import SearchSpace
 
 
@@ -46,7 +47,8 @@ class DiffES(L.LightningModule):
         self,
         denoiser: str = BUILTIN,
         pruner: Pruner | None = None,
-        target_level: float = 4,
+        target_level: float | None = None,
+        sparsity: float | None = None,
         levels: int | None = None,
         num_stages: int = 10,
         steps: int = 20,
@@ -81,22 +83,33 @@ class DiffES(L.LightningModule):
         Args:
             denoiser: `tiny-digits`, a hub id (`facebook/DiT-XL-2-256`) or a local folder.
             pruner: how units are ranked per stage (obs, wanda, magnitude, activation, depth).
-            target_level: the budget: the step-weighted mean level of every schedule.
+            target_level: the budget: the step-weighted mean level of every schedule (default 4 when
+                sparsity is not given either).
+            sparsity: the budget as a fraction in [0, 1] of the prunable units (heads and MLP channels,
+                or blocks for depth pruning) removed, averaged over the steps: target_level / H (0.5 with
+                H = 8 is target_level 4). Give it or target_level; both given must agree.
             levels: H, the number of levels (default: head count of the narrowest attention, or
                 the block count for depth pruning). Level L removes round(L/H · n) units per group.
             num_stages: S, contiguous groups of sampling steps (stage 0 = first steps).
-            steps: sampling steps. sampler: `ddim`, `dpm` or `euler_a`. guidance: CFG scale.
+            steps: sampling steps.
+            sampler: the sampling scheduler, one the denoiser's family offers: `ddim`, `dpm` or `euler_a`
+                (DiT, tiny), `dpm` or `ddim` (PixArt), `euler_a` or `ddim` (SDXL), `flow_euler` (FLUX, SD3).
+            guidance: classifier-free guidance scale (1: no guidance).
             store: trajectory store folder (default: <default_root_dir>/store); one store can serve
                 many searches.
-            offspring: children per generation. survivors: individuals kept (elitist).
-            max_move: largest level-switch move. moves_per_child: moves applied per child.
+            offspring: children per generation.
+            survivors: individuals kept from one generation to the next (elitist).
+            max_move: largest level-switch move.
+            moves_per_child: moves applied per child.
             init: initial population: hybrid (uniform + patterned + random), uniform, random, patterned.
             seeds: user schedules put into the initial population (a joint search: [levels, intervals]
                 pairs, or plain levels meaning cache interval 1 in every stage).
             metric: fitness: ssim, psnr, latent_mse, class_accuracy, digits_fid, topiq, clipiqa, or
                 `package.module:function`.
             num_probes: probes (seeded noise + labels) the fitness is measured on.
-            probe_seed: seed of the probes. probe_batch_size: probes per denoiser call.
+            probe_seed: seed of the probes.
+            probe_batch_size: probes per denoiser call (default: all probes at once, or, with
+                batch_candidates, chosen from free GPU memory); lower it when the search runs out of memory.
             search_seed: seed of the search's own generator (population, mutation).
             dtype: inference dtype of the denoiser (float32, float16, bfloat16).
             resident_routing: keep every stage's sliced weights of a candidate resident (fastest);
@@ -146,6 +159,8 @@ class DiffES(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters(ignore=["pruner"])
+        if target_level is None and sparsity is None:  # recorded as checkpoints before `sparsity` hold it
+            self.hparams.target_level = DEFAULT_TARGET_LEVEL
         # every refusal of the settings, before any work (hparams may hold Lightning's own entries too)
         self.settings = SearchSettings.from_mapping(self.hparams)
         self.metric = self.settings.fitness
@@ -155,6 +170,9 @@ class DiffES(L.LightningModule):
         self._plan: RunPlan | None = None  # `check_run` makes it (from the denoiser's config)
         self.context: RunContext | None = None  # `prepare` builds it (loads the denoiser)
         self.search: EvolutionarySearch | None = None  # `setup("fit")` builds it
+        self.evaluated_this_run = 0  # schedules this fit evaluated, summed over its processes
+        self._statistics: dict[str, float] = {}  # the last generation's, for its plain line
+        self._timer: GenerationTimer | None = None
 
     @property
     def space(self) -> SearchSpace | None:
@@ -202,6 +220,15 @@ class DiffES(L.LightningModule):
             return store
         return build_store(trainer, self.pruner, datamodule, context.adapter, context.partition, path,
                            context.levels_max, log=log)
+
+    def calibrate(self, trainer: L.Trainer, datamodule: Any) -> TrajectoryStore:
+        """`diffes-pl predict` from Python: the run's trajectory store (`store`, or
+        <trainer.default_root_dir>/store), opened when one built for this run's settings is there, else
+        built by calibrating on `datamodule` with `trainer` (its devices and strategy). What the run
+        cannot do is refused first, before the denoiser loads (`check_run`). `trainer.fit(model)` then
+        searches on this store."""
+        self.check_run(trainer.default_root_dir, datamodule)
+        return self.ensure_store(trainer, datamodule)
 
     def store_key_fields(self, datamodule: Any) -> dict:
         """What the store of this run depends on (denoiser, calibration, partition, pruner, H)."""
@@ -274,7 +301,13 @@ class DiffES(L.LightningModule):
                                       rank=self.global_rank, world=self.trainer.world_size,
                                       before_each=self._stop_if_terminated)
         self.optimizers().step()  # no-op: makes `global_step` count generations
-        self.log_dict(statistics, prog_bar=True, on_epoch=True, on_step=False, batch_size=1)
+        # every process holds the same (already summed) statistics: `max` over ranks returns them
+        # exactly where a mean could round, and sync_dist keeps Lightning's DDP warning away
+        self.log_dict(statistics, prog_bar=True, on_epoch=True, on_step=False, batch_size=1, sync_dist=True,
+                      reduce_fx="max")
+        self._statistics = statistics
+        here = torch.tensor([float(self.search.evaluated_here)])
+        self.evaluated_this_run = int(self._sum_over_ranks(here).item() if self.trainer.world_size > 1 else here.item())
 
     def _sum_over_ranks(self, tensor: torch.Tensor) -> torch.Tensor:
         """Each slot of a generation's results is non-zero on one rank only: the sum is exact."""
@@ -289,9 +322,22 @@ class DiffES(L.LightningModule):
         if self.trainer.world_size == 1 and self.trainer.received_sigterm:
             raise SIGTERMException()
 
+    def on_train_start(self) -> None:
+        self._timer = GenerationTimer(self.current_epoch)
+
     def on_train_epoch_end(self) -> None:
         last = self.current_epoch + 1 >= (self.trainer.max_epochs or 0)
         self.write_outputs(finished=last)
+        self._print_generation_line()
+
+    def _print_generation_line(self) -> None:
+        """One plain line per generation where no live display shows it (search/progress_line.py)."""
+        trainer = self.trainer
+        if self.global_rank != 0 or not self._statistics or not wants_plain_lines(trainer.progress_bar_callback):
+            return
+        done, total = self.current_epoch + 1, int(trainer.max_epochs or 0)
+        print(generation_line(done, total, self._statistics, self.metric.name, self._timer.elapsed(),
+                              self._timer.eta(done, total)), flush=True)
 
     def best_schedule(self) -> Schedule:
         """The best schedule so far, with what it was searched on (store, pruner, metric)."""

@@ -5,24 +5,33 @@ a class-conditional model, cache settings without `cache_intervals`) comes at on
 before any model is loaded. What needs the loaded denoiser (H, the cache branch) is checked by
 `check_denoiser` right after loading, before calibration. `DiffES` (lightning_module.py) takes the
 same arguments, for LightningCLI's parsing and --help, and hands them here.
+
+The budget is given either as `target_level` (a step-weighted mean level of H) or as `sparsity`
+(the fraction of the prunable units removed, target_level / H); `target_level_for(H)` turns either
+into the level, and refuses both when they disagree. H may only be known once the denoiser's
+config is read (`builder.plan_run`), so with `levels` unset the sparsity is converted there.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from fractions import Fraction
 from typing import Any
 
 from ..denoisers import check_name
 from ..denoisers.base import BlockCachePoints, DenoiserAdapter, UNetCachePoints
 from ..denoisers.registry import family_titles
 from ..denoisers.tiny import NAME as BUILTIN
+from ..errors import ScheduleError
 from ..fitness import Metric, get_metric
 from ..partition import split_steps
+from ..schedule import check_target
 from .joint_space import JOINT_INITS, interval_rate_problem
 from .level_space import INITS
 from .racing import Racing
 
 DTYPES = ("float32", "float16", "bfloat16")
+DEFAULT_TARGET_LEVEL = 4  # the budget when neither target_level nor sparsity is given (what it always was)
 
 
 @dataclass
@@ -31,7 +40,7 @@ class SearchSettings:
     `fitness` is the resolved metric."""
 
     denoiser: str = BUILTIN
-    target_level: float = 4
+    target_level: float | None = None
     levels: int | None = None
     num_stages: int = 10
     steps: int = 20
@@ -61,6 +70,7 @@ class SearchSettings:
     stop_patience: int | None = None
     stop_delta: float = 0.0
     batch_candidates: bool = False
+    sparsity: float | None = None
     fitness: Metric = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -99,9 +109,7 @@ class SearchSettings:
             problems.append(f"init must be one of {INITS} (got {self.init!r})")
         if self.levels is not None and self.levels < 1:
             problems.append(f"levels (H) must be ≥ 1 (got {self.levels})")
-        if self.levels is not None and not 0 <= self.target_level <= self.levels:
-            problems.append(f"target_level {self.target_level} is above H = {self.levels}: choose target_level ≤ "
-                            "levels")
+        problems += self._budget_problems()
         problems += self._cache_problems()
         if self.race_probes is not None:
             try:
@@ -117,6 +125,59 @@ class SearchSettings:
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be float32, float16 or bfloat16 (got {self.dtype!r})")
         return problems
+
+    def _budget_problems(self) -> list[str]:
+        """One-line refusals of target_level / sparsity that need no denoiser (with `levels` given, H is
+        known now, so a disagreement is refused here too)."""
+        s, t = self.sparsity, self.target_level
+        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 <= s <= 1):
+            problem = "sparsity must be a fraction in [0, 1] of the prunable units removed (0.5 removes half)"
+            return [f"{problem}; got {s!r}"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or t < 0):
+            return [f"target_level must be a number ≥ 0 (the step-weighted mean level); got {t!r}"]
+        if self.levels is None or self.levels < 1:
+            return []
+        try:
+            target = self.target_level_for(self.levels)
+        except ValueError as err:
+            return [str(err)]
+        if target > self.levels:
+            return [f"target_level {float(target)} is above H = {self.levels}: choose target_level ≤ levels"]
+        return []
+
+    def target_level_for(self, levels_max: int) -> float:
+        """The budget as a level of H = `levels_max`: `target_level`, or `sparsity` × H (exactly, in
+        `Fraction`s of the decimals given), or DEFAULT_TARGET_LEVEL when neither is given. Both
+        given and different: ValueError naming both and the fix."""
+        if self.sparsity is None:
+            return float(DEFAULT_TARGET_LEVEL if self.target_level is None else self.target_level)
+        level = Fraction(str(self.sparsity)) * int(levels_max)
+        if self.target_level is not None and Fraction(str(self.target_level)) != level:
+            given = float(Fraction(str(self.target_level)) / levels_max)
+            raise ValueError(f"model.sparsity {self.sparsity} is target_level {float(level):g} of H = {levels_max}, "
+                             f"but model.target_level is {self.target_level} (sparsity {given:g}): give one of "
+                             "them (--model.target_level null to budget by sparsity)")
+        return float(level)
+
+    def check_budget(self, levels_max: int, steps_per_stage: Sequence[int]) -> float:
+        """The target level of H = `levels_max` (`target_level_for`), refused (ScheduleError) when no
+        schedule of whole levels on these stages meets it; a sparsity is named as given, with the
+        nearest budgets that some schedule meets."""
+        target = self.target_level_for(levels_max)
+        if self.sparsity is not None:
+            H, w = int(levels_max), list(steps_per_stage)
+            need = Fraction(str(self.sparsity)) * H * sum(w)  # the Σ levels·steps this sparsity asks for
+            reach = {0}  # every Σ levels·steps some schedule has (as schedule.check_target computes it)
+            for steps in w:
+                reach = {r + level * steps for r in reach for level in range(H + 1)}
+            if need not in reach:
+                near = sorted({max((r for r in reach if r <= need), default=0),
+                               min((r for r in reach if r >= need), default=H * sum(w))})
+                shown = " or ".join(_budget_text(Fraction(r), H, sum(w)) for r in near)
+                raise ScheduleError(f"model.sparsity {self.sparsity} is target level {target:g} of H = {H}, which no "
+                                    f"schedule of whole levels on steps per stage {w} meets: choose {shown}")
+        check_target(target, levels_max, steps_per_stage)
+        return target
 
     def _cache_problems(self) -> list[str]:
         """One-line refusals of the cache settings."""
@@ -161,6 +222,17 @@ class SearchSettings:
     def as_dict(self) -> dict:
         """The settings as given (without the resolved metric)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+def _budget_text(total: Fraction, levels_max: int, steps: int) -> str:
+    """A budget of Σ levels·steps = `total` as the user can type it: a sparsity when its decimal is
+    exact, else the target level when its decimal is, else the sparsity rounded."""
+    sparsity, level = total / (levels_max * steps), total / steps
+    if Fraction(repr(float(sparsity))) == sparsity:
+        return f"sparsity {float(sparsity)!r}"
+    if Fraction(repr(float(level))) == level:
+        return f"target_level {float(level)!r} (sparsity {float(sparsity):.4g})"
+    return f"sparsity ≈ {float(sparsity):.6g}"
 
 
 def resolve_cache_branch(adapter: DenoiserAdapter, branch: int | None) -> int:

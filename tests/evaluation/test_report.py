@@ -138,7 +138,7 @@ def test_pngs_hold_exactly_the_evaluated_pixels(tmp_path):
             decoded = np.asarray(Image.open(p))
             decoded = decoded[:, :, None] if decoded.ndim == 2 else decoded
             assert np.array_equal(decoded, expected[i].permute(1, 2, 0).numpy()), p
-        assert Image.open(small.folder / "grid.png").size == (8 * 8 + 2 * 9, 2 * 8 + 2 * 3)
+        assert Image.open(small.folder / "grid.png").size == (8 * 64 + 2 * 9, 2 * 64 + 2 * 3)  # 8 px shown as 64
     grow = image_set(6)
     for b in range(2):
         grow.save(b, torch.rand(4, 1, 8, 8, generator=g))
@@ -155,12 +155,15 @@ def test_cli_logs_evaluation_to_the_trainers_logger(run):
     from PIL import Image
     from safetensors.torch import load_file
 
-    cli("test", "--config", str(ROOT / "configs/tiny_obs.yaml"), *SMALL, "--trainer.default_root_dir", str(run),
-        "--schedule", str(run / "schedule.json"), "--eval.num_images", "40", "--eval.batch_size", "10",
-        "--eval.latency_batch_size", "4", "--eval.latency_repeats", "1",
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run / "logs"),
-        cwd=run.parent)
+    log = cli("test", "--config", str(ROOT / "configs/tiny_obs.yaml"), *SMALL, "--trainer.default_root_dir", str(run),
+              "--schedule", str(run / "schedule.json"), "--eval.num_images", "40", "--eval.batch_size", "10",
+              "--eval.latency_batch_size", "4", "--eval.latency_repeats", "1",
+              "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run / "logs"),
+              cwd=run.parent)
     result = json.loads((run / "evaluation.json").read_text())
+    # one timed run: the speedups are flagged as noise, in the output and in evaluation.json
+    assert len(result["warnings"]) == 1 and f"warning: {result['warnings'][0]}" in log
+    assert "1 timed run(s)" in result["warnings"][0] and "--eval.latency_repeats" in result["warnings"][0]
     (metrics_csv,) = (run / "logs").glob("**/metrics.csv")
     logged = {}
     for line in csv.DictReader(metrics_csv.open()):
@@ -171,7 +174,8 @@ def test_cli_logs_evaluation_to_the_trainers_logger(run):
     assert set(logged) == set(expected)
     for key, value in expected.items():
         assert logged[key] == pytest.approx(value, rel=1e-6), key
-    assert "eval/pruner" in (metrics_csv.parent / "hparams.yaml").read_text()
+    hparams = (metrics_csv.parent / "hparams.yaml").read_text()
+    assert "eval/pruner" in hparams and f"eval/table: {run / 'evaluation.json'}" in hparams  # the table's file
     for folder in sorted((run / "eval").glob("*-*")):
         if folder.name.startswith("reference"):
             continue

@@ -1,6 +1,7 @@
 """The search under Trainer.fit: budget on every evaluation, rollout reuse identical to full
 rollouts, determinism, and kill-and-resume ending exactly like an uninterrupted run."""
 import json
+import re
 import signal
 import subprocess
 import time
@@ -47,9 +48,11 @@ def test_outputs_budget_and_bounds(straight):
     children = [r for r in records if r["parent"] is not None]
     assert children and sum(r["nfe"] for r in children) < 8 * len(children)
     assert (straight / "checkpoints" / "last.ckpt").exists()
-    # the configured SearchProgress: calibration per stage, then generations with the best fitness
+    # stdout is a pipe (a batch job): the configured SearchProgress prints a line per calibration stage, the
+    # search one per generation with the best fitness
     shown = (straight / "stdout.txt").read_text()
-    assert "calibration, stage 3" in shown and "search, generation" in shown and "6/6" in shown
+    assert "calibration, stage 3 · batches 1/1 · elapsed" in shown and "search, generation" not in shown
+    assert [int(g) for g in re.findall(r"^generation (\d)/6 · best ssim", shown, flags=re.M)] == [1, 2, 3, 4, 5, 6]
     assert f"best ssim {max(r['fitness'] for r in records):.4f}" in shown
     for png in ("fitness.png", "schedule.png", "samples.png"):  # the configured callbacks' plots
         assert (straight / "plots" / png).stat().st_size > 1000
