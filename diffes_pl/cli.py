@@ -109,7 +109,12 @@ class DiffESCLI(LightningCLI):
             check_writable(store, "store folder",
                            "--model.store" if config.model.store else "--trainer.default_root_dir or --model.store")
 
+    def _dry_run_requested(self) -> bool:
+        return self.subcommand in ("fit", "predict") and bool(self.config[self.subcommand].get("dry_run"))
+
     def instantiate_trainer(self, **kwargs: Any) -> Any:
+        if self._dry_run_requested():  # the plan needs no Trainer (nor the GPU a config may name)
+            return None
         # Lightning refuses enable_progress_bar=False while a ProgressBar is among the callbacks, and
         # the shipped configs list SearchProgress: switching the display off drops it.
         trainer = self._get(self.config_init, "trainer", default={})
@@ -118,6 +123,49 @@ class DiffESCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
         return super().instantiate_trainer(**kwargs)
+
+    def after_instantiate_classes(self) -> None:
+        if self._dry_run_requested():
+            self._dry_run()
+            self.subcommand = None  # LightningCLI then runs no subcommand: nothing loaded, nothing written
+
+    def _dry_run(self) -> None:
+        """`--dry_run true`: the memory plan on the configured accelerator, whether it fits here (where
+        that device can be asked), and nothing else."""
+        import torch
+
+        from .memory import InsufficientMemoryError
+
+        config = self.config[self.subcommand]
+        run_dir = Path(config.trainer.default_root_dir or os.getcwd())
+        device = _configured_device(config.trainer.accelerator)
+        plan = self.model.memory_plan(run_dir, self.datamodule, device, weights=False)
+        if plan is None:
+            raise ValueError(f"no config of {self.model.settings.denoiser} is at hand without loading it: download it "
+                             "(hf download) or pass a local folder, then plan again")
+        print(plan.format(), flush=True)
+        where = "host" if device.type == "cpu" else "accelerator and host"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("  accelerator not checked against free memory: no CUDA device on this machine", flush=True)
+            device, where = torch.device("meta"), "host"  # the host is still checked
+        try:
+            plan.check(_phases(self.subcommand, plan), device=device)
+            print(f"  {where}: fits in the memory free here", flush=True)
+        except InsufficientMemoryError as err:
+            print(f"  would be refused: {err}", flush=True)
+
+    def _check_memory(self, subcommand: str) -> None:
+        """Before the denoiser loads: the plan printed (rank 0) when a store must be built, and the run
+        refused (InsufficientMemoryError, naming the biggest term and its fix) when a phase it runs will
+        not fit on the accelerator or the host."""
+        root = self.trainer.default_root_dir
+        plan = self.model.memory_plan(root, self.datamodule, self.trainer.strategy.root_device)
+        calibrating = plan is not None and any(p.startswith("calibration") for p in plan.phases)
+        if plan is None or (subcommand == "predict" and not calibrating):
+            return  # no config before loading, or a store to reuse: predict has nothing to plan
+        if calibrating:
+            self._log(plan.format())
+        plan.check(_phases(subcommand, plan))
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -140,6 +188,14 @@ class DiffESCLI(LightningCLI):
                                      "its folder receives eval/ and evaluation.json")
             parser.add_class_arguments(EvalConfig, "eval", help="what the evaluation measures")
             self._subcommand_method_arguments[subcommand] += ["schedule", "eval"]
+        if subcommand in ("fit", "predict"):
+            # an option of the invocation, not of the run: kept out of DiffES's hparams (the checkpoint,
+            # the resume check) and acted on before the Trainer exists (a GPU config's Trainer cannot
+            # even be made on a machine without one); not passed to the subcommand's method
+            parser.add_argument("--dry_run", type=bool, default=False,
+                                help="print the run's memory plan (accelerator and host, per phase) from the "
+                                     "denoiser's architecture on the meta device and exit: no weights, no "
+                                     "download, no run folder")
         if subcommand == "fit":
             parser.add_argument("--overwrite", type=bool, default=False,
                                 help="start a new search in a run folder that holds one (its schedule.json, "
@@ -165,6 +221,7 @@ class DiffESCLI(LightningCLI):
         config = self.config_init[self.subcommand]
         run_dir = Path(self.trainer.default_root_dir)
         self.model.check_run(run_dir)
+        self._check_memory("fit")
         if self.trainer.global_rank == 0:
             self._lock(exclusive, run_dir, f"running a search in {run_dir}",
                        "wait for it to stop, or choose another --trainer.default_root_dir")
@@ -192,6 +249,7 @@ class DiffESCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self.model.check_run(self.trainer.default_root_dir, self.datamodule)  # before the denoiser loads
+        self._check_memory("predict")
 
     def before_test(self) -> None:
         # the schedule against the run's denoiser, partition and store, from the schedule file and the
@@ -239,17 +297,20 @@ class DiffESCLI(LightningCLI):
             try:
                 with ExitStack() as self._held:  # locks taken by before_<subcommand>, released at its end
                     super()._run_subcommand(subcommand)
-            except SIGTERMException:
+            except SIGTERMException as stop:
                 # every rank stops; rank 0 alone says so (one line)
-                message = self._stopped_message(interrupt.signal) if self.trainer.global_rank == 0 else ""
+                message = self._stopped_message(interrupt.signal, stop) if self.trainer.global_rank == 0 else ""
                 raise Terminated(message, interrupt.exit_code) from None
 
-    def _stopped_message(self, signum: signal.Signals = signal.SIGTERM) -> str:
+    def _stopped_message(self, signum: signal.Signals = signal.SIGTERM, stop: BaseException | None = None) -> str:
         """The one line saying which signal stopped the run, where its checkpoint is and how to resume
-        (or that nothing is resumable)."""
+        (or that nothing is resumable); a stopped calibration says which stages it kept."""
+        from .pruners.base import CalibrationStopped
         from .search.resume import CHECKPOINT
 
         name = signal.Signals(signum).name
+        if isinstance(stop, CalibrationStopped):
+            return f"stopped by {name} during `{self.subcommand}`; {stop.resume_line()}"
         path = Path(self.trainer.default_root_dir) / CHECKPOINT
         if self.subcommand != "fit" or not path.is_file():
             return f"stopped by {name} during `{self.subcommand}`; nothing to resume: run the command again"
@@ -277,6 +338,26 @@ class DiffESCLI(LightningCLI):
     def _log(self, message: str) -> None:
         if self.trainer.global_rank == 0:
             print(message, flush=True)
+
+
+def _configured_device(accelerator: Any) -> Any:
+    """The device a config's `trainer.accelerator` names, without making the Trainer."""
+    import torch
+
+    name = str(getattr(accelerator, "class_path", accelerator) or "auto").lower()
+    if name in ("gpu", "cuda") or "cuda" in name or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    if name in ("cpu", "auto") or "cpu" in name:
+        return torch.device("cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:  # an accelerator torch has no device name for: planned, not checked
+        return torch.device("meta")
+
+
+def _phases(subcommand: str, plan: Any) -> list[str]:
+    """The plan's phases a subcommand runs: predict loads and calibrates; fit also searches."""
+    return [p for p in plan.phases if p != "sampling" and (subcommand == "fit" or p != "search")]
 
 
 def _remove_if_empty(folder: Path) -> None:

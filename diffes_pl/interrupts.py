@@ -5,7 +5,8 @@ Lightning's `_SignalConnector` installs a SIGTERM handler for the length of each
 predict): it sets `trainer.received_sigterm`, passes the signal on to the processes its launcher
 started, and whoever looks at the flag stops at a boundary by raising Lightning's `SIGTERMException`:
 Lightning's training loop at a generation's end, the search between two rollouts
-(`DiffES._stop_if_terminated`), calibration between two predict epochs (`pruners.base._calibrate`).
+(`DiffES._stop_if_terminated`), calibration at its next batch, keeping the finished stages
+(`pruners.base.Pruner.on_predict_batch_start`, `CalibrationStopped`).
 A LightningModule whose runs look at the flag says so with `stops_at_boundaries = True`.
 
 `stop_on_signals` (the CLI, for the length of a subcommand) gives Ctrl-C the same path: while such a

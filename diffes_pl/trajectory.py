@@ -9,7 +9,8 @@ Layout of a store folder:
 Level 0 is the dense model and is never stored. Shards are read lazily (memory-mapped by
 safetensors). The shards are written into `.<name>.partial` next to the store, the manifest last,
 and the folder is renamed into place (never copied), so a store either exists complete or not at
-all; `.<name>.lock` is held while it is written (see `locks.py`).
+all; `.<name>.lock` is held while it is written (see `locks.py`). A killed build's finished stages
+stay in `.<name>.partial` with their checksums (`PartialStore`), and a rerun resumes after them.
 
 Every shard is verified when first opened: its size and sha256 against the manifest, then its
 contents (every `.order` a permutation, every group's order present, weight widths matching the
@@ -104,14 +105,129 @@ def partial_dir(path: Path) -> Path:
     return path.parent / f".{path.name}.partial"
 
 
-def remove_stale(path: Path) -> list[Path]:
-    """Removes what a killed writer of `path` left behind (`.<name>.partial`, the temporary
-    `.<name>.*.tmp` of older versions). Call only while holding the store's lock: a live writer
-    would hold it, so anything found then is stale."""
-    stale = [p for p in [partial_dir(path), *path.parent.glob(f".{path.name}.*.tmp")] if p.exists()]
+def remove_stale(path: Path, keep_partial: bool = False) -> list[Path]:
+    """Removes what a killed writer of `path` left behind (`.<name>.partial` unless `keep_partial`:
+    `PartialStore.resume` judges it; the temporary `.<name>.*.tmp` of older versions). Call only while
+    holding the store's lock: a live writer would hold it, so anything found then is stale."""
+    found = [] if keep_partial else [partial_dir(path)]
+    stale = [p for p in [*found, *path.parent.glob(f".{path.name}.*.tmp")] if p.exists()]
     for p in stale:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     return stale
+
+
+PROGRESS = "progress.json"
+PROGRESS_SHA256 = "progress_sha256"
+
+
+class PartialStore:
+    """The shards of a store being built (`.<name>.partial/`) and `progress.json` beside them: the store
+    key and each finished stage's size and sha256, sealed (`integrity.sealed`) and rewritten atomically
+    after each stage. Why: a calibration of a big model takes hours and a cluster may kill it at any
+    time; the finished stages a kill leaves are kept, verified, and a rerun of the same store starts at
+    the first missing stage. Only the store's lock holder (rank 0) uses it. Stages are recorded in order
+    (0, 1, …), so the kept stages are always 0..kept − 1."""
+
+    def __init__(self, path: str | os.PathLike, key: str, num_stages: int) -> None:
+        self.path = Path(path)
+        self.folder = partial_dir(self.path)
+        self.key, self.num_stages = key, int(num_stages)
+        self.shards: dict[str, dict] = {}  # shard name → {"sha256", "bytes"}, stages 0..kept − 1
+
+    @property
+    def kept(self) -> int:
+        return len(self.shards)
+
+    def resume(self) -> list[str]:
+        """Keeps the verified finished stages a killed build of the SAME store left and removes
+        everything else in the folder (a shard not yet recorded, temporary files); a folder of another
+        store key, without a readable sealed record, or from its first damaged shard on, is removed.
+        Returns one line per removal saying why (empty when nothing was removed). Hold the lock."""
+        if not self.folder.is_dir():
+            if self.folder.exists():
+                self.folder.unlink()
+                return [f"removed {self.folder.name} (a file where a folder of shards belongs)"]
+            return []
+        why = self._read_progress()
+        if why is not None:
+            shutil.rmtree(self.folder)
+            self.shards = {}
+            return [f"removed {self.folder.name}, what an interrupted build of {self.path} left ({why})"]
+        notes, recorded, self.shards = [], self.shards, {}
+        for stage in range(self.num_stages):  # the verified prefix 0..k: a rerun starts at k + 1
+            name = shard_name(stage)
+            if name not in recorded:
+                break
+            problem = _shard_problem(self.folder / name, recorded[name])
+            if problem is not None:
+                notes.append(f"stage {stage} of an interrupted build of {self.path} is not kept ({name}: {problem}); "
+                             f"it and the stages after it are calibrated again")
+                break
+            self.shards[name] = recorded[name]
+        keep = {*self.shards, PROGRESS}
+        extra = sorted(p for p in self.folder.iterdir() if p.name not in keep)
+        for p in extra:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        self._record()  # the record now lists exactly the shards kept
+        return notes
+
+    def _read_progress(self) -> str | None:
+        """Loads the kept shards' records from `progress.json`; returns why the folder cannot be
+        resumed, or None."""
+        file = self.folder / PROGRESS
+        if not file.is_file():
+            return f"no {PROGRESS}: written before builds could resume, or killed before its first stage finished"
+        try:
+            progress = json.loads(file.read_text())
+        except ValueError:  # a UnicodeDecodeError too
+            return f"its {PROGRESS} is not valid JSON"
+        if not isinstance(progress, dict) or not seal_holds(progress, PROGRESS_SHA256):
+            return f"its {PROGRESS} fails its checksum"
+        if progress.get("key") != self.key or progress.get("num_stages") != self.num_stages:
+            return "built for other settings: another store key"
+        self.shards = dict(progress.get("shards") or {})
+        return None
+
+    def _record(self) -> None:
+        from .integrity import sealed
+        from .io import write_json
+
+        if not self.shards:  # nothing finished: nothing a rerun could keep
+            (self.folder / PROGRESS).unlink(missing_ok=True)
+            return
+        write_json(self.folder / PROGRESS, sealed({"format": 1, "key": self.key, "num_stages": self.num_stages,
+                                                   "shards": self.shards}, PROGRESS_SHA256))
+
+    def write_stage(self, stage: int, tensors: dict[str, Tensor]) -> None:
+        """Writes stage `stage`'s shard under a temporary name, renames it into place, then records its
+        checksum: a kill at any point leaves either the stage recorded and whole, or not recorded."""
+        from .io import atomic_path
+
+        if stage != self.kept:
+            raise RuntimeError(f"stage {stage} finished while stages 0..{self.kept - 1} are recorded: "
+                               f"stages are written in order; this is a bug")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        file = self.folder / shard_name(stage)
+        with atomic_path(file) as tmp:
+            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
+        self.shards[file.name] = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
+        self._record()
+
+    def discard_if_empty(self) -> None:
+        """After a failed build: the folder goes unless it holds a finished stage a rerun keeps."""
+        if self.folder.exists() and not self.shards:
+            shutil.rmtree(self.folder)
+
+
+def _shard_problem(file: Path, record: dict) -> str | None:
+    if not file.is_file():
+        return "the file is missing"
+    size = file.stat().st_size
+    if size != record.get("bytes"):
+        return f"{size} bytes where {PROGRESS} says {record.get('bytes')}"
+    if file_sha256(file) != record.get("sha256"):
+        return "checksum mismatch"
+    return None
 
 
 def writing(path: Path):
@@ -266,6 +382,8 @@ class TrajectoryStore:
         if path.exists():
             shutil.rmtree(path)
         os.replace(folder, path)
+        # the build's own record goes only now: a kill while sealing leaves the stages resumable
+        (path / PROGRESS).unlink(missing_ok=True)
         for name, record in shards.items():  # hashed just now: a reopen in this process need not rehash
             _VERIFIED.add(_stamp(path / name, record["sha256"]))
         return TrajectoryStore(path, json.loads((path / MANIFEST).read_text()))

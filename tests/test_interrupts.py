@@ -1,7 +1,8 @@
 """Ctrl-C (SIGINT) stops a run as SIGTERM (a cluster's preemption) does: the search between two
-rollouts with the checkpoint of its last finished generation, calibration at a stage boundary, one line
-on stderr saying where the checkpoint is and how to resume (or that nothing is resumable), exit code
-128 + the signal (130, 143); the resumed search ends byte for byte as an uninterrupted one."""
+rollouts with the checkpoint of its last finished generation, calibration at the next batch keeping its
+finished stages, one line on stderr saying where the checkpoint (or the kept stages) is and how to resume
+(or that nothing is resumable), exit code 128 + the signal (130, 143); the resumed search ends byte for
+byte as an uninterrupted one (a resumed calibration too: tests/pruners/test_calibration_resume.py)."""
 import re
 import signal
 import subprocess
@@ -77,18 +78,21 @@ def test_a_stopped_search_resumes_exactly(straight, tmp_path, sig):
 
 
 @SIGNALS
-def test_calibration_stops_at_a_stage_boundary(tmp_path, sig):
-    """`diffes-pl predict` stopped while stage 1 calibrates finishes that stage, then stops: no store and
-    no shards left, exit 128 + signal, and the line saying nothing is resumable."""
+def test_calibration_stops_at_the_next_batch_keeping_finished_stages(tmp_path, sig):
+    """`diffes-pl predict` signalled once stage 0 is recorded stops at the next calibration batch of stage 1
+    (abandoned): stage 0 kept in the partial folder, no store, exit 128 + signal, the line saying where a
+    rerun resumes."""
     run = tmp_path / "run"
     # 128 calibration batches per stage: a stage lasts long enough to be signalled in
     cmd = [sys.executable, "-m", "diffes_pl.cli", "predict", "--config", str(ROOT / "configs/tiny_obs.yaml"), *SMALL,
            "--data.nsamples", "512", "--trainer.default_root_dir", str(run)]
     proc, out, err = start(cmd, tmp_path / "logs")
-    signal_when(proc, run / ".store.partial" / "stage_00.safetensors", sig)  # stage 0 written
+    partial = run / ".store.partial"
+    signal_when(proc, partial / "progress.json", sig)  # stage 0 written and recorded
     assert proc.returncode == 128 + sig, err.read_text()[-3000:]
-    assert stop_line(err) == f"diffes-pl: stopped by {sig.name} during `predict`; nothing to resume: run the command again"
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # no store, no shards, no lock
+    assert stop_line(err) == (f"diffes-pl: stopped by {sig.name} during `predict`; calibration stage 0 of 4 kept in "
+                              f"{partial}: run the command again to resume at stage 1")
+    assert sorted(p.name for p in run.iterdir()) == [".store.partial", "config.yaml"]  # no store, no lock
+    assert sorted(p.name for p in partial.iterdir()) == ["progress.json", "stage_00.safetensors"]
     stages = re.findall(r"calibration, stage (\d+) .* (\d+)/(\d+)", out.read_text())
-    assert [s for s, _, _ in stages] in (["0"], ["0", "1"]), stages  # stopped at the first boundary
-    assert all(done == total for _, done, total in stages), stages  # and every stage it ran, it finished
+    assert stages == [("0", "128", "128")], stages  # stage 0 finished; stage 1 abandoned before its end

@@ -216,8 +216,9 @@ def test_cli_turns_a_memory_refusal_into_one_line(tmp_path, monkeypatch, capsys)
         main(["fit", "--config", str(ROOT / "configs" / "tiny_obs.yaml"), "--trainer.default_root_dir", str(tmp_path / "run")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("diffes-pl: error: InsufficientMemoryError: loading tiny-digits's "
-                                               "denoiser")
+    # the run's memory plan refuses first, before the denoiser loads (tests/test_memory_plan.py)
+    assert len(err) == 1 and err[0].startswith("diffes-pl: error: InsufficientMemoryError: search of tiny-digits, "
+                                               "obs pruner, float32 on cpu (host) needs ")
     assert not (tmp_path / "run" / "store").exists()
 
 

@@ -6,10 +6,14 @@ One predict epoch = one stage. At its end the statistics are all-reduced across 
 (never inside `predict_step`: ranks may hold uneven shards), the stage's trajectory is computed and
 rank 0 writes it as one shard. `build_store` runs the S stages and seals the store atomically.
 Keeping one stage's statistics at a time bounds memory (DiT-XL/2 OBS: one stage of Hessians).
+
+Preemption: each finished stage's shard is kept with its checksum (`trajectory.PartialStore`), so a
+killed build's rerun resumes at the first missing stage. A stop request (SIGTERM, Ctrl-C) takes effect
+at the next calibration batch: the stage under way is abandoned (its statistics dropped), the finished
+ones kept, and `CalibrationStopped` says how many.
 """
 from __future__ import annotations
 
-import shutil
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
@@ -17,15 +21,16 @@ from typing import Any
 
 import lightning as L
 import torch
-from safetensors.torch import save_file
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor, nn
 
 from ..denoisers.base import DenoiserAdapter, UnitGroup
 from ..partition import StagePartition
 from ..locks import LockedError
-from ..trajectory import (DiskSpaceError, TrajectoryStore, canonical, check_free_space, make_key, partial_dir,
-                          remove_stale, shard_name, writing)
+from ..trajectory import (DiskSpaceError, PartialStore, TrajectoryStore, canonical, check_free_space, make_key,
+                          remove_stale, writing)
 
+CALIBRATE_BY = ("auto", "model", "block")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -54,8 +59,9 @@ class Pruner(L.LightningModule):
     compensated = False
     depth = False
     passes = 1  # predict epochs per stage; OBS-Diff's sequential calibration uses one per block group
-    # a stop request (SIGTERM, Ctrl-C: trainer.received_sigterm) ends calibration after the predict epoch
-    # under way (`_calibrate`); Lightning's predict loop does not look at it
+    # a stop request (SIGTERM, Ctrl-C: trainer.received_sigterm) ends calibration at the next batch
+    # (`on_predict_batch_start`; Lightning's predict loop does not look at the flag), abandoning the
+    # stage under way and keeping the finished ones
     stops_at_boundaries = True
 
     def __init__(self, stat_dtype: str = "float64", store_dtype: str | None = None) -> None:
@@ -75,24 +81,73 @@ class Pruner(L.LightningModule):
         self.stage = 0
         self._stats: dict[str, Statistic] = {}
         self._handles: list[Any] = []
-        self._shard_dir: Path | None = None
-        self.part = 0  # which pass of the current stage runs (0 .. passes − 1)
+        self._partial: PartialStore | None = None
+        self._stopping = False  # several processes: a stop seen here, agreed on at the epoch end
+        self.part = 0  # which pass of the current stage runs (0 .. num_parts − 1)
+        # block-by-block calibration (`calibrate_by`): a single-pass stage split into this many passes,
+        # each gathering the statistics of one block's groups only. Not a setting of the store: the
+        # statistics, hence the store, are the same bit for bit (only memory and time differ)
+        self.block_parts = 1
         self._stage_out: dict[str, Tensor] = {}
 
     def begin_pass(self, stage: int, part: int = 0) -> None:
-        """The next predict epoch calibrates `stage`, pass `part` (of `passes`)."""
+        """The next predict epoch calibrates `stage`, pass `part` (of `num_parts`)."""
         self.stage, self.part = int(stage), int(part)
+
+    @property
+    def num_parts(self) -> int:
+        """Predict epochs per stage: OBS-Diff's sequential groups (`passes`), or the blocks of a
+        block-by-block calibration, or 1."""
+        return self.passes if self.passes > 1 else self.block_parts
+
+    def calibrate_by(self, mode: str, adapter: DenoiserAdapter, device: torch.device | str) -> str:
+        """Chooses whole-model or block-by-block calibration; returns the choice.
+
+        `model`: one predict epoch per stage holds every group's statistics at once (the fewest
+        forward passes). `block`: one predict epoch per block, holding that block's statistics
+        only, the forward stopped after it: peak statistics follow the largest block, not the depth,
+        at the cost of re-running the blocks before it (about half the depth in forward passes per
+        stage). `auto`: `block` when one stage's whole-model statistics do not fit in the device's
+        free memory. Depth pruning (a few numbers per block) and OBS-Diff's sequential groups
+        (already one group of blocks per pass) keep their own passes."""
+        from ..memory import available_bytes
+
+        if mode not in CALIBRATE_BY:
+            raise ValueError(f"calibrate_by must be one of {', '.join(CALIBRATE_BY)}; got {mode!r}")
+        self.block_parts = 1
+        if self.depth or self.passes > 1:
+            return "model"
+        if mode == "auto":  # a device this machine lacks (a dry run's plan): free memory unknown, whole model
+            device = torch.device(device)
+            free = None if device.type == "cuda" and not torch.cuda.is_available() else available_bytes(device)
+            mode = "block" if free is not None and estimate_stat_bytes(adapter, self) > free else "model"
+        if mode == "block":
+            self.block_parts = len(adapter.blocks())
+        return mode
+
+    def setup(self, stage: str) -> None:
+        """Every rank runs rank 0's (stage, pass). Why: Lightning's launcher starts the other ranks only
+        at the first `trainer.predict`, after rank 0 alone resumed a killed build (`_claim_store`): a
+        rank started then planned stage 0. Here, in each run, the process group is up and the
+        calibration data not yet loaded (`predict_dataloader` comes after `setup`)."""
+        if stage != "predict" or self.trainer.world_size == 1:
+            return
+        agreed = tuple(self.trainer.strategy.broadcast((self.stage, self.part), src=0))
+        if agreed != (self.stage, self.part):
+            self.begin_pass(*agreed)
+            self.trainer.datamodule.set_stage(agreed[0])
 
     # --- settings that identify a store ------------------------------------------------------
     def settings(self) -> dict:
         """Everything that changes the trajectories (goes into the store key)."""
         return {"name": self.name, **{k: v for k, v in self.hparams.items()}}
 
-    def attach(self, adapter: DenoiserAdapter, levels_max: int, shard_dir: str | Path) -> None:
-        """Binds the denoiser (kept out of this module's state dict) and where stage shards go."""
+    def attach(self, adapter: DenoiserAdapter, levels_max: int, partial: PartialStore) -> None:
+        """Binds the denoiser (kept out of this module's state dict) and the store being built, into
+        which rank 0 writes each finished stage's shard."""
         object.__setattr__(self, "adapter", adapter)  # not a submodule: no checkpointing of the denoiser
         self.levels_max = int(levels_max)
-        self._shard_dir = Path(shard_dir)
+        self._partial = partial
 
     def store_dtype_for(self, adapter: DenoiserAdapter) -> torch.dtype:
         return DTYPES[self.store_dtype_name] if self.store_dtype_name else adapter.dtype
@@ -114,29 +169,68 @@ class Pruner(L.LightningModule):
         adapter.denoiser.to(self.device)
         self._stats = {}
         self._handles = []
+        self._stopping = False
         if self.depth:
             self._register_block_hooks()
             return
-        for group in self.part_groups():
+        groups = self.part_groups()
+        for group in groups:
             layer = adapter.output_layer(group)
             stat = self.make_statistic(group, layer)
             self._stats[group.name] = stat
             self._handles.append(layer.register_forward_pre_hook(lambda _m, args, s=stat: s.add_batch(args[0])))
+        if self.num_parts > 1:
+            self._handles += stop_after(adapter, {g.block for g in groups})
 
     def _register_block_hooks(self) -> None:
         raise NotImplementedError
 
+    def on_predict_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """A stop request takes effect here, before the next batch: one process stops at once; several
+        skip their remaining batches (a collective here would hang: ranks hold uneven shards) and
+        agree at the epoch end (`on_predict_epoch_end`)."""
+        if self.trainer.received_sigterm and not self._stopping:
+            if self.trainer.world_size == 1:
+                raise SIGTERMException()
+            self._stopping = True
+
+    def _stop_now(self) -> None:
+        """One process, between two groups' solves at the epoch end: the stage is abandoned at once
+        (several processes wait for rank 0 at the stage's barrier, and stop between stages)."""
+        if self.trainer.world_size == 1 and self.trainer.received_sigterm:
+            raise SIGTERMException()
+
+    def abandon_stage(self) -> None:
+        """Drops the stage under way: its statistics, its passes' trajectories, the statistics hooks,
+        and (sequential passes) the pruned parts installed, so the denoiser is dense again."""
+        for h in self._handles:
+            h.remove()
+        self._handles, self._stats, self._stage_out, self._stopping = [], {}, {}, False
+        if self.passes > 1 and self.adapter is not None:
+            self.adapter.restore_dense()
+
     def predict_step(self, batch: dict, batch_idx: int) -> None:
+        if self._stopping:  # stopping (several processes): the rest of the stage is skipped
+            return None
         stages = batch["stage"]
         if not bool((stages == self.stage).all()):
             raise RuntimeError(f"calibration batch holds stages {stages.unique().tolist()} while stage {self.stage} is being calibrated")
-        self.adapter.predict_noise(batch["latents"].to(self.adapter.dtype), batch["timesteps"], batch["cond"])
+        try:
+            self.adapter.predict_noise(batch["latents"].to(self.adapter.dtype), batch["timesteps"], batch["cond"])
+        except PartDone:  # every block of this pass ran: the rest of the forward gathers nothing
+            pass
         return None
 
     def on_predict_epoch_end(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self.trainer.world_size > 1:
+            # every rank reaches this point once per pass: agree here whether any was asked to stop
+            flag = torch.tensor([float(self._stopping)], device=self.device)
+            if float(self._all_reduce(flag)[0]) > 0:
+                self.abandon_stage()
+                raise SIGTERMException()
         # One all-reduce per buffer, here and only here: every rank reaches this point once per stage.
         for stat in self._stats.values():
             for key, buf in stat.buffers.items():
@@ -149,25 +243,24 @@ class Pruner(L.LightningModule):
             if self.passes > 1:
                 self.after_part(tensors)
         self._stats = {}
-        if self.part == self.passes - 1:
+        if self.part == self.num_parts - 1:
             if self.passes > 1:
                 self.adapter.restore_dense()
             if self.global_rank == 0:
-                self._shard_dir.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous().cpu() for k, v in self._stage_out.items()},
-                          str(self._shard_dir / shard_name(self.stage)))
+                self._partial.write_stage(self.stage, self._stage_out)  # whole and checksummed, or absent
             self._stage_out = {}
         self.trainer.strategy.barrier("diffes-stage-written")
 
-    def part_groups(self) -> list[UnitGroup]:
-        """The unit groups calibrated in the current pass: all of them, or with `passes` = K > 1
-        the groups of the `part`-th of K contiguous chunks of blocks."""
+    def part_groups(self, part: int | None = None) -> list[UnitGroup]:
+        """The unit groups calibrated in pass `part` (default: the current one): all of them, or with
+        `num_parts` = K > 1 the groups of the `part`-th of K contiguous chunks of blocks."""
         groups = self.adapter.unit_groups()
-        if self.passes == 1:
+        parts, part = self.num_parts, self.part if part is None else part
+        if parts == 1:
             return groups
         n = len(self.adapter.blocks())
-        bounds = [round(k * n / self.passes) for k in range(self.passes + 1)]
-        return [g for g in groups if bounds[self.part] <= g.block < bounds[self.part + 1]]
+        bounds = [round(k * n / parts) for k in range(parts + 1)]
+        return [g for g in groups if bounds[part] <= g.block < bounds[part + 1]]
 
     def after_part(self, tensors: dict[str, Tensor]) -> None:
         """Called on every rank after a pass of a multi-pass stage with that pass's trajectory."""
@@ -188,11 +281,14 @@ class Pruner(L.LightningModule):
             out["blocks.order"] = self.block_order()
             return out
         for group in self.part_groups():
+            self._stop_now()  # a solve may take minutes per group on a big model
             layer = self.adapter.output_layer(group)
             order, weights = self.group_trajectory(group, layer.weight.detach(), self._stats[group.name])
-            out[f"{group.name}.order"] = order.to(torch.long)
+            # to the host as each group is solved: a stage's trajectory (FLUX: ~73 GiB) never sits on the
+            # accelerator beside the weights and statistics
+            out[f"{group.name}.order"] = order.to(torch.long).cpu()
             for level, w in weights.items():
-                out[f"{group.name}.weight.{level}"] = w.to(self.store_dtype)
+                out[f"{group.name}.weight.{level}"] = w.to(self.store_dtype).cpu()
         return out
 
     def group_trajectory(self, group: UnitGroup, weight: Tensor, stat: Statistic) -> tuple[Tensor, dict[int, Tensor]]:
@@ -226,15 +322,47 @@ def store_key_fields(adapter: DenoiserAdapter, partition: StagePartition, calibr
 
 
 def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
-    """Bytes of one stage's statistics (what calibration holds at once)."""
+    """Bytes of one stage's statistics (what calibration holds at once): per unit group the buffers
+    of `stats.py` — X·Xᵀ [in, in] (compensating pruners) or ‖x‖² [in], and the token count (one
+    element); depth pruning: a cosine sum and a token count per block. tests/test_memory_plan.py
+    checks it against the buffers a calibration allocates."""
     size = torch.finfo(pruner.stat_dtype).bits // 8
     if pruner.depth:
         return 2 * len(adapter.blocks()) * size
-    total = 0
-    for group in adapter.unit_groups():
-        n_in = adapter.output_layer(group).in_features
-        total += (n_in * n_in if pruner.compensated else n_in) * size
-    return total
+
+    def part_bytes(groups: list[UnitGroup]) -> int:
+        return sum(((n * n if pruner.compensated else n) + 1) * size
+                   for n in (adapter.output_layer(g).in_features for g in groups))
+
+    if pruner.block_parts == 1:  # a block-by-block calibration holds its largest block's only
+        return part_bytes(adapter.unit_groups())
+    n = len(adapter.blocks())
+    return max(part_bytes([g for g in adapter.unit_groups() if g.block == b]) for b in range(n))
+
+
+class PartDone(Exception):
+    """Raised by `stop_after`'s hooks once every block of a calibration pass has run."""
+
+
+def stop_after(adapter: DenoiserAdapter, blocks: set[int]) -> list[Any]:
+    """Forward hooks that end the denoiser's forward (raising PartDone) once each of `blocks` has run
+    in it, whatever order the architecture runs them in (a UNet's up blocks after its down blocks).
+    Returns the handles to remove."""
+    modules = {i: adapter.blocks()[i] for i in blocks}
+    seen: set[int] = set()
+
+    def ran(index: int) -> None:
+        seen.add(index)
+        if seen >= blocks:
+            seen.clear()
+            raise PartDone()
+
+    def reset(*_: Any) -> None:
+        seen.clear()
+
+    handles = [module.register_forward_hook(lambda *_, i=i: ran(i)) for i, module in modules.items()]
+    handles.append(adapter.denoiser.register_forward_pre_hook(reset))  # a new forward starts afresh
+    return handles
 
 
 def check_stat_memory(adapter: DenoiserAdapter, pruner: Pruner, device: torch.device) -> None:
@@ -263,84 +391,143 @@ def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: i
     return (total + (len(adapter.blocks()) * 8 if pruner.depth else 0)) * num_stages
 
 
+class CalibrationStopped(SIGTERMException):
+    """A stop request (SIGTERM, Ctrl-C) ended calibration: stages 0..kept − 1 of `num_stages` are kept
+    in `folder` (the partial store; the store itself when all are), and a rerun resumes after them.
+    A SIGTERMException, so whoever stops on Lightning's flag handles it as any stop."""
+
+    def __init__(self, kept: int, num_stages: int, folder: Path, sealed: bool = False) -> None:
+        super().__init__()  # no SystemExit code: the CLI chooses the exit code (128 + the signal)
+        self.kept, self.num_stages, self.folder, self.sealed = int(kept), int(num_stages), Path(folder), sealed
+
+    def resume_line(self) -> str:
+        """What is kept and what a rerun does (the second half of the CLI's one stop line)."""
+        if self.sealed:
+            return f"the trajectory store {self.folder} is complete: a rerun reuses it"
+        if self.kept == self.num_stages:  # stopped while sealing
+            return (f"all {self.num_stages} calibration stages kept in {self.folder}: run the command again to "
+                    f"seal the store")
+        if self.kept == 0:
+            return "no calibration stage had finished; nothing to resume: run the command again"
+        kept = "stage 0" if self.kept == 1 else f"stages 0–{self.kept - 1}"
+        return (f"calibration {kept} of {self.num_stages} kept in {self.folder}: run the command again to resume "
+                f"at stage {self.kept}")
+
+
 def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: DenoiserAdapter,
-                partition: StagePartition, path: str | Path, levels_max: int, log=print) -> TrajectoryStore:
-    """Calibrates every stage (one `trainer.predict` epoch each) and writes the store atomically."""
+                partition: StagePartition, path: str | Path, levels_max: int, log=print,
+                calibrate_by: str = "model") -> TrajectoryStore:
+    """Calibrates every stage (one `trainer.predict` epoch each) and writes the store atomically. The
+    finished stages of a killed build of the same store are kept: calibration resumes after them."""
     path = Path(path)
-    shard_dir = partial_dir(path)
     key_fields = store_key_fields(adapter, partition, datamodule.settings(), pruner, levels_max)
-    pruner.attach(adapter, levels_max, shard_dir)
+    partial = PartialStore(path, make_key(key_fields), partition.num_stages)
+    pruner.attach(adapter, levels_max, partial)
     datamodule.attach(adapter, partition)
+    by_block = pruner.calibrate_by(calibrate_by, adapter, trainer.strategy.root_device) == "block"
     if trainer.global_rank == 0:
+        held = "per block at most (block by block)" if by_block else "per stage"
         log(f"calibration: {partition.num_stages} stages, statistics {estimate_stat_bytes(adapter, pruner) / 2**20:.1f} MiB "
-            f"per stage; store ≈ {estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages) / 2**20:.1f} MiB "
+            f"{held}; store ≈ {estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages) / 2**20:.1f} MiB "
             f"→ {path}")
     check_stat_memory(adapter, pruner, trainer.strategy.root_device)  # before the first predict epoch
     with ExitStack() as held:
-        _claim_store(trainer, held, path, estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages), log)
-        _calibrate(trainer, pruner, datamodule, adapter, partition, path, shard_dir, key_fields, levels_max, log)
+        start = _claim_store(trainer, held, partial,
+                             estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages), log)
+        _calibrate(trainer, pruner, datamodule, adapter, partition, partial, start, key_fields, levels_max, log)
     return TrajectoryStore.open(path, key_fields=key_fields)
 
 
-def _claim_store(trainer: L.Trainer, held: ExitStack, path: Path, needed: int, log) -> None:
+def _claim_store(trainer: L.Trainer, held: ExitStack, partial: PartialStore, needed: int, log) -> int:
     """Before any calibration, on rank 0: the store's lock (another process building the same store
-    refuses this one at once), leftovers of a killed build removed, free space checked. Every rank
-    raises rank 0's refusal, so none waits at a barrier for a rank that stopped."""
-    refusal = None
+    refuses this one at once), a killed build's finished stages kept when verified and built for the
+    same key (anything else it left removed), free space checked. Every rank raises rank 0's refusal,
+    so none waits at a barrier for a rank that stopped, and gets the stage to start at (where the
+    process group is up already; a rank launched by the first predict run learns it in `Pruner.setup`)."""
+    path, refusal, start = partial.path, None, 0
     if trainer.global_rank == 0:
         try:
             held.enter_context(writing(path))
-            stale = remove_stale(path)
+            stale = remove_stale(path, keep_partial=True)
             if stale:
                 log(f"removed what an interrupted build of {path} left: {', '.join(p.name for p in stale)}")
-            check_free_space(path, needed)
+            for line in partial.resume():
+                log(line)
+            start = partial.kept
+            if start:
+                kept = "stage 0" if start == 1 else f"stages 0–{start - 1}"
+                more = (f"calibrating from stage {start}" if start < partial.num_stages else
+                        "every stage is done: sealing")
+                log(f"resuming calibration of {path}: {kept} kept (verified), {more}")
+            check_free_space(path, max(needed - sum(r["bytes"] for r in partial.shards.values()), 0))
         except (LockedError, DiskSpaceError) as err:
             refusal = err
     if trainer.world_size > 1:
-        refusal = trainer.strategy.broadcast(refusal, src=0)
+        # every rank starts at rank 0's stage: the stages before it are not calibrated again anywhere
+        refusal, start = trainer.strategy.broadcast((refusal, start), src=0)
         trainer.strategy.barrier("diffes-store-start")
     if refusal is not None:
         raise refusal
+    return start
 
 
 def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: DenoiserAdapter,
-               partition: StagePartition, path: Path, shard_dir: Path, key_fields: dict, levels_max: int, log) -> None:
-    """The S stages' predict epochs (shards into `shard_dir`), then the store sealed by rank 0."""
+               partition: StagePartition, partial: PartialStore, start: int, key_fields: dict, levels_max: int,
+               log) -> None:
+    """The predict epochs of stages `start`..S − 1 (shards into the partial store), then the store
+    sealed by rank 0. A stop or failure abandons the stage under way and keeps the finished ones."""
     # predict_step returns nothing on purpose: the statistics are the product.
     warnings.filterwarnings("ignore", message=".*predict returned None.*")
+    path, done = partial.path, start  # done: stages finished, the same count on every rank
+    last = (partition.num_stages - 1, pruner.num_parts - 1)
     try:
-        for stage in range(partition.num_stages):
+        stage, part = start, 0
+        while stage < partition.num_stages:
             datamodule.set_stage(stage)
-            for part in range(pruner.passes):
-                pruner.begin_pass(stage, part)
-                trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
-                if (stage, part) != (partition.num_stages - 1, pruner.passes - 1):  # the last: sealed first
-                    _stop_if_requested(trainer)
+            pruner.begin_pass(stage, part)
+            trainer.predict(pruner, datamodule=datamodule, return_predictions=False)
+            stage, part = pruner.stage, pruner.part  # rank 0's, which a rank launched by this run adopted
+            if part == pruner.num_parts - 1:
+                done = stage + 1
+            if (stage, part) != last:  # the last: sealed first
+                _stop_if_requested(trainer)
+            stage, part = (stage + 1, 0) if part == pruner.num_parts - 1 else (stage, part + 1)
         if trainer.global_rank == 0:
-            store = _seal(shard_dir, path, {
+            store = _seal(partial.folder, path, {
                 "key": make_key(key_fields), "key_fields": key_fields, "pruner": pruner.name,
                 "levels_max": levels_max, "num_stages": partition.num_stages,
                 "compensated": pruner.compensated, "depth": pruner.depth,
                 "groups": [vars(g) for g in adapter.unit_groups()], "dtype": str(pruner.store_dtype)})
             log(f"trajectory store written: {path} ({store.nbytes / 2**20:.1f} MiB)")
-    finally:
-        if trainer.global_rank == 0 and shard_dir.exists():
-            shutil.rmtree(shard_dir)
+    except SIGTERMException:
+        pruner.abandon_stage()
+        if trainer.global_rank == 0:
+            partial.discard_if_empty()
+        raise CalibrationStopped(done, partition.num_stages, partial.folder) from None
+    except BaseException:
+        pruner.abandon_stage()
+        if trainer.global_rank == 0:
+            partial.discard_if_empty()  # finished stages stay: a rerun after the fix resumes after them
+        raise
     if trainer.world_size > 1:
         trainer.strategy.barrier("diffes-store-sealed")
-    _stop_if_requested(trainer)  # during the last stage: the store is complete, and a rerun reuses it
+    if _stop_requested(trainer):  # during the last stage: the store is complete, and a rerun reuses it
+        raise CalibrationStopped(partition.num_stages, partition.num_stages, path, sealed=True)
+
+
+def _stop_requested(trainer: L.Trainer) -> bool:
+    """Whether a SIGTERM or Ctrl-C was received, as rank 0 saw it (every rank gets rank 0's answer)."""
+    stop = trainer.received_sigterm
+    if trainer.world_size > 1:
+        stop = trainer.strategy.broadcast(stop, src=0)
+    return bool(stop)
 
 
 def _stop_if_requested(trainer: L.Trainer) -> None:
     """Between two predict epochs (stages, or passes of one): a SIGTERM or Ctrl-C received during the
-    last one stops calibration here, on every rank as rank 0 decides (nothing of it is resumable: the
-    shards are removed, a rerun calibrates again)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    stop = trainer.received_sigterm
-    if trainer.world_size > 1:
-        stop = trainer.strategy.broadcast(stop, src=0)
-    if stop:
+    last one stops calibration here, on every rank as rank 0 decides; the stages finished are kept
+    (`_calibrate` says how many), a stage whose passes are not all done is abandoned."""
+    if _stop_requested(trainer):
         raise SIGTERMException()
 
 

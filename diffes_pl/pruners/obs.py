@@ -7,16 +7,17 @@ output-layer weight on the kept columns.
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 from torch import Tensor, nn
 
 from ..denoisers.base import UnitGroup, keep_from_order
 from .base import Pruner
-from .obs_solver import PruneResult, damp_hessian, prune_groups
+from .obs_solver import PruneResult, damp_hessian, prune_groups, solve_threads
 from .stats import HessianStatistic
 
-__all__ = ["OBSPruner", "PruneResult", "damp_hessian", "prune_groups", "timestep_weight"]
+__all__ = ["OBSPruner", "PruneResult", "damp_hessian", "prune_groups", "solve_summary", "timestep_weight"]
 
 
 def timestep_weight(step_index: float, total: float, w_min: float = 0.1, w_max: float = 1.0) -> float:
@@ -99,11 +100,46 @@ class OBSPruner(Pruner):
             weight = tensors[f"{group.name}.weight.{level}"].to(self.device, self.adapter.dtype)
             self.adapter.install(group, self.adapter.sliced_module(group, keep, weight))
 
+    def stage_trajectory(self) -> dict[str, Tensor]:
+        """The shell's stage trajectory, with the solve's threads set (obs_solver.solve_threads) and its
+        time summed per block: one line per stage (after the last pass), on rank 0."""
+        if self.part == 0:
+            self._solve_seconds: dict[str, tuple[int, float]] = {}
+        # a single pass solves on rank 0 alone while the others wait; sequential passes solve on every rank
+        solving = self.trainer.world_size if self.passes > 1 else 1
+        with solve_threads(self.device, solving, self.trainer.world_size):
+            out = super().stage_trajectory()
+        if self.part == self.passes - 1 and self.global_rank == 0 and self._solve_seconds:
+            print(solve_summary(self.stage, self._solve_seconds), flush=True)
+        return out
+
     def group_trajectory(self, group: UnitGroup, weight: Tensor, stat: HessianStatistic):
         milestones = self.milestones(group)
+        start = time.perf_counter()
+        # on the pruner's device (the accelerator the Hessians were gathered on), float64 by default:
+        # obs_solver's module docstring says where that precision matters
         results = prune_groups(weight, stat.hessian, group.unit_width, milestones, damp=self.hparams.damp,
-                               dtype=getattr(torch, self.hparams.solver_dtype), mode=self.hparams.mode)
+                               dtype=getattr(torch, self.hparams.solver_dtype), mode=self.hparams.mode,
+                               device=self.device)
+        if self.device.type == "cuda":  # kernels are queued: the time is the solve's once they have run
+            torch.cuda.synchronize(self.device)
+        seconds = getattr(self, "_solve_seconds", None)
+        if seconds is not None:
+            seconds[group.name] = (group.block, time.perf_counter() - start)
         deepest = max(results, key=lambda r: len(r.removed))
         order = torch.cat([deepest.removed, deepest.kept])  # never-removed units last, ascending
         weights = {level: r.weight for level, r in zip(range(1, self.levels_max + 1), results) if len(r.removed) > 0}
         return order, weights
+
+
+def solve_summary(stage: int, seconds: dict[str, tuple[int, float]]) -> str:
+    """One line for a stage's OBS solve: total, blocks, the slowest block and its slowest group,
+    e.g. `stage 3: OBS solve 12.4 s (28 blocks, 56 groups; slowest block 17 0.9 s, blocks.17.ff 0.8 s)`.
+    `seconds`: {group name: (block index, seconds)}."""
+    blocks: dict[int, float] = {}
+    for block, t in seconds.values():
+        blocks[block] = blocks.get(block, 0.0) + t
+    slow_block = max(blocks, key=blocks.get)
+    slow_group = max(seconds, key=lambda name: seconds[name][1])
+    return (f"stage {stage}: OBS solve {sum(blocks.values()):.1f} s ({len(blocks)} blocks, {len(seconds)} groups; "
+            f"slowest block {slow_block} {blocks[slow_block]:.1f} s, {slow_group} {seconds[slow_group][1]:.1f} s)")

@@ -23,17 +23,30 @@ Two modes give the same greedy choices (up to round-off):
   every ``block_groups`` steps as one matrix product, after which removed columns are dropped.
   The weights are computed only at the milestones, by the closed form above (one Cholesky factor
   of ``Hinv_RR`` in removal order serves every milestone and also gives the errors).
+
+Where and in what precision (docs/DESIGN.md: Data flow, pruners/*): the solve runs on ``device``
+(the pruner passes its own, the trainer's accelerator, where the Hessians are gathered), in
+``dtype`` float64 by default. Float64 matters for the inverse of the damped Hessian (with
+damp = 0.01 its condition number may reach about 100 · in, 5e5 for 4608 MLP channels), for the up
+to ``n`` rank-``g`` downdates accumulated into ``Hinv`` and ``Q`` (float32 round-off piles up until
+a ``Hinv_GG`` block loses positive definiteness: the "numerical breakdown" error) and for the
+closed-form weights (a triangular solve against that inverse). The weight comes in and goes out in
+its own dtype and device; only the solve's temporaries (a few ``[in, in]`` matrices) live on
+``device``. float32 is offered for GPUs whose float64 rate is 1/32–1/64 of float32 (consumer
+cards), at the accuracy cost stated above.
 """
 from __future__ import annotations
 
+import os
 import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["PruneResult", "damp_hessian", "prune_groups"]
+__all__ = ["PruneResult", "damp_hessian", "prune_groups", "solve_threads", "solver_device"]
 
 _RETRIES = 3  # times the damping is raised ×10 when the Hessian is not positive definite
 
@@ -219,7 +232,7 @@ def _closed_form(W: Tensor, Hinv: Tensor, g: int, order: list[int], milestones: 
 
 def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: Sequence[int], *,
                  damp: float = 0.01, dtype: torch.dtype = torch.float64, mode: str = "exact",
-                 block_groups: int = 32) -> list[PruneResult]:
+                 block_groups: int = 32, device: torch.device | str | None = None) -> list[PruneResult]:
     """Greedy structured OBS: remove groups of ``group_size`` input columns of ``weight`` one at a
     time, compensating the kept columns, and report the layer after each milestone.
 
@@ -234,9 +247,11 @@ def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: S
         mode: ``"exact"`` (per-step full updates) or ``"fast"`` (lazy blocked updates, closed-form
             weights at the milestones); both take the same greedy choices up to round-off.
         block_groups: ``fast`` mode: greedy steps between two applications of the pending updates.
+        device: where the solve runs (default: where ``hessian`` is); see the module docstring.
 
     Returns:
-        One :class:`PruneResult` per milestone, in the order given. Milestone 0 returns the input
+        One :class:`PruneResult` per milestone, in the order given, weights on ``weight``'s device
+        and in its dtype (orders and kept indices on the CPU). Milestone 0 returns the input
         weight unchanged. Dead columns (``H_jj == 0``) are treated as zero weights, as in SparseGPT.
     """
     if weight.ndim != 2 or hessian.ndim != 2 or hessian.shape != (weight.shape[1],) * 2:
@@ -258,8 +273,9 @@ def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: S
     if not (torch.isfinite(weight).all() and torch.isfinite(hessian).all()):
         raise ValueError("weight and hessian must be finite (no NaN/inf)")
 
-    Hinv, dead, used = _inverse(hessian, damp, dtype)  # [in, in]
-    W = weight.detach().to(hessian.device, dtype, copy=True)  # [out, in], computed where the Hessian is
+    where = solver_device(hessian, device)
+    Hinv, dead, used = _inverse(hessian.to(where), damp, dtype)  # [in, in]
+    W = weight.detach().to(where, dtype, copy=True)  # [out, in]
     W[:, dead] = 0
     steps = max(ms, default=0)
     if mode == "exact":
@@ -282,3 +298,44 @@ def prune_groups(weight: Tensor, hessian: Tensor, group_size: int, milestones: S
         Wk = weight.detach().clone() if m == 0 else Wk.to(weight.device, weight.dtype)
         results.append(PruneResult(torch.tensor(order[:m], dtype=torch.long), kg.cpu(), Wk, float(err), used))
     return results
+
+
+def solver_device(hessian: Tensor, device: torch.device | str | None = None) -> torch.device:
+    """Where :func:`prune_groups` computes: ``device`` when given, else where the Hessian already
+    is (moving it would copy the largest input). The meta device is refused: nothing to solve."""
+    where = torch.device(device) if device is not None else hessian.device
+    if where.type == "meta" or hessian.device.type == "meta":
+        raise ValueError("the OBS solve needs real tensors; the meta device holds no values")
+    return where
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, as a batch scheduler sets it), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def solve_threads(device: torch.device | str, solving_processes: int = 1,
+                  running_processes: int = 1) -> Iterator[int]:
+    """torch's intra-op threads for a CPU solve: the process's CPUs shared by the processes that solve
+    at once. Lightning's DDP launchers give each of ``running_processes`` ranks cpus // ranks threads
+    (unless OMP_NUM_THREADS is set); when only rank 0 solves (a single-pass stage), the others wait at
+    a barrier and their cores would idle. Never lowers the current setting (a user's OMP_NUM_THREADS
+    in a one-process run is kept), and restores it afterwards. Yields the threads used; a
+    non-CPU device is left alone."""
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu":
+        yield before
+        return
+    share = available_cpus() // max(1, solving_processes)
+    lifted = running_processes > solving_processes and share > before
+    if lifted:
+        torch.set_num_threads(share)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if lifted:
+            torch.set_num_threads(before)

@@ -38,13 +38,14 @@ class RunPlan:
     target_level: float
 
 
-def plan_run(settings: SearchSettings, *, depth: bool = False) -> RunPlan | None:
+def plan_run(settings: SearchSettings, *, depth: bool = False, weights: bool = True) -> RunPlan | None:
     """The run's plan, from the denoiser's config alone (`denoisers.architecture`, well under a second
     even for FLUX), refusing what the settings cannot do on this denoiser — a partition the sampler
     cannot cut, a target above H, a cache branch it lacks — before anything is loaded or written.
-    None where the config is not at hand without loading (a hub model outside the local cache)."""
+    None where the config is not at hand without loading (a hub model outside the local cache).
+    `weights=False` (`--dry_run`): a hub id with a shipped config is planned without being in the cache."""
     dtype = getattr(torch, settings.dtype)
-    check_available(settings.denoiser)  # a hub id outside the local cache, offline: refused now
+    check_available(settings.denoiser, weights)  # a hub id outside the local cache, offline: refused now
     adapter = architecture(settings.denoiser, dtype=dtype)
     if adapter is None:
         return None

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..denoisers.tiny import NAME as BUILTIN
 from ..io import atomic_path
-from ..pruners.base import Pruner, build_store, store_key_fields
+from ..pruners.base import CALIBRATE_BY, Pruner, build_store, store_key_fields
 from ..pruners.obs import OBSPruner
 from ..run import RunContext
 from ..schedule import Schedule
@@ -68,6 +68,7 @@ class DiffES(L.LightningModule):
         search_seed: int = 0,
         dtype: str = "float32",
         resident_routing: bool = True,
+        calibrate_by: str = "auto",
         prompts: list[str] | None = None,
         cache_intervals: list[int] | None = None,
         cache_branch: int | None = None,
@@ -115,6 +116,11 @@ class DiffES(L.LightningModule):
             resident_routing: keep every stage's sliced weights of a candidate resident (fastest);
                 false shares one buffer per layer, refilled at stage boundaries (the search's peak
                 memory drops to about one pruned copy on top of the dense model; same fitness).
+            calibrate_by: how a stage is calibrated: `model` (every block's statistics at once, the
+                fewest forward passes), `block` (one block's statistics at a time, the forward stopped
+                after it: peak statistics memory follows the largest block, about half the depth more
+                in forward passes) or `auto` (block by block when the whole model's statistics do
+                not fit in free memory). The same store either way, bit for bit.
             prompts: probe prompts of text-conditioned denoisers (required there, refused
                 elsewhere): probe i is prompts[i % len(prompts)] with its own seeded latent, encoded
                 once by the denoiser's text encoders; CFG's unconditional half is the adapter's null
@@ -158,6 +164,8 @@ class DiffES(L.LightningModule):
                 up to float rounding. Multistep samplers (dpm) run one by one.
         """
         super().__init__()
+        if calibrate_by not in CALIBRATE_BY:
+            raise ValueError(f"calibrate_by must be one of {', '.join(CALIBRATE_BY)}; got {calibrate_by!r}")
         self.save_hyperparameters(ignore=["pruner"])
         if target_level is None and sparsity is None:  # recorded as checkpoints before `sparsity` hold it
             self.hparams.target_level = DEFAULT_TARGET_LEVEL
@@ -203,6 +211,22 @@ class DiffES(L.LightningModule):
                 datamodule.check_source(self._plan.adapter)  # calibration will read it: open it now
         return self._plan
 
+    def memory_plan(self, root_dir: str | Path, datamodule: Any | None, device: torch.device | str, *,
+                    weights: bool = True) -> Any | None:
+        """The run's memory plan (`memory_plan.run_plan`) from the denoiser's architecture, before it
+        loads: calibration (when no store is at `store_folder(root_dir)` and a `datamodule` is given),
+        search and sampling on `device`. `weights=False` (`--dry_run`): planned without the hub cache
+        for a hub id with a shipped config. None where no config is at hand before loading."""
+        from ..memory_plan import run_plan
+
+        plan = self._plan or plan_run(self.settings, depth=self.pruner.depth, weights=weights)
+        if plan is None:
+            return None
+        calibrate = datamodule is not None and not TrajectoryStore.exists(self.store_folder(root_dir))
+        self.pruner.calibrate_by(self.hparams.calibrate_by, plan.adapter, device)  # whole model or block by block
+        return run_plan(self.settings, plan, self.pruner, nsamples=getattr(datamodule, "nsamples", 0),
+                        batch_size=getattr(datamodule, "batch_size", 1), device=device, calibrate=calibrate)
+
     def store_folder(self, root_dir: str | Path) -> Path:
         """The store of a run in `root_dir`: `store`, or <root_dir>/store."""
         return store_path(self.settings, Path(root_dir))
@@ -219,7 +243,7 @@ class DiffES(L.LightningModule):
             log(f"trajectory store {path} matches this run: reusing it")
             return store
         return build_store(trainer, self.pruner, datamodule, context.adapter, context.partition, path,
-                           context.levels_max, log=log)
+                           context.levels_max, log=log, calibrate_by=self.hparams.calibrate_by)
 
     def calibrate(self, trainer: L.Trainer, datamodule: Any) -> TrajectoryStore:
         """`diffes-pl predict` from Python: the run's trajectory store (`store`, or

@@ -133,6 +133,19 @@ def test_depth_two_processes_equal_one(tmp_path):
     _compare(one, two)
 
 
+def test_block_by_block_two_processes_equal_one_whole_model(tmp_path):
+    """Block by block (statistics all-reduced per block's pass) on 2 processes vs the whole model on
+    one: the same store, to the ranks' summation order."""
+    runs = {}
+    for devices, mode in ((1, "model"), (2, "block")):
+        root = tmp_path / mode
+        rc, out, _ = predict(root, "configs/tiny_obs.yaml", devices, 1, extra=("--model.calibrate_by", mode))
+        assert rc == 0, out[-4000:]
+        assert ("per block at most (block by block)" in out) == (mode == "block"), out[-4000:]
+        runs[mode] = _store(root)
+    _compare(runs["model"], runs["block"], weight_atol_scale=1e-9)
+
+
 def test_obs_two_processes_uneven_batches(tmp_path):
     # batch_size 2: rank 0 runs 2 full batches, rank 1 a full one and a single sample
     one, two = _build_both(tmp_path, "configs/tiny_obs.yaml", batch_size=2)

@@ -1,0 +1,152 @@
+"""Block-by-block calibration (`calibrate_by="block"`): one predict epoch per block, holding that
+block's statistics only, the forward stopped once the block ran. The store equals the whole-model
+store bit for bit (same key, same bytes) on every family, and the statistics held at once follow the
+largest block, not the depth (measured: bytes of the statistic buffers allocated)."""
+import lightning as L
+import pytest
+import torch
+
+from diffes_pl.partition import StagePartition
+from diffes_pl.pruners import OBSPruner, WandaPruner, build_store
+from diffes_pl.pruners.base import estimate_stat_bytes
+
+from helpers.pruner_reference import HandNoisedDigits, caption_datamodule
+from helpers.tiny_pixart import build_tiny_pixart
+
+H, STEPS, STAGES = 4, 4, 2
+
+
+def _trainer(root):
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                     enable_model_summary=False, default_root_dir=root)
+
+
+class PeakStatistics(L.Callback):
+    """The bytes of the statistic buffers a pruner holds during each predict epoch (read at its first
+    batch: Lightning runs a callback's epoch-start hook before the module's, which allocates them)."""
+
+    def __init__(self) -> None:
+        self.held: list[int] = []
+
+    def on_predict_batch_start(self, trainer, pruner, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx == 0:
+            self.held.append(sum(b.numel() * b.element_size() for s in pruner._stats.values()
+                                 for b in s.buffers.values()))
+
+
+def _store_bytes(store) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(store.path.iterdir()) if p.is_file()}
+
+
+def _both(adapter, datamodule, sampler, root, pruner_cls=OBSPruner):
+    partition = StagePartition.from_scheduler(adapter.make_scheduler(sampler), STEPS, STAGES)
+    stores = {}
+    for mode in ("model", "block"):
+        trainer = _trainer(root / mode)
+        stores[mode] = build_store(trainer, pruner_cls(), datamodule(), adapter, partition, root / mode / "store", H,
+                                   log=lambda *_: None, calibrate_by=mode)
+    assert adapter.is_dense()
+    return stores
+
+
+def _assert_same(stores):
+    whole, block = stores["model"], stores["block"]
+    assert whole.key == block.key
+    assert _store_bytes(whole) == _store_bytes(block)
+
+
+def test_the_built_in_model_block_by_block_equals_whole(tiny, tmp_path):
+    _assert_same(_both(tiny, HandNoisedDigits, "ddim", tmp_path))
+
+
+def test_wanda_block_by_block_equals_whole(tiny, tmp_path):
+    _assert_same(_both(tiny, HandNoisedDigits, "ddim", tmp_path, WandaPruner))
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux", "pixart"])
+def test_text_families_block_by_block_equal_whole(family, text_models, caption_folder, tmp_path, hf_cache, one_thread):
+    """The SDXL UNet runs its blocks down, mid, up (the forward stops once the pass's block ran,
+    whatever its place); FLUX has double- then single-stream blocks; PixArt cross-attends to T5."""
+    adapter = {"sdxl": lambda: text_models.build_tiny_sdxl(), "flux": lambda: text_models.build_tiny_flux(),
+               "pixart": lambda: build_tiny_pixart(text_models)}[family]()
+    sampler = {"sdxl": "euler_a", "flux": "flow_euler", "pixart": "dpm"}[family]
+    _assert_same(_both(adapter, lambda: caption_datamodule(caption_folder), sampler, tmp_path))
+
+
+def test_the_sd3_joint_blocks_block_by_block_equal_whole(text_models, caption_folder, tmp_path, hf_cache, one_thread):
+    from helpers.tiny_sd3 import build_tiny_sd3
+
+    _assert_same(_both(build_tiny_sd3(text_models), lambda: caption_datamodule(caption_folder), "flow_euler", tmp_path))
+
+
+def _flux_blocks(text_models, double: int, single: int):
+    """The tiny FLUX adapter's builder with `double` + `single` blocks."""
+    from diffusers import FluxTransformer2DModel
+
+    from diffes_pl.denoisers.flux import FluxAdapter
+
+    base = text_models.build_tiny_flux()
+    config = {k: v for k, v in base.denoiser.config.items() if not k.startswith("_")}
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**{**config, "num_layers": double, "num_single_layers": single})
+    adapter = FluxAdapter(model, "tiny-flux", vae=base.vae, text_encoders=base.text_encoders())
+    adapter.text_len = base.text_len
+    return adapter
+
+
+def test_peak_statistics_follow_the_largest_block_not_the_depth(text_models, caption_folder, tmp_path, hf_cache,
+                                                                 one_thread):
+    """FLUX-shaped tiny models of 2 and 8 blocks: block by block, the statistics held at once (the
+    buffers allocated, measured) are the same for both — the largest block's, as estimated; whole-model
+    calibration holds 4× more for the deeper one."""
+    peaks = {}
+    for depth in (1, 4):
+        adapter = _flux_blocks(text_models, depth, depth)
+        partition = StagePartition.from_scheduler(adapter.make_scheduler("flow_euler"), STEPS, 1)
+        for mode in ("model", "block"):
+            probe = PeakStatistics()
+            trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
+            pruner = OBSPruner()
+            build_store(trainer, pruner, caption_datamodule(caption_folder), adapter, partition,
+                        tmp_path / f"{depth}-{mode}", H, log=lambda *_: None, calibrate_by=mode)
+            peaks[depth, mode] = max(probe.held)
+            assert peaks[depth, mode] == estimate_stat_bytes(adapter, pruner)  # the plan's figure, measured
+            assert len(probe.held) == (1 if mode == "model" else 2 * depth)  # predict epochs: one per block
+    assert peaks[1, "block"] == peaks[4, "block"]
+    assert peaks[4, "model"] == 4 * peaks[1, "model"] > peaks[4, "block"]
+
+
+def test_auto_chooses_block_by_block_only_when_the_whole_model_does_not_fit(tiny, monkeypatch):
+    import diffes_pl.memory as memory
+
+    pruner = OBSPruner()
+    whole = estimate_stat_bytes(tiny, pruner)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: whole + 1)
+    assert pruner.calibrate_by("auto", tiny, "cpu") == "model" and pruner.num_parts == 1
+    monkeypatch.setattr(memory, "available_bytes", lambda device: whole - 1)
+    assert pruner.calibrate_by("auto", tiny, "cpu") == "block" and pruner.num_parts == len(tiny.blocks())
+    assert estimate_stat_bytes(tiny, pruner) < whole
+    with pytest.raises(ValueError, match="calibrate_by must be one of auto, model, block; got 'layer'"):
+        pruner.calibrate_by("layer", tiny, "cpu")
+    sequential = OBSPruner(sequential_groups=2, sequential_level=4)
+    assert sequential.calibrate_by("block", tiny, "cpu") == "model" and sequential.num_parts == 2  # its own passes
+
+
+def test_each_pass_stops_the_forward_after_its_block(tiny, tmp_path):
+    """Block by block, pass b runs blocks 0..b only: the first block runs once per pass (6×), the last
+    block once per stage as in a whole-model calibration."""
+    calls = {}
+    blocks = tiny.blocks()
+    for mode in ("model", "block"):
+        counts = [0] * len(blocks)
+        handles = [b.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+                   for i, b in enumerate(blocks)]
+        partition = StagePartition.from_scheduler(tiny.make_scheduler("ddim"), STEPS, STAGES)
+        build_store(_trainer(tmp_path / mode), OBSPruner(), HandNoisedDigits(), tiny, partition,
+                    tmp_path / mode / "store", H, log=lambda *_: None, calibrate_by=mode)
+        for h in handles:
+            h.remove()
+        calls[mode] = counts
+    n = len(blocks)
+    assert calls["block"] == [calls["model"][0] * (n - i) for i in range(n)]

@@ -1,0 +1,216 @@
+"""The memory plan (diffes_pl/memory_plan.py): its statistics term equals what a calibration
+allocates, its rows are the code's own estimates on the meta architecture, `--dry_run true` prints it
+without weights or a run folder, and a run that will not fit is refused before the denoiser loads."""
+import weakref
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import diffes_pl.memory as memory
+from diffes_pl.denoisers import architecture
+from diffes_pl.memory import GIB, gib, module_bytes
+from diffes_pl.memory_plan import estimate_solver_bytes, plan_memory
+from diffes_pl.partition import StagePartition
+from diffes_pl.pruners import DepthPruner, OBSPruner, WandaPruner
+from diffes_pl.pruners.base import estimate_stat_bytes, estimate_store_bytes
+from diffes_pl.routing import estimate_prepared_bytes
+from diffes_pl.schedule import Schedule
+
+ROOT = Path(__file__).resolve().parents[1]
+FLUX = "black-forest-labs/FLUX.1-schnell"
+
+
+def _allocated_statistics(pruner) -> int:
+    """Bytes of the statistics the pruner holds at the end of a predict epoch (before they are freed)."""
+    if pruner.depth:
+        return pruner._cos.nbytes + pruner._tokens.nbytes
+    return sum(buf.nbytes for stat in pruner._stats.values() for buf in stat.buffers.values())
+
+
+@pytest.mark.parametrize("make", [OBSPruner, lambda: OBSPruner(stat_dtype="float32"), WandaPruner, DepthPruner],
+                         ids=["obs", "obs-float32", "wanda", "depth"])
+def test_statistics_term_is_what_a_calibration_allocates(make, tiny, tmp_path, one_thread):
+    from helpers.pruner_reference import HandNoisedDigits
+
+    pruner = make()
+    partition = StagePartition.from_scheduler(tiny.make_scheduler("ddim"), 4, 2)
+    data = HandNoisedDigits(nsamples=8, batch_size=8)
+    pruner.attach(tiny, 4, None)  # no store: the epoch ends at the measurement, before any trajectory
+    data.attach(tiny, partition)
+    measured = []
+
+    def measure() -> None:  # the epoch ends at the measurement, its hooks off the shared `tiny`
+        measured.append(_allocated_statistics(pruner))
+        pruner.abandon_stage()
+
+    pruner.on_predict_epoch_end = measure
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    pruner.begin_pass(0)
+    trainer.predict(pruner, datamodule=data, return_predictions=False)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.denoiser.modules())
+
+    plan = plan_memory(architecture("tiny-digits"), pruner, levels_max=4, num_stages=2, nsamples=8, batch_size=8,
+                       device="cpu", target_level=2)
+    name = f"statistics of one stage ({str(pruner.stat_dtype).removeprefix('torch.')})"
+    assert measured == [plan.row(name, "calibration: gathering").nbytes] == [estimate_stat_bytes(tiny, pruner)]
+    # tiny: 6 blocks, an attention group (in 128) and an MLP group (in 512) each; a count per group
+    size = pruner.stat_dtype.itemsize
+    expected = {"obs": 6 * (128 * 128 + 1 + 512 * 512 + 1), "wanda": 6 * (128 + 1 + 512 + 1), "depth": 2 * 6}
+    assert measured[0] == expected[pruner.name] * size
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak live bytes of the storages the ops run under it allocate (a storage counts until the last
+    tensor on it dies): what the CPU allocator was asked for, without its slack. LAPACK's internal
+    workspaces are not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.refs: dict[int, int] = {}
+
+    def _drop(self, key: int, nbytes: int) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            del self.refs[key]
+            self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+                if key not in self.refs:
+                    self.refs[key] = 0
+                    self.live += nbytes
+                    self.peak = max(self.peak, self.live)
+                self.refs[key] += 1
+                weakref.finalize(t, self._drop, key, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("mode", ["fast", "exact"])
+def test_solver_term_is_within_10_percent_of_what_the_solve_allocates(mode, tiny, one_thread):
+    """The largest group of the tiny model (an MLP output layer, in 512 → out 128) solved at H = 8 from a
+    Hessian of real activations' shape: the solve's measured peak (the normalised Hessian the pruner
+    passes in included) against `estimate_solver_bytes`."""
+    from diffes_pl.pruners.stats import HessianStatistic
+
+    pruner = OBSPruner(mode=mode)
+    pruner.attach(tiny, 8, None)
+    group = max(tiny.unit_groups(), key=lambda g: tiny.output_layer(g).in_features)
+    layer = tiny.output_layer(group)
+    stat = HessianStatistic(group, layer.in_features, "cpu", torch.float64)
+    stat.add_batch(torch.randn(4 * layer.in_features, layer.in_features, generator=torch.Generator().manual_seed(0)))
+    with PeakBytes() as measured:
+        pruner.group_trajectory(group, layer.weight.detach(), stat)
+    estimate = estimate_solver_bytes(tiny, pruner, 8)
+    assert (layer.in_features, layer.out_features) == (512, 128)
+    assert abs(estimate - measured.peak) <= 0.1 * measured.peak, (estimate, measured.peak)
+
+
+def test_plan_of_flux_is_the_codes_estimates_on_the_meta_architecture():
+    adapter = architecture(FLUX, dtype=torch.bfloat16)
+    assert {p.device.type for p in adapter.denoiser.parameters()} == {"meta"}  # no weights
+    pruner = OBSPruner(stat_dtype="float32")
+    plan = plan_memory(adapter, pruner, levels_max=24, num_stages=4, nsamples=256, batch_size=4, device="cuda",
+                       target_level=6, probe_rows=4)
+    solving, search = "calibration: solving", "search"
+    weights = module_bytes(adapter.denoiser, torch.bfloat16)
+    assert plan.row("denoiser weights (bfloat16)", solving).nbytes == weights == 23_782_357_120
+    assert plan.row("statistics of one stage (float32)", solving).nbytes == estimate_stat_bytes(adapter, pruner)
+    assert estimate_stat_bytes(adapter, pruner) == 48_054_141_460  # the README's 48.05 GB
+    trajectory = plan.row("one stage's trajectory (until its shard is written)", solving)
+    assert trajectory.place == "host" and trajectory.nbytes == estimate_store_bytes(adapter, pruner, 24, 1)
+    assert plan.row("trajectory store", solving).nbytes == estimate_store_bytes(adapter, pruner, 24, 4)
+    assert plan.row("OBS solver temporaries, largest group (float64)", solving).nbytes == estimate_solver_bytes(adapter, pruner, 24)
+    store = type("Store", (), {"depth": False, "levels_max": 24, "compensated": True})()
+    resident = estimate_prepared_bytes(adapter, store, Schedule.uniform(6, 24, [1] * 4), resident=True)
+    assert plan.row("routed stages, uniform level 6 (resident)", search).nbytes == resident
+    # the largest group is an MLP output layer, in 12288 → out 3072: Hessian (float32) + closed form (float64)
+    k, o = 12288, 3072
+    kept = sum(o * (12288 - round(L / 24 * 12288)) for L in range(1, 25))
+    assert estimate_solver_bytes(adapter, pruner, 24) == k * k * 4 + 4 * k * k * 8 + 3 * o * k * 8 + kept * 8
+    # whole-model calibration peaks while solving: weights, every group's Hessian and the largest
+    # group's solver temporaries (the trajectory goes to the host group by group)
+    assert plan.peak_phase("accelerator") == solving
+    assert plan.peak("accelerator") == sum(r.nbytes for r in plan.rows if r.phase == solving and r.place == "accelerator")
+    assert gib(plan.peak("accelerator")) == "76.0 GiB"
+    text = plan.format()
+    assert text.splitlines()[0] == f"memory plan: {FLUX}, obs pruner, bfloat16 on cuda"
+    assert "peak: accelerator 76.0 GiB (calibration: solving)" in text
+    # block by block: one block's Hessians (the largest: 1.2 GiB in float32) instead of 44.8 GiB
+    assert pruner.calibrate_by("block", adapter, "cuda") == "block"
+    blocks = plan_memory(adapter, pruner, levels_max=24, num_stages=4, nsamples=256, batch_size=4, device="cuda",
+                         target_level=6, probe_rows=4)
+    stats = blocks.row("statistics of one stage, its largest block (block by block) (float32)", solving)
+    assert stats.nbytes == estimate_stat_bytes(adapter, pruner) == 1_245_708_300
+    assert gib(blocks.peak("accelerator", phases=["calibration: gathering", solving])) == "32.4 GiB"
+
+
+def test_on_the_cpu_every_row_is_host_memory(tiny):
+    plan = plan_memory(architecture("tiny-digits"), OBSPruner(), levels_max=8, num_stages=10, nsamples=64,
+                       batch_size=64, device="cpu", target_level=4, probe_rows=64, guidance=2.0)
+    assert {r.place for r in plan.rows} == {"host", "disk"}
+    assert plan.row("calibration latents (clean, noise, noised; float32)").nbytes == 3 * 64 * 1 * 8 * 8 * 4
+    # the tiny DiT's largest hidden state at batch 1: its MLP's 4·128 channels over 16 tokens (float32)
+    assert plan.row("activations of one batch of 64 (≈3× largest hidden state)").nbytes == 3 * 64 * 16 * 512 * 4
+    assert plan.row("activations of one call, 128 rows (≈3× largest hidden state)").nbytes == 3 * 128 * 16 * 512 * 4
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Loading weights fails the test (the plan needs the architecture only)."""
+    import diffes_pl.denoisers.tiny as tiny
+    import diffes_pl.search.builder as builder
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the denoiser's weights were loaded")
+
+    build = tiny.build_tiny_dit
+    monkeypatch.setattr(builder, "load_denoiser", refuse)
+    monkeypatch.setattr(tiny, "build_tiny_dit", lambda weights=True: refuse() if weights else build(weights=False))
+
+
+@pytest.mark.parametrize("subcommand", ["predict", "fit"])
+@pytest.mark.parametrize("config", ["flux_obs.yaml", "tiny_obs.yaml"])
+def test_dry_run_prints_the_plan_and_exits_without_weights_or_folder(config, subcommand, tmp_path, capfd, no_loading):
+    from diffes_pl.cli import main
+
+    run = tmp_path / "run"
+    main([subcommand, "--config", str(ROOT / "configs" / config), "--dry_run", "true",
+          "--trainer.default_root_dir", str(run)])  # returns: exit code 0
+    out = capfd.readouterr().out
+    assert not run.exists()
+    assert out.startswith("memory plan: ")
+    if config == "flux_obs.yaml":
+        assert f"memory plan: {FLUX}, obs pruner, bfloat16 on cuda" in out
+        assert "statistics of one stage (float32)                                44.8 GiB" in out
+        assert "peak: accelerator 76.0 GiB (calibration: solving)" in out
+    else:
+        assert "memory plan: tiny-digits, obs pruner, float32 on cpu" in out and "host: fits in the memory free here" in out
+
+
+def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, capfd, monkeypatch, no_loading):
+    from diffes_pl.cli import main
+
+    plan = plan_memory(architecture("tiny-digits"), OBSPruner(), levels_max=8, num_stages=10, nsamples=64,
+                       batch_size=64, device="cpu", target_level=4, probe_rows=64, guidance=2.0)
+    phase = plan.peak_phase("host", ["loading", "calibration: gathering", "calibration: solving"])
+    need = plan.total(phase, "host")
+    monkeypatch.setattr(memory, "available_bytes", lambda device: float(need - 1))
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(["predict", "--config", str(ROOT / "configs/tiny_obs.yaml"), "--trainer.default_root_dir", str(run)])
+    err = capfd.readouterr().err
+    assert exit_.value.code == 2 and not run.exists()
+    big = plan.biggest(phase, "host")
+    assert err.strip() == (f"diffes-pl: error: InsufficientMemoryError: {phase} of tiny-digits, obs pruner, float32 "
+                           f"on cpu (host) needs {gib(need)} but cpu has {gib(need - 1)} available; its biggest term "
+                           f"is {big.name} ({gib(big.nbytes)}): {big.fix}")
+    assert need < GIB  # the tiny model's plan (MiB) is printed as MiB
