@@ -305,7 +305,7 @@ class DiffESCLI(LightningCLI):
     def _stopped_message(self, signum: signal.Signals = signal.SIGTERM, stop: BaseException | None = None) -> str:
         """The one line saying which signal stopped the run, where its checkpoint is and how to resume
         (or that nothing is resumable); a stopped calibration says which stages it kept."""
-        from .pruners.base import CalibrationStopped
+        from .pruners.store_build import CalibrationStopped
         from .search.resume import CHECKPOINT
 
         name = signal.Signals(signum).name

@@ -6,7 +6,7 @@ predict): it sets `trainer.received_sigterm`, passes the signal on to the proces
 started, and whoever looks at the flag stops at a boundary by raising Lightning's `SIGTERMException`:
 Lightning's training loop at a generation's end, the search between two rollouts
 (`DiffES._stop_if_terminated`), calibration at its next batch, keeping the finished stages
-(`pruners.base.Pruner.on_predict_batch_start`, `CalibrationStopped`).
+(`pruners.base.Pruner.on_predict_batch_start`, `pruners.store_build.CalibrationStopped`).
 A LightningModule whose runs look at the flag says so with `stops_at_boundaries = True`.
 
 `stop_on_signals` (the CLI, for the length of a subcommand) gives Ctrl-C the same path: while such a

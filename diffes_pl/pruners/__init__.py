@@ -1,6 +1,7 @@
 """Pruners: LightningModules whose `predict_step` gathers statistics; one stage per predict epoch."""
 from . import obs
-from .base import Pruner, build_store
+from .base import Pruner
+from .store_build import build_store
 from .depth import DepthPruner
 from .obs import OBSPruner, prune_groups
 from .scores import ActivationPruner, MagnitudePruner, WandaPruner

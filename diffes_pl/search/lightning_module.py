@@ -24,7 +24,8 @@ from torch import nn
 
 from ..denoisers.tiny import NAME as BUILTIN
 from ..io import atomic_path
-from ..pruners.base import CALIBRATE_BY, Pruner, build_store, store_key_fields
+from ..pruners.base import CALIBRATE_BY, Pruner, store_key_fields
+from ..pruners.store_build import build_store
 from ..pruners.obs import OBSPruner
 from ..run import RunContext
 from ..schedule import Schedule

@@ -9,7 +9,7 @@ import pytest
 from diffes_pl.locks import LockedError
 from diffes_pl.partition import StagePartition
 from diffes_pl.pruners import WandaPruner, build_store
-from diffes_pl.pruners import base
+from diffes_pl.pruners import base, store_build
 from diffes_pl.trajectory import DiskSpaceError, file_sha256, writing
 
 from helpers.pruner_reference import HandNoisedDigits
@@ -63,13 +63,13 @@ def test_stale_leftovers_removed_and_shards_sealed_by_rename(tiny, tmp_path, mon
     (tmp_path / ".store.x1y2.tmp").mkdir()  # the temporary folder of the former copy-based sealing
     (tmp_path / ".store.x1y2.tmp" / "stage_00.safetensors").write_bytes(b"killed while sealing")
     inodes = {}
-    seal = base._seal
+    seal = store_build._seal
 
     def spy(shard_dir, path, manifest):
         inodes.update({p.name: p.stat().st_ino for p in shard_dir.iterdir() if p.suffix == ".safetensors"})
         return seal(shard_dir, path, manifest)
 
-    monkeypatch.setattr(base, "_seal", spy)
+    monkeypatch.setattr(store_build, "_seal", spy)
     logged = []
     store = _build(tiny, tmp_path, log=logged.append)
     assert logged[1] == f"removed what an interrupted build of {tmp_path / 'store'} left: .store.x1y2.tmp"
