@@ -8,6 +8,10 @@ diffusers' pipelines differ in what they offer between steps (`callback_on_step_
 the listeners (the router first, then a feature cache) `on_step(step, stage)` before the call runs.
 Nothing in the pipeline's loop changes, so routing works in every pipeline and in `dp.sample`.
 
+Reading the timestep's value costs one host sync per denoiser call when the pipeline passes it on
+the accelerator (DiTPipeline does): microseconds beside a step of a real model, but the one per-step
+sync of routed sampling — `dp.sample` with a `Router` (the loop's own step counter) has none.
+
 A pipeline that runs other timesteps (another sampler or step count) is refused at the first call
 that leaves the trajectory (a timestep on none of its steps, or steps out of order), never routed
 with the wrong stages. Calls within one step (CFG halves run separately) are told once. `remove()`
