@@ -49,15 +49,19 @@ class StepSource:
         self.timesteps = torch.tensor([float(t) for t in denoiser_timesteps], dtype=torch.float64)
         self.error = error
         self.last: int | None = None  # the step last told to the listeners
-        self._signature = inspect.signature(type(denoiser).forward)
+        # where `timestep` sits among forward's positional arguments (self excluded), found once: the
+        # hook runs at every denoiser call
+        names = list(inspect.signature(type(denoiser).forward).parameters)[1:]
+        self._position = names.index("timestep") if "timestep" in names else None
 
     def timestep_of(self, args: tuple, kwargs: dict) -> float:
         """The timestep argument of one denoiser call (a scalar or a [B] tensor of equal values)."""
-        bound = self._signature.bind_partial(self.denoiser, *args, **kwargs).arguments
-        if bound.get("timestep") is None:
+        t = kwargs.get("timestep")
+        if t is None and self._position is not None and len(args) > self._position:
+            t = args[self._position]
+        if t is None:
             raise self.error(f"{type(self.denoiser).__name__} was called without a `timestep`: the step source "
                              "routes by the timestep each call receives")
-        t = bound["timestep"]
         return float(t.reshape(-1)[0]) if torch.is_tensor(t) else float(t)
 
     def step_of(self, t: float) -> int:
