@@ -12,6 +12,9 @@ runs the CLI phases in turn, each in its own process:
 Per phase it records wall time, the process's peak host memory (ru_maxrss of that process, read
 in-process when the CLI returns) and with `--device cuda` the peak of
 `torch.cuda.max_memory_allocated`; the OBS solve lines (`stage s: OBS solve …`) are collected too.
+Plan against measurement: the memory plan the CLI computes before calibrating (`memory_plan.run_plan`,
+recorded in the predict process) is compared with the measured peak of `predict` less the process's
+memory before the CLI ran (Python, torch, diffusers, Lightning imported: what the plan does not count).
 Writes benchmarks/results/rehearsal_<model>[_wanda]_<device>.json (or --out).
 
     python benchmarks/rehearsal.py                                  # DiT-XL/2, 2 stages, 4 steps, CPU
@@ -49,16 +52,30 @@ SOLVE_LINE = re.compile(r"^stage \d+: OBS solve ")  # obs.solve_summary's line, 
 def _run_phase(argv: list[str], report: Path) -> None:
     """Runs one CLI subcommand in this process, then writes its peaks to `report` (also when the CLI
     exits with an error: the figures of a failed phase are still figures)."""
-    code = 0
+    code, plans = 0, []
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv as well: the phase's own arguments only
     try:
+        import diffes_pl.memory_plan as memory_plan
         from diffes_pl.cli import main
 
+        planned = memory_plan.run_plan
+
+        def recorded(*args, **kwargs):  # the plan the CLI prints and checks, kept as numbers
+            plan = planned(*args, **kwargs)
+            plans.append({phase: {place: plan.total(phase, place) for place in ("accelerator", "host")}
+                          for phase in plan.phases})
+            return plan
+
+        memory_plan.run_plan = recorded
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # imports done, nothing run
         main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        peaks = {"peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+        peaks = {"peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
+                 "baseline_host_bytes": locals().get("baseline", 0)}
+        if plans:
+            peaks["plan"] = plans[-1]
         if "torch" in sys.modules:
             import torch
 
@@ -115,10 +132,32 @@ def _config(args: argparse.Namespace, denoiser: str, images: Path, run: Path) ->
                              "init_args": {"mode": "fast"} if args.pruner == "OBSPruner" else {}},
                   "num_stages": args.stages, "steps": args.steps, "sampler": "ddim", "guidance": 1.5,
                   "sparsity": 0.5, "offspring": 2, "survivors": 2, "max_move": 2, "init": "hybrid",
-                  "metric": "ssim", "num_probes": args.probes, "probe_seed": 1234, "dtype": "float32"},
+                  "metric": "ssim", "num_probes": args.probes, "probe_seed": 1234, "dtype": "float32",
+                  "calibrate_by": args.calibrate_by},
         "data": {"source": str(images), "image_column": "image", "label_column": "label",
                  "nsamples": args.nsamples, "batch_size": min(args.nsamples, 8), "seed": 0},
     }
+
+
+CALIBRATION = ("loading", "calibration: gathering", "calibration: solving")
+
+
+def _plan_vs_measured(predict: dict, device: str) -> dict | None:
+    """The plan's peak over loading and calibration against predict's measured peak less its baseline
+    (host; on a CPU run the plan counts every row there), and on a GPU the accelerator's peak against
+    torch.cuda.max_memory_allocated."""
+    plan = predict.get("plan")
+    if not plan:
+        return None
+    out = {}
+    planned = max(plan.get(p, {}).get("host", 0) for p in CALIBRATION)
+    measured = predict["peak_host_bytes"] - predict["baseline_host_bytes"]
+    out["host"] = {"planned_bytes": planned, "measured_bytes": measured, "ratio": round(measured / planned, 3)}
+    if device == "cuda" and "peak_gpu_allocated_bytes" in predict:
+        planned = max(plan.get(p, {}).get("accelerator", 0) for p in CALIBRATION)
+        measured = predict["peak_gpu_allocated_bytes"]
+        out["accelerator"] = {"planned_bytes": planned, "measured_bytes": measured, "ratio": round(measured / planned, 3)}
+    return out
 
 
 def _phase(name: str, cmd: list[str], work: Path, env: dict, log) -> dict:
@@ -156,6 +195,8 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=2, help="search probes")
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=4, help="images per schedule in `diffes-pl test`")
+    ap.add_argument("--calibrate-by", default="block", choices=["auto", "model", "block"],
+                    help="whole-model or block-by-block calibration (model.calibrate_by)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one, removed)")
     ap.add_argument("--out", type=Path, default=None,
                     help="default benchmarks/results/rehearsal_<model>[_wanda]_<device>.json")
@@ -190,7 +231,8 @@ def main() -> None:
         me = [sys.executable, str(Path(__file__).resolve())]
         result: dict = {"model": args.model, "architecture": MODELS[args.model], "device": args.device,
                         "pruner": args.pruner, "settings": {k: getattr(args, k) for k in (
-                            "stages", "steps", "nsamples", "images", "probes", "generations", "eval_images")},
+                            "stages", "steps", "nsamples", "images", "probes", "generations", "eval_images",
+                            "calibrate_by")},
                         "phases": {}}
         log = lambda line: print(line, flush=True)
 
@@ -223,6 +265,7 @@ def main() -> None:
             cmd = [*me, "--_report", str(work / f"{name}.peaks.json"), "--_phase", *cli]
             result["phases"][name] = _phase(name, cmd, work, env, log)
 
+        result["plan_vs_measured"] = _plan_vs_measured(result["phases"]["predict"], args.device)
         result["evaluation"] = json.loads((run / "evaluation.json").read_text())["results"]  # {row: {metric: value}}
         schedule = json.loads((run / "schedule.json").read_text())
         result["schedule_levels"] = schedule["levels"]

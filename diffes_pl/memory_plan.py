@@ -17,8 +17,10 @@ for every unit group at once, the whole denoiser on the accelerator):
 - sampling (`diffes-pl test`, exports): weights, resident routed stages, one probe batch;
 - disk: the store (`estimate_store_bytes`).
 
-Rows are named so that a block-by-block calibration can add its terms (one block's statistics,
-carried activations) without changing the shape. Phases run one after another: a place's peak is its
+Block by block (`pruner.by_block`) the statistics row is the largest block's; carried
+(`pruner.carry`) the host also holds the stage's recorded block calls (`carried_call_bytes` × the
+stage's samples) and the accelerator one batch's call and its outputs; streamed (`pruner.stream`) the
+accelerator holds the weights outside the blocks and the largest block, the host all of them. Phases run one after another: a place's peak is its
 largest phase. On a CPU run the accelerator IS the host: every row is counted on the host.
 Not counted: the VAE and text encoders (loaded with the pipeline, not part of the architecture
 counted here), Python, CUDA context and allocator slack.
@@ -146,6 +148,40 @@ def forward_sizes(adapter: Any, rows: int, stat_dtype: torch.dtype | None = None
     return largest[0] * rows, largest[1] * rows
 
 
+def carried_bytes(adapter: Any, nsamples: int, batch_size: int) -> int | None:
+    """Bytes of the first block's recorded calls (`pruners/carry.py`: the residual streams and what
+    every block shares) for `nsamples` samples in batches of `batch_size`: per-sample tensors scale
+    with the samples, batch-free ones (FLUX's rotary embeddings) with the batches. From forwards on
+    the meta device at batch 1 and 2; None where the architecture cannot run on meta."""
+    one, two = carried_call_bytes(adapter, 1), carried_call_bytes(adapter, 2)
+    if one is None or two is None:
+        return None
+    per_sample = two - one
+    return per_sample * nsamples + (one - per_sample) * -(-nsamples // batch_size)
+
+
+def carried_call_bytes(adapter: Any, rows: int = 1) -> int | None:
+    """Bytes of the first block's recorded call for a batch of `rows` samples (meta forward)."""
+    from .pruners.carry import CarriedCalls, PartDone, call_bytes
+
+    device = next(adapter.denoiser.parameters()).device
+    calls = CarriedCalls(adapter.block_io, host="meta")
+    handle = adapter.blocks()[0].register_forward_pre_hook(calls.capture, with_kwargs=True)
+    try:
+        C, H, W = adapter.latent_shape
+        latents = torch.zeros(rows, C, H, W, device=device, dtype=adapter.dtype)
+        timesteps = torch.full((rows,), 500, device=device, dtype=torch.long)
+        with torch.inference_mode():
+            adapter.predict_noise(latents, timesteps, adapter.example_condition(rows, device=device))
+    except PartDone:
+        return call_bytes(calls.calls[0])
+    except Exception:  # an architecture with a data-dependent step
+        return None
+    finally:
+        handle.remove()
+    return None
+
+
 def estimate_solver_bytes(adapter: Any, pruner: Any, levels_max: int) -> int:
     """Peak temporaries of the OBS solve (`pruners/obs_solver.py` `prune_groups`) of the largest unit
     group — groups are solved one after another. Per group of k = in, o = out columns, s the solver's
@@ -212,10 +248,13 @@ def plan_memory(adapter: Any, pruner: Any, *, levels_max: int, num_stages: int, 
     plan = MemoryPlan(title, device.type)
     weights = module_bytes(adapter.denoiser, dtype)
     lower_dtype = "--model.dtype bfloat16" if dtype not in HALF else ""
-    weight_fix = ", ".join(x for x in (lower_dtype, "a device with more memory (streamed weights: not yet)") if x)
+    weight_fix = ", ".join(x for x in (lower_dtype, "a device with more memory") if x)
+    stream_fix = ", ".join(x for x in (lower_dtype, "--model.calibrate_by block --model.stream_weights true"
+                                       if adapter.carries_blocks and not pruner.depth and pruner.passes == 1 else "") if x)
     add = lambda phase, place, name, nbytes, fix="": plan.rows.append(Row(phase, place, name, nbytes, fix))
 
-    add("loading", acc, f"denoiser weights ({dname})", weights, weight_fix)
+    if not (calibrate and pruner.stream):  # streamed, the denoiser loads on the host and stays there
+        add("loading", acc, f"denoiser weights ({dname})", weights, weight_fix)
     if acc != "host":  # diffusers reads the checkpoint on the host first (footprint.check_denoiser_memory)
         add("loading", "host", f"checkpoint read ({dname})", weights, weight_fix)
 
@@ -231,16 +270,30 @@ def plan_memory(adapter: Any, pruner: Any, *, levels_max: int, num_stages: int, 
         latents = nsamples * C * H * W * 4  # float32, whatever the denoiser's dtype
         cond = _condition_bytes(adapter, nsamples)
         samples_fix = f"fewer --data.nsamples (now {nsamples})"
+        carried = carried_bytes(adapter, nsamples, batch_size) if pruner.carry else 0
         for phase in ("calibration: gathering", "calibration: solving"):
-            add(phase, acc, f"denoiser weights ({dname})", weights, weight_fix)
-            held = "one stage" if pruner.block_parts == 1 else "one stage, its largest block (block by block)"
+            if pruner.stream:
+                largest = max(module_bytes(b, dtype) for b in adapter.blocks())
+                outside = weights - sum(module_bytes(b, dtype) for b in adapter.blocks())
+                add(phase, acc, f"weights outside the blocks + the largest block, streamed ({dname})",
+                    outside + largest, lower_dtype)
+                add(phase, "host", f"denoiser weights, streamed from here ({dname})", weights, lower_dtype)
+            else:
+                add(phase, acc, f"denoiser weights ({dname})", weights, stream_fix or weight_fix)
+            held = "one stage" if not pruner.by_block else "one stage, its largest block (block by block)"
             add(phase, acc, f"statistics of {held} ({sname})", stats, stat_fix)
             add(phase, "host", "calibration latents (clean, noise, noised; float32)", 3 * latents, samples_fix)
             if cond:
                 add(phase, "host", "calibration conditions (float32)", cond, samples_fix)
+            if pruner.carry:
+                add(phase, "host", f"carried block calls of the stage's {nsamples} samples", carried, samples_fix)
         phase = "calibration: gathering"
         add(phase, acc, f"activations of one batch of {batch_size} (≈3× largest hidden state)",
             None if hidden is None else 3 * hidden, batch_fix)
+        if pruner.carry and acc != "host":  # on the CPU the carried calls are the host row already
+            one_batch = carried_call_bytes(adapter, batch_size)
+            add(phase, acc, f"one batch's block call and outputs ({batch_size} samples)",
+                None if one_batch is None else 2 * one_batch, batch_fix)
         if hook_copy:
             add(phase, acc, f"statistic hook's copy of a layer input ({sname})", hook_copy, batch_fix)
         phase = "calibration: solving"
@@ -250,7 +303,12 @@ def plan_memory(adapter: Any, pruner: Any, *, levels_max: int, num_stages: int, 
             add(phase, acc, f"OBS solver temporaries, largest group ({solver_dtype})", solver,
                 "--model.pruner.init_args.solver_dtype float32" if solver_dtype == "float64" else "")
         stage = estimate_store_bytes(adapter, pruner, levels_max, 1)
-        add(phase, "host", "one stage's trajectory (until its shard is written)", stage, "fewer --model.levels")
+        if pruner.carry:  # each block's part goes to disk as it is solved; the stage's shard is merged from them
+            stage = max(estimate_store_bytes(adapter, pruner, levels_max, 1, block=b) for b in range(len(adapter.blocks())))
+            add(phase, "host", "one block's trajectory (until its shard is written)", stage, "fewer --model.levels")
+        else:
+            add(phase, "host", "one stage's trajectory (until its shard is written)", stage,
+                "fewer --model.levels" + (", --model.calibrate_by block" if adapter.carries_blocks else ""))
         add("calibration: solving", "disk", "trajectory store", store_bytes, "a lower store_dtype or fewer stages")
 
     store = SimpleNamespace(depth=pruner.depth, levels_max=levels_max, compensated=pruner.compensated)
@@ -296,4 +354,4 @@ def run_plan(settings: Any, run: Any, pruner: Any, *, nsamples: int, batch_size:
                        calibrate=calibrate)
 
 
-__all__ = ["MemoryPlan", "Row", "estimate_solver_bytes", "forward_sizes", "plan_memory", "run_plan"]
+__all__ = ["MemoryPlan", "Row", "carried_bytes", "carried_call_bytes", "estimate_solver_bytes", "forward_sizes", "plan_memory", "run_plan"]

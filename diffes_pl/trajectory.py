@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import struct
@@ -96,6 +97,12 @@ def shard_name(stage: int) -> str:
     return f"stage_{stage:02d}.safetensors"
 
 
+def block_shard_name(stage: int, block: int) -> str:
+    """A finished block of the stage under way (carried block-by-block calibration), until the stage's
+    shard replaces its blocks' shards."""
+    return f"stage_{stage:02d}.block_{block:03d}.safetensors"
+
+
 # --- files next to a store: the lock, the folder being written, leftovers of killed writers -------
 def lock_file(path: Path) -> Path:
     return path.parent / f".{path.name}.lock"
@@ -126,17 +133,24 @@ class PartialStore:
     after each stage. Why: a calibration of a big model takes hours and a cluster may kill it at any
     time; the finished stages a kill leaves are kept, verified, and a rerun of the same store starts at
     the first missing stage. Only the store's lock holder (rank 0) uses it. Stages are recorded in order
-    (0, 1, …), so the kept stages are always 0..kept − 1."""
+    (0, 1, …), so the kept stages are always 0..kept − 1. Block by block (carried calibration), the
+    finished blocks of the stage under way are kept the same way (`write_block`, blocks 0..blocks_kept − 1
+    of stage `kept`): a rerun resumes within the stage."""
 
     def __init__(self, path: str | os.PathLike, key: str, num_stages: int) -> None:
         self.path = Path(path)
         self.folder = partial_dir(self.path)
         self.key, self.num_stages = key, int(num_stages)
         self.shards: dict[str, dict] = {}  # shard name → {"sha256", "bytes"}, stages 0..kept − 1
+        self.blocks: dict[str, dict] = {}  # the same for blocks 0..blocks_kept − 1 of stage `kept`
 
     @property
     def kept(self) -> int:
         return len(self.shards)
+
+    @property
+    def blocks_kept(self) -> int:
+        return len(self.blocks)
 
     def resume(self) -> list[str]:
         """Keeps the verified finished stages a killed build of the SAME store left and removes
@@ -153,7 +167,7 @@ class PartialStore:
             shutil.rmtree(self.folder)
             self.shards = {}
             return [f"removed {self.folder.name}, what an interrupted build of {self.path} left ({why})"]
-        notes, recorded, self.shards = [], self.shards, {}
+        notes, recorded, blocks, self.shards, self.blocks = [], self.shards, self.blocks, {}, {}
         for stage in range(self.num_stages):  # the verified prefix 0..k: a rerun starts at k + 1
             name = shard_name(stage)
             if name not in recorded:
@@ -162,9 +176,19 @@ class PartialStore:
             if problem is not None:
                 notes.append(f"stage {stage} of an interrupted build of {self.path} is not kept ({name}: {problem}); "
                              f"it and the stages after it are calibrated again")
+                blocks = {}
                 break
             self.shards[name] = recorded[name]
-        keep = {*self.shards, PROGRESS}
+        block = 0
+        while (name := block_shard_name(self.kept, block)) in blocks:  # the stage under way's verified blocks
+            problem = _shard_problem(self.folder / name, blocks[name])
+            if problem is not None:
+                notes.append(f"block {block} of stage {self.kept} of an interrupted build of {self.path} is not kept "
+                             f"({name}: {problem}); it and the blocks after it are calibrated again")
+                break
+            self.blocks[name] = blocks[name]
+            block += 1
+        keep = {*self.shards, *self.blocks, PROGRESS}
         extra = sorted(p for p in self.folder.iterdir() if p.name not in keep)
         for p in extra:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
@@ -186,37 +210,97 @@ class PartialStore:
         if progress.get("key") != self.key or progress.get("num_stages") != self.num_stages:
             return "built for other settings: another store key"
         self.shards = dict(progress.get("shards") or {})
+        self.blocks = dict(progress.get("blocks") or {})
         return None
 
     def _record(self) -> None:
         from .integrity import sealed
         from .io import write_json
 
-        if not self.shards:  # nothing finished: nothing a rerun could keep
+        if not self.shards and not self.blocks:  # nothing finished: nothing a rerun could keep
             (self.folder / PROGRESS).unlink(missing_ok=True)
             return
         write_json(self.folder / PROGRESS, sealed({"format": 1, "key": self.key, "num_stages": self.num_stages,
-                                                   "shards": self.shards}, PROGRESS_SHA256))
+                                                   "shards": self.shards, "blocks": self.blocks}, PROGRESS_SHA256))
 
-    def write_stage(self, stage: int, tensors: dict[str, Tensor]) -> None:
-        """Writes stage `stage`'s shard under a temporary name, renames it into place, then records its
-        checksum: a kill at any point leaves either the stage recorded and whole, or not recorded."""
+    def _write(self, name: str, tensors: dict[str, Tensor], parts: Iterable[Path] = ()) -> dict:
+        """Writes a shard (`tensors` and those of the shards `parts`) under a temporary name and
+        renames it into place; returns its record."""
         from .io import atomic_path
 
+        self.folder.mkdir(parents=True, exist_ok=True)
+        file = self.folder / name
+        with atomic_path(file) as tmp:
+            write_shard(tmp, tensors, parts)
+        return {"sha256": file_sha256(file), "bytes": file.stat().st_size}
+
+    def write_block(self, stage: int, block: int, tensors: dict[str, Tensor]) -> None:
+        """Keeps block `block` of the stage under way (blocks are written in order, from 0)."""
+        if stage != self.kept or block != self.blocks_kept:
+            raise RuntimeError(f"block {block} of stage {stage} finished while stages 0..{self.kept - 1} and "
+                               f"{self.blocks_kept} blocks of stage {self.kept} are recorded: this is a bug")
+        name = block_shard_name(stage, block)
+        self.blocks[name] = self._write(name, tensors)
+        self._record()
+
+
+    def write_stage(self, stage: int, tensors: dict[str, Tensor]) -> None:
+        """Writes stage `stage`'s shard — `tensors` and those of its kept blocks' shards — under a
+        temporary name, renames it into place, then records its checksum: a kill at any point leaves
+        either the stage recorded and whole, or not recorded (and its blocks kept)."""
         if stage != self.kept:
             raise RuntimeError(f"stage {stage} finished while stages 0..{self.kept - 1} are recorded: "
                                f"stages are written in order; this is a bug")
-        self.folder.mkdir(parents=True, exist_ok=True)
-        file = self.folder / shard_name(stage)
-        with atomic_path(file) as tmp:
-            save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp))
-        self.shards[file.name] = {"sha256": file_sha256(file), "bytes": file.stat().st_size}
-        self._record()
+        name = shard_name(stage)
+        self.shards[name] = self._write(name, tensors, [self.folder / b for b in self.blocks])
+        blocks, self.blocks = self.blocks, {}
+        self._record()  # the stage recorded, its blocks no longer: then their files go
+        for block in blocks:
+            (self.folder / block).unlink(missing_ok=True)
 
     def discard_if_empty(self) -> None:
         """After a failed build: the folder goes unless it holds a finished stage a rerun keeps."""
-        if self.folder.exists() and not self.shards:
+        if self.folder.exists() and not self.shards and not self.blocks:
             shutil.rmtree(self.folder)
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_shard(file: str | os.PathLike, tensors: dict[str, Tensor], parts: Iterable[Path] = ()) -> None:
+    """A safetensors file of `tensors` and every tensor of the safetensors files `parts`, written one
+    tensor at a time (tensors in name order). Why not `save_file`: it serialises every tensor into one
+    bytes object first, twice a stage in host memory (FLUX OBS: 2 × 73 GiB); here a merged stage needs
+    one tensor of it at a time."""
+    entries: dict[str, tuple[str, list[int], Callable[[], Tensor]]] = {}
+    for part in parts:
+        with safe_open(str(part), framework="pt") as f:
+            for name in f.keys():
+                piece = f.get_slice(name)
+                entries[name] = (piece.get_dtype(), list(piece.get_shape()), lambda p=part, n=name: _read_one(p, n))
+    for name, tensor in tensors.items():
+        entries[name] = (SAFETENSORS_DTYPES[tensor.dtype], list(tensor.shape), lambda t=tensor: t)
+    itemsize = {code: dtype.itemsize for dtype, code in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name in sorted(entries):
+        code, shape, _ = entries[name]
+        nbytes = math.prod(shape) * itemsize[code]
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    with open(file, "wb") as out:
+        out.write(struct.pack("<Q", len(text)) + text)
+        for name in sorted(entries):
+            tensor = entries[name][2]().detach().contiguous().cpu().reshape(-1)
+            out.write(memoryview(tensor.view(torch.uint8).numpy()))
+
+
+def _read_one(file: Path, name: str) -> Tensor:
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def _shard_problem(file: Path, record: dict) -> str | None:

@@ -153,6 +153,81 @@ def test_plan_of_flux_is_the_codes_estimates_on_the_meta_architecture():
     assert gib(blocks.peak("accelerator", phases=["calibration: gathering", solving])) == "32.4 GiB"
 
 
+def test_plan_of_flux_streamed_block_by_block_fits_a_24_gib_accelerator():
+    """FLUX.1-schnell OBS, bf16, calibrated block by block with streamed weights: the accelerator holds
+    the weights outside the blocks and the largest block (not 22.1 GiB), one block's Hessians, one
+    batch's call and the largest group's solver temporaries; the host the weights, the stage's carried
+    calls and one block's trajectory (not the stage's 73 GiB)."""
+    adapter = architecture(FLUX, dtype=torch.bfloat16)
+    pruner = OBSPruner(stat_dtype="float32")
+    assert pruner.calibrate_by("block", adapter, "cuda", stream=True) == "block" and pruner.carry and pruner.stream
+    plan = plan_memory(adapter, pruner, levels_max=24, num_stages=4, nsamples=256, batch_size=4, device="cuda",
+                       target_level=6, probe_rows=4)
+    calibration = ["loading", "calibration: gathering", "calibration: solving"]
+    solving = "calibration: solving"
+    blocks = [module_bytes(b, torch.bfloat16) for b in adapter.blocks()]
+    outside = module_bytes(adapter.denoiser, torch.bfloat16) - sum(blocks)
+    assert plan.row("weights outside the blocks + the largest block, streamed (bfloat16)", solving).nbytes == \
+        outside + max(blocks)
+    assert not any(r.place == "accelerator" for r in plan.rows if r.phase == "loading")  # loads on the host
+    trajectory = plan.row("one block's trajectory (until its shard is written)", solving)
+    assert trajectory.nbytes == max(estimate_store_bytes(adapter, pruner, 24, 1, block=b) for b in range(len(blocks)))
+    assert trajectory.nbytes * 30 < estimate_store_bytes(adapter, pruner, 24, 1)
+    peak = plan.peak("accelerator", calibration)
+    assert peak < 24 * GIB and gib(peak) == "11.0 GiB"
+    assert plan.peak_phase("accelerator", calibration) == solving
+
+
+class CarriedSizes(OBSPruner):
+    """OBS recording the bytes of the carried calls before each block runs (the host term)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.carried: list[int] = []
+
+    def _carry_block(self, index: int, last: bool) -> None:
+        self.carried.append(self._calls.nbytes)
+        super()._carry_block(index, last)
+
+
+@pytest.mark.parametrize("family", ["tiny", "flux"])
+def test_carried_calls_term_is_what_a_carried_calibration_records(family, tiny, text_models, caption_folder,
+                                                                   tmp_path, hf_cache, one_thread):
+    """The plan's carried-calls row (one sample's first-block call on the meta device × the stage's
+    samples) equals the bytes a carried calibration keeps before each block, exactly: the tiny DiT (the
+    hidden states, timestep and class embeddings) and FLUX (two streams, temb, rotary embeddings)."""
+    from diffes_pl.pruners import build_store
+
+    from helpers.pruner_reference import HandNoisedDigits, caption_datamodule
+
+    adapter = tiny if family == "tiny" else text_models.build_tiny_flux()
+    data = HandNoisedDigits() if family == "tiny" else caption_datamodule(caption_folder)
+    partition = StagePartition.from_scheduler(adapter.make_scheduler("ddim" if family == "tiny" else "flow_euler"), 4, 1)
+    pruner = CarriedSizes()
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)
+    build_store(trainer, pruner, data, adapter, partition, tmp_path / "store", 4, log=lambda *_: None,
+                calibrate_by="block")
+    assert pruner.carry and len(pruner.carried) == len(adapter.blocks())
+    meta = architecture("tiny-digits") if family == "tiny" else _meta_copy(adapter)
+    pruner.calibrate_by("block", meta, "cpu")
+    plan = plan_memory(meta, pruner, levels_max=4, num_stages=1, nsamples=data.nsamples, batch_size=data.batch_size,
+                       device="cpu", target_level=2)
+    row = plan.row(f"carried block calls of the stage's {data.nsamples} samples", "calibration: gathering")
+    assert row.nbytes == max(pruner.carried) == pruner.carried[0]
+
+
+def _meta_copy(flux):
+    """The tiny FLUX adapter over its architecture on the meta device (no weights)."""
+    from diffes_pl.denoisers.flux import FluxAdapter
+
+    with torch.device("meta"):
+        denoiser = type(flux.denoiser).from_config(flux.denoiser.config)
+    meta = FluxAdapter(denoiser, flux.name, vae=flux.vae, text_encoders=flux.text_encoders())
+    meta.text_len = flux.text_len
+    return meta
+
+
 def test_on_the_cpu_every_row_is_host_memory(tiny):
     plan = plan_memory(architecture("tiny-digits"), OBSPruner(), levels_max=8, num_stages=10, nsamples=64,
                        batch_size=64, device="cpu", target_level=4, probe_rows=64, guidance=2.0)
@@ -194,6 +269,19 @@ def test_dry_run_prints_the_plan_and_exits_without_weights_or_folder(config, sub
         assert "peak: accelerator 76.0 GiB (calibration: solving)" in out
     else:
         assert "memory plan: tiny-digits, obs pruner, float32 on cpu" in out and "host: fits in the memory free here" in out
+
+
+def test_dry_run_of_flux_streamed_block_by_block(tmp_path, capfd, no_loading):
+    from diffes_pl.cli import main
+
+    main(["predict", "--config", str(ROOT / "configs" / "flux_obs.yaml"), "--dry_run", "true",
+          "--model.calibrate_by", "block", "--model.stream_weights", "true",
+          "--trainer.default_root_dir", str(tmp_path / "run")])
+    out = capfd.readouterr().out
+    lines = [line.strip() for line in out.splitlines()]
+    solving = lines[lines.index("calibration: solving"):lines.index("search")]
+    assert "weights outside the blocks + the largest block, streamed (bfloat16)        751.0 MiB" in solving
+    assert solving[-1].split() == ["total", "11.0", "GiB", "32.4", "GiB"]  # accelerator, host
 
 
 def test_a_run_that_will_not_fit_is_refused_before_loading(tmp_path, capfd, monkeypatch, no_loading):

@@ -310,6 +310,10 @@ class DenoiserAdapter(ABC):
     # The residual streams through one block, for block caching: (argument name, position in the
     # block's forward, index in the block's output tuple, or None when the block returns the tensor).
     block_io: tuple[tuple[str, int, int | None], ...] = (("hidden_states", 0, None),)
+    # Whether `blocks()` run one after another, each on the previous block's `block_io` streams and the
+    # same other arguments: block-by-block calibration then carries activations from block to block
+    # (pruners/carry.py) instead of re-running the blocks before the current one
+    carries_blocks = True
 
     def cache_points(self) -> "BlockCachePoints | UNetCachePoints":
         """Where this denoiser can cache features: by default block caching over `blocks()` (every

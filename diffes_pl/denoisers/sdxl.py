@@ -59,6 +59,9 @@ class SDXLAdapter(VAELatents, TextConditioned, TransformerBlockUnits, DenoiserAd
 
     family = "sdxl"
     samplers = SDXL_SAMPLERS
+    # the UNet's transformer blocks sit between resnets, resamplers and skip connections: a block's
+    # input is not the previous block's output, so block-by-block calibration re-runs the forward
+    carries_blocks = False
 
     def __init__(self, denoiser: UNet2DConditionModel, name: str, vae: nn.Module | None = None,
                  noise_schedule: dict | None = None, latent_scale: float | None = None,

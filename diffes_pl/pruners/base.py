@@ -11,6 +11,8 @@ calibration batch: the stage under way is abandoned (`abandon_stage`).
 """
 from __future__ import annotations
 
+import signal
+import threading
 from typing import Any
 
 import lightning as L
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from ..denoisers.base import DenoiserAdapter, UnitGroup
 from ..partition import StagePartition
 from ..trajectory import PartialStore, canonical
+from .carry import CarriedCalls, PartDone, place_outside
 
 CALIBRATE_BY = ("auto", "model", "block")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
@@ -80,6 +83,13 @@ class Pruner(L.LightningModule):
         # each gathering the statistics of one block's groups only. Not a setting of the store: the
         # statistics, hence the store, are the same bit for bit (only memory and time differ)
         self.block_parts = 1
+        # block by block on a stack of blocks: activations carried from block to block (pruners/carry.py),
+        # one predict epoch per stage; `stream`: the blocks' weights on the host, one on the device at a time
+        self.carry = False
+        self.stream = False
+        self.first_block = 0  # a carried stage starts at this block (the blocks before it are done)
+        self._block: int | None = None  # the block being calibrated (carried)
+        self._calls: CarriedCalls | None = None
         self._stage_out: dict[str, Tensor] = {}
 
     def begin_pass(self, stage: int, part: int = 0) -> None:
@@ -92,30 +102,54 @@ class Pruner(L.LightningModule):
         block-by-block calibration, or 1."""
         return self.passes if self.passes > 1 else self.block_parts
 
-    def calibrate_by(self, mode: str, adapter: DenoiserAdapter, device: torch.device | str) -> str:
-        """Chooses whole-model or block-by-block calibration; returns the choice.
+    def calibrate_by(self, mode: str, adapter: DenoiserAdapter, device: torch.device | str,
+                     stream: bool | None = False) -> str:
+        """Chooses whole-model or block-by-block calibration, and streamed weights; returns the choice.
 
-        `model`: one predict epoch per stage holds every group's statistics at once (the fewest
-        forward passes). `block`: one predict epoch per block, holding that block's statistics
-        only, the forward stopped after it: peak statistics follow the largest block, not the depth,
-        at the cost of re-running the blocks before it (about half the depth in forward passes per
-        stage). `auto`: `block` when one stage's whole-model statistics do not fit in the device's
-        free memory. Depth pruning (a few numbers per block) and OBS-Diff's sequential groups
-        (already one group of blocks per pass) keep their own passes."""
-        from ..memory import available_bytes
+        `model`: one predict epoch per stage holds every group's statistics at once. `block`: one
+        block's statistics at a time, so peak statistics follow the largest block, not the depth: on a
+        stack of blocks (`adapter.carries_blocks`) the calibration inputs are embedded once and each
+        block's dense outputs carried to the next (pruners/carry.py: the forward count of `model`);
+        on a UNet one predict epoch per block, the forward stopped after it (about half the depth more
+        in forward passes). `auto`: `block` when one stage's whole-model statistics, or the weights
+        beside them, do not fit in the device's free memory. Depth pruning (a few numbers per block)
+        and OBS-Diff's sequential groups (already one group of blocks per pass) keep their own passes.
 
+        `stream`: keep the blocks' weights on the host and move one at a time to the device (carried
+        block-by-block calibration only); None: when the weights and one block's statistics do not fit."""
         if mode not in CALIBRATE_BY:
             raise ValueError(f"calibrate_by must be one of {', '.join(CALIBRATE_BY)}; got {mode!r}")
-        self.block_parts = 1
+        self.block_parts, self.carry, self.stream = 1, False, False
         if self.depth or self.passes > 1:
+            if stream:
+                raise ValueError(f"stream_weights needs block-by-block calibration; the {self.name} pruner calibrates "
+                                 "whole blocks or sequential groups (set stream_weights: false)")
             return "model"
-        if mode == "auto":  # a device this machine lacks (a dry run's plan): free memory unknown, whole model
-            device = torch.device(device)
-            free = None if device.type == "cuda" and not torch.cuda.is_available() else available_bytes(device)
-            mode = "block" if free is not None and estimate_stat_bytes(adapter, self) > free else "model"
+        free = device_room(adapter, device)
+        # weights to place on an accelerator (on the CPU they are where calibration runs already)
+        weights = 0 if torch.device(device).type == "cpu" else sum(
+            p.numel() * p.element_size() for p in adapter.denoiser.parameters())
+        if mode == "auto":
+            mode = "block" if free is not None and weights + estimate_stat_bytes(adapter, self, by_block=False) > free else "model"
         if mode == "block":
-            self.block_parts = len(adapter.blocks())
+            if adapter.carries_blocks:
+                self.carry = True
+            else:
+                self.block_parts = len(adapter.blocks())
+        if stream is None:
+            stream = self.carry and free is not None and weights + estimate_stat_bytes(adapter, self) > free
+        if stream and not self.carry:
+            why = ("calibrate_by: block" if mode != "block" else
+                   f"{adapter.name}'s blocks do not run one after another (a UNet)")
+            raise ValueError(f"stream_weights needs block-by-block calibration on a stack of blocks ({why}); "
+                             "set stream_weights: false")
+        self.stream = bool(stream)
         return mode
+
+    @property
+    def by_block(self) -> bool:
+        """One block's statistics at a time (carried, or re-running the forward per block)."""
+        return self.carry or self.block_parts > 1
 
     def setup(self, stage: str) -> None:
         """Every rank runs rank 0's (stage, pass). Why: Lightning's launcher starts the other ranks only
@@ -124,10 +158,30 @@ class Pruner(L.LightningModule):
         calibration data not yet loaded (`predict_dataloader` comes after `setup`)."""
         if stage != "predict" or self.trainer.world_size == 1:
             return
-        agreed = tuple(self.trainer.strategy.broadcast((self.stage, self.part), src=0))
-        if agreed != (self.stage, self.part):
-            self.begin_pass(*agreed)
+        agreed = tuple(self.trainer.strategy.broadcast((self.stage, self.part, self.first_block), src=0))
+        self.first_block = agreed[2]
+        if agreed[:2] != (self.stage, self.part):
+            self.begin_pass(*agreed[:2])
             self.trainer.datamodule.set_stage(agreed[0])
+
+    def on_predict_start(self) -> None:
+        """Several processes: Lightning's SIGTERM handler broadcasts from inside the handler, which
+        deadlocks when the signal lands while another rank waits in one of calibration's collectives
+        (a carried block's all-reduce: a rank blocked there cannot run its own handler). During
+        calibration the handler only records the request and passes the signal on to the ranks this
+        one launched, as Lightning's does; the ranks agree at their next common point
+        (`_stop_if_agreed`). Lightning restores the handlers it found when the run ends."""
+        if self.trainer.world_size == 1 or threading.current_thread() is not threading.main_thread():
+            return
+        trainer = self.trainer
+        connector = trainer._signal_connector  # whose flag `trainer.received_sigterm` reads
+
+        def note(signum: int, _frame: Any) -> None:
+            if not connector.received_sigterm and trainer.strategy.launcher is not None:
+                trainer.strategy.launcher.kill(signum)
+            connector.received_sigterm = True
+
+        signal.signal(signal.SIGTERM, note)
 
     # --- settings that identify a store ------------------------------------------------------
     def settings(self) -> dict:
@@ -158,21 +212,35 @@ class Pruner(L.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         adapter = self.adapter
-        adapter.denoiser.to(self.device)
+        if self.stream:  # every block on the host; each visits the device for its turn (_carry_block)
+            for block in adapter.blocks():
+                block.to("cpu")
+            place_outside(adapter.denoiser, adapter.blocks(), self.device)
+        else:
+            adapter.denoiser.to(self.device)
         self._stats = {}
         self._handles = []
         self._stopping = False
         if self.depth:
             self._register_block_hooks()
             return
+        if self.carry:  # this epoch embeds the batches and records the first block's calls
+            self._block, self._calls = None, CarriedCalls(adapter.block_io)
+            first = adapter.blocks()[self.first_block]
+            self._handles.append(first.register_forward_pre_hook(self._calls.capture, with_kwargs=True))
+            return
         groups = self.part_groups()
+        self._gather(groups)
+        if self.num_parts > 1:
+            self._handles += stop_after(adapter, {g.block for g in groups})
+
+    def _gather(self, groups: list[UnitGroup]) -> None:
+        """A statistic per group, fed by a pre-hook on the group's output layer."""
         for group in groups:
-            layer = adapter.output_layer(group)
+            layer = self.adapter.output_layer(group)
             stat = self.make_statistic(group, layer)
             self._stats[group.name] = stat
             self._handles.append(layer.register_forward_pre_hook(lambda _m, args, s=stat: s.add_batch(args[0])))
-        if self.num_parts > 1:
-            self._handles += stop_after(adapter, {g.block for g in groups})
 
     def _register_block_hooks(self) -> None:
         raise NotImplementedError
@@ -198,6 +266,7 @@ class Pruner(L.LightningModule):
         for h in self._handles:
             h.remove()
         self._handles, self._stats, self._stage_out, self._stopping = [], {}, {}, False
+        self._block, self._calls = None, None
         if self.passes > 1 and self.adapter is not None:
             self.adapter.restore_dense()
 
@@ -217,13 +286,61 @@ class Pruner(L.LightningModule):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._stop_if_agreed()
+        if self.carry:
+            blocks = self.adapter.blocks()
+            for b in range(self.first_block, len(blocks)):
+                self._carry_block(b, last=b == len(blocks) - 1)
+            self._block, self._calls = None, None
+        else:
+            self._finish_part()
+        if self.part == self.num_parts - 1:
+            if self.passes > 1:
+                self.adapter.restore_dense()
+            if self.global_rank == 0:
+                self._partial.write_stage(self.stage, self._stage_out)  # whole and checksummed, or absent
+            self._stage_out, self.first_block = {}, 0
+        self.trainer.strategy.barrier("diffes-stage-written")
+
+    def _stop_if_agreed(self) -> None:
+        """Where every rank arrives together (a pass's end, a carried block's start): stops (abandoning
+        the stage) when any process was asked to. One process stops at once, several agree first."""
+        asked = self._stopping or self.trainer.received_sigterm
         if self.trainer.world_size > 1:
-            # every rank reaches this point once per pass: agree here whether any was asked to stop
-            flag = torch.tensor([float(self._stopping)], device=self.device)
-            if float(self._all_reduce(flag)[0]) > 0:
-                self.abandon_stage()
-                raise SIGTERMException()
-        # One all-reduce per buffer, here and only here: every rank reaches this point once per stage.
+            flag = torch.tensor([float(asked)], device=self.device)
+            asked = float(self._all_reduce(flag)[0]) > 0
+        if asked:
+            self.abandon_stage()
+            raise SIGTERMException()
+
+    def _carry_block(self, index: int, last: bool) -> None:
+        """Block `index` of a carried stage: its groups' statistics over every recorded call, reduced
+        and solved; the calls advanced to the next block (dense outputs)."""
+        if index > self.first_block:
+            self._stop_if_agreed()  # between two blocks (a block's solve may take minutes)
+        self._block = index
+        block = self.adapter.blocks()[index]
+        if self.stream:
+            block.to(self.device)
+        self._gather(self.part_groups())
+        try:
+            with torch.inference_mode():
+                self._calls.run(block, self.device, advance=not last)
+        finally:
+            for h in self._handles:
+                h.remove()
+            self._handles = []
+        tensors = self._finish_part()
+        if self.global_rank == 0 and not last:  # kept: a stop or kill from here on resumes at the next block
+            self._partial.write_block(self.stage, index, tensors)
+            self._stage_out = {}  # on disk now: the stage's shard is assembled from the blocks' shards
+        if self.stream:
+            block.to("cpu")
+
+    def _finish_part(self) -> dict[str, Tensor]:
+        """The statistics of the pass (or carried block) reduced across processes, solved into its
+        part of the stage's trajectory (returned; empty on a rank that does not solve)."""
+        # One all-reduce per buffer, here and only here: every rank reaches this point once per part.
         for stat in self._stats.values():
             for key, buf in stat.buffers.items():
                 stat.buffers[key] = self._all_reduce(buf)
@@ -234,19 +351,18 @@ class Pruner(L.LightningModule):
             self._stage_out.update(tensors)
             if self.passes > 1:
                 self.after_part(tensors)
+        else:
+            tensors = {}
         self._stats = {}
-        if self.part == self.num_parts - 1:
-            if self.passes > 1:
-                self.adapter.restore_dense()
-            if self.global_rank == 0:
-                self._partial.write_stage(self.stage, self._stage_out)  # whole and checksummed, or absent
-            self._stage_out = {}
-        self.trainer.strategy.barrier("diffes-stage-written")
+        return tensors
 
     def part_groups(self, part: int | None = None) -> list[UnitGroup]:
         """The unit groups calibrated in pass `part` (default: the current one): all of them, or with
-        `num_parts` = K > 1 the groups of the `part`-th of K contiguous chunks of blocks."""
+        `num_parts` = K > 1 the groups of the `part`-th of K contiguous chunks of blocks; carried, the
+        current block's."""
         groups = self.adapter.unit_groups()
+        if self.carry and part is None:
+            return [g for g in groups if g.block == self._block]
         parts, part = self.num_parts, self.part if part is None else part
         if parts == 1:
             return groups
@@ -313,7 +429,7 @@ def store_key_fields(adapter: DenoiserAdapter, partition: StagePartition, calibr
                       "store_dtype": str(pruner.store_dtype_for(adapter))})
 
 
-def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
+def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner, by_block: bool | None = None) -> int:
     """Bytes of one stage's statistics (what calibration holds at once): per unit group the buffers
     of `stats.py` — X·Xᵀ [in, in] (compensating pruners) or ‖x‖² [in], and the token count (one
     element); depth pruning: a cosine sum and a token count per block. tests/test_memory_plan.py
@@ -326,14 +442,10 @@ def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner) -> int:
         return sum(((n * n if pruner.compensated else n) + 1) * size
                    for n in (adapter.output_layer(g).in_features for g in groups))
 
-    if pruner.block_parts == 1:  # a block-by-block calibration holds its largest block's only
+    if not (pruner.by_block if by_block is None else by_block):  # block by block: its largest block's only
         return part_bytes(adapter.unit_groups())
     n = len(adapter.blocks())
     return max(part_bytes([g for g in adapter.unit_groups() if g.block == b]) for b in range(n))
-
-
-class PartDone(Exception):
-    """Raised by `stop_after`'s hooks once every block of a calibration pass has run."""
 
 
 def stop_after(adapter: DenoiserAdapter, blocks: set[int]) -> list[Any]:
@@ -370,14 +482,32 @@ def check_stat_memory(adapter: DenoiserAdapter, pruner: Pruner, device: torch.de
                f"calibration statistics of the {pruner.name} pruner (one stage, {dtype})", ", ".join(ways))
 
 
-def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: int, num_stages: int) -> int:
-    """Bytes of the store about to be written (compensated weights dominate)."""
+def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: int, num_stages: int,
+                         block: int | None = None) -> int:
+    """Bytes of the store about to be written (compensated weights dominate); `block`: that block's part."""
     total = 0
     elem = torch.finfo(pruner.store_dtype_for(adapter)).bits // 8 if pruner.compensated else 0
     for group in ([] if pruner.depth else adapter.unit_groups()):
+        if block is not None and group.block != block:
+            continue
         total += group.size * 8
         if pruner.compensated:
             out = adapter.output_layer(group).out_features
             for level in range(1, levels_max + 1):
                 total += out * (group.size - group.removed_at(level, levels_max)) * group.unit_width * elem
     return (total + (len(adapter.blocks()) * 8 if pruner.depth else 0)) * num_stages
+
+
+def device_room(adapter: DenoiserAdapter, device: torch.device | str) -> int | None:
+    """Bytes a calibration may use on `device`: its free memory plus what the denoiser already holds
+    there; None where unknown (a device this machine lacks: a dry run's plan)."""
+    from ..memory import available_bytes
+
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return None
+    free = available_bytes(device)
+    if free is None:
+        return None
+    held = sum(p.numel() * p.element_size() for p in adapter.denoiser.parameters() if p.device.type == device.type)
+    return free + (held if device.type != "cpu" else 0)

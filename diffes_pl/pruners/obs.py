@@ -102,14 +102,17 @@ class OBSPruner(Pruner):
 
     def stage_trajectory(self) -> dict[str, Tensor]:
         """The shell's stage trajectory, with the solve's threads set (obs_solver.solve_threads) and its
-        time summed per block: one line per stage (after the last pass), on rank 0."""
-        if self.part == 0:
+        time summed per block: one line per stage (after the last pass or carried block), on rank 0 (a
+        resumed stage's line counts the blocks solved since)."""
+        first = self.part == 0 and (not self.carry or self._block == self.first_block)
+        last = self.part == self.passes - 1 and (not self.carry or self._block == len(self.adapter.blocks()) - 1)
+        if first or not hasattr(self, "_solve_seconds"):
             self._solve_seconds: dict[str, tuple[int, float]] = {}
         # a single pass solves on rank 0 alone while the others wait; sequential passes solve on every rank
         solving = self.trainer.world_size if self.passes > 1 else 1
         with solve_threads(self.device, solving, self.trainer.world_size):
             out = super().stage_trajectory()
-        if self.part == self.passes - 1 and self.global_rank == 0 and self._solve_seconds:
+        if last and self.global_rank == 0 and self._solve_seconds:
             print(solve_summary(self.stage, self._solve_seconds), flush=True)
         return out
 

@@ -29,9 +29,10 @@ class CalibrationStopped(SIGTERMException):
     in `folder` (the partial store; the store itself when all are), and a rerun resumes after them.
     A SIGTERMException, so whoever stops on Lightning's flag handles it as any stop."""
 
-    def __init__(self, kept: int, num_stages: int, folder: Path, sealed: bool = False) -> None:
+    def __init__(self, kept: int, num_stages: int, folder: Path, sealed: bool = False, blocks: int = 0) -> None:
         super().__init__()  # no SystemExit code: the CLI chooses the exit code (128 + the signal)
         self.kept, self.num_stages, self.folder, self.sealed = int(kept), int(num_stages), Path(folder), sealed
+        self.blocks = int(blocks)  # finished blocks of stage `kept` (carried block by block)
 
     def resume_line(self) -> str:
         """What is kept and what a rerun does (the second half of the CLI's one stop line)."""
@@ -40,16 +41,17 @@ class CalibrationStopped(SIGTERMException):
         if self.kept == self.num_stages:  # stopped while sealing
             return (f"all {self.num_stages} calibration stages kept in {self.folder}: run the command again to "
                     f"seal the store")
-        if self.kept == 0:
+        at = f"stage {self.kept}" + (f", block {self.blocks}" if self.blocks else "")
+        if self.kept == 0 and not self.blocks:
             return "no calibration stage had finished; nothing to resume: run the command again"
-        kept = "stage 0" if self.kept == 1 else f"stages 0–{self.kept - 1}"
-        return (f"calibration {kept} of {self.num_stages} kept in {self.folder}: run the command again to resume "
-                f"at stage {self.kept}")
+        kept = "no stage" if self.kept == 0 else first(self.kept, "stage")
+        kept += f" and {first(self.blocks, 'block')} of stage {self.kept}" if self.blocks else ""
+        return f"calibration {kept} of {self.num_stages} kept in {self.folder}: run the command again to resume at {at}"
 
 
 def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: DenoiserAdapter,
                 partition: StagePartition, path: str | Path, levels_max: int, log=print,
-                calibrate_by: str = "model") -> TrajectoryStore:
+                calibrate_by: str = "model", stream: bool | None = False) -> TrajectoryStore:
     """Calibrates every stage (one `trainer.predict` epoch each) and writes the store atomically. The
     finished stages of a killed build of the same store are kept: calibration resumes after them."""
     path = Path(path)
@@ -57,27 +59,31 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
     partial = PartialStore(path, make_key(key_fields), partition.num_stages)
     pruner.attach(adapter, levels_max, partial)
     datamodule.attach(adapter, partition)
-    by_block = pruner.calibrate_by(calibrate_by, adapter, trainer.strategy.root_device) == "block"
+    pruner.calibrate_by(calibrate_by, adapter, trainer.strategy.root_device, stream)
     if trainer.global_rank == 0:
-        held = "per block at most (block by block)" if by_block else "per stage"
+        held = ("per stage" if not pruner.by_block else
+                "per block at most (block by block, activations carried" + (", weights streamed)" if pruner.stream else ")")
+                if pruner.carry else "per block at most (block by block)")
         log(f"calibration: {partition.num_stages} stages, statistics {estimate_stat_bytes(adapter, pruner) / 2**20:.1f} MiB "
             f"{held}; store ≈ {estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages) / 2**20:.1f} MiB "
             f"→ {path}")
     check_stat_memory(adapter, pruner, trainer.strategy.root_device)  # before the first predict epoch
     with ExitStack() as held:
-        start = _claim_store(trainer, held, partial,
-                             estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages), log)
+        start, first_block = _claim_store(trainer, held, partial,
+                                          estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages), log)
+        pruner.first_block = first_block if pruner.carry else 0  # whole or re-run: the stage from its start
         _calibrate(trainer, pruner, datamodule, adapter, partition, partial, start, key_fields, levels_max, log)
     return TrajectoryStore.open(path, key_fields=key_fields)
 
 
-def _claim_store(trainer: L.Trainer, held: ExitStack, partial: PartialStore, needed: int, log) -> int:
+def _claim_store(trainer: L.Trainer, held: ExitStack, partial: PartialStore, needed: int, log) -> tuple[int, int]:
     """Before any calibration, on rank 0: the store's lock (another process building the same store
     refuses this one at once), a killed build's finished stages kept when verified and built for the
     same key (anything else it left removed), free space checked. Every rank raises rank 0's refusal,
-    so none waits at a barrier for a rank that stopped, and gets the stage to start at (where the
-    process group is up already; a rank launched by the first predict run learns it in `Pruner.setup`)."""
-    path, refusal, start = partial.path, None, 0
+    so none waits at a barrier for a rank that stopped, and gets the stage (and, carried block by block,
+    the block) to start at (where the process group is up already; a rank launched by the first predict
+    run learns it in `Pruner.setup`)."""
+    path, refusal, start, blocks = partial.path, None, 0, 0
     if trainer.global_rank == 0:
         try:
             held.enter_context(writing(path))
@@ -86,22 +92,30 @@ def _claim_store(trainer: L.Trainer, held: ExitStack, partial: PartialStore, nee
                 log(f"removed what an interrupted build of {path} left: {', '.join(p.name for p in stale)}")
             for line in partial.resume():
                 log(line)
-            start = partial.kept
-            if start:
-                kept = "stage 0" if start == 1 else f"stages 0–{start - 1}"
+            start, blocks = partial.kept, partial.blocks_kept
+            if start or blocks:
+                kept = "no stage" if not start else first(start, "stage")
                 more = (f"calibrating from stage {start}" if start < partial.num_stages else
                         "every stage is done: sealing")
+                if blocks:
+                    kept += f" and {first(blocks, 'block')} of stage {start}"
+                    more = f"calibrating stage {start} from block {blocks}"
                 log(f"resuming calibration of {path}: {kept} kept (verified), {more}")
             check_free_space(path, max(needed - sum(r["bytes"] for r in partial.shards.values()), 0))
         except (LockedError, DiskSpaceError) as err:
             refusal = err
     if trainer.world_size > 1:
         # every rank starts at rank 0's stage: the stages before it are not calibrated again anywhere
-        refusal, start = trainer.strategy.broadcast((refusal, start), src=0)
+        refusal, start, blocks = trainer.strategy.broadcast((refusal, start, blocks), src=0)
         trainer.strategy.barrier("diffes-store-start")
     if refusal is not None:
         raise refusal
-    return start
+    return start, blocks
+
+
+def first(count: int, what: str) -> str:
+    """"stage 0", "stages 0–3": the first `count` stages (blocks)."""
+    return f"{what} 0" if count == 1 else f"{what}s 0–{count - 1}"
 
 
 def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: DenoiserAdapter,
@@ -136,7 +150,7 @@ def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: Den
         pruner.abandon_stage()
         if trainer.global_rank == 0:
             partial.discard_if_empty()
-        raise CalibrationStopped(done, partition.num_stages, partial.folder) from None
+        raise CalibrationStopped(done, partition.num_stages, partial.folder, blocks=_blocks_kept(trainer, partial)) from None
     except BaseException:
         pruner.abandon_stage()
         if trainer.global_rank == 0:
@@ -146,6 +160,14 @@ def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: Den
         trainer.strategy.barrier("diffes-store-sealed")
     if _stop_requested(trainer):  # during the last stage: the store is complete, and a rerun reuses it
         raise CalibrationStopped(partition.num_stages, partition.num_stages, path, sealed=True)
+
+
+def _blocks_kept(trainer: L.Trainer, partial: PartialStore) -> int:
+    """Finished blocks of the stage under way, as rank 0 (which writes them) knows."""
+    kept = partial.blocks_kept
+    if trainer.world_size > 1:
+        kept = trainer.strategy.broadcast(kept, src=0)
+    return int(kept)
 
 
 def _stop_requested(trainer: L.Trainer) -> bool:

@@ -70,6 +70,7 @@ class DiffES(L.LightningModule):
         dtype: str = "float32",
         resident_routing: bool = True,
         calibrate_by: str = "auto",
+        stream_weights: bool | None = None,
         prompts: list[str] | None = None,
         cache_intervals: list[int] | None = None,
         cache_branch: int | None = None,
@@ -117,11 +118,17 @@ class DiffES(L.LightningModule):
             resident_routing: keep every stage's sliced weights of a candidate resident (fastest);
                 false shares one buffer per layer, refilled at stage boundaries (the search's peak
                 memory drops to about one pruned copy on top of the dense model; same fitness).
-            calibrate_by: how a stage is calibrated: `model` (every block's statistics at once, the
-                fewest forward passes), `block` (one block's statistics at a time, the forward stopped
-                after it: peak statistics memory follows the largest block, about half the depth more
-                in forward passes) or `auto` (block by block when the whole model's statistics do
-                not fit in free memory). The same store either way, bit for bit.
+            calibrate_by: how a stage is calibrated: `model` (every block's statistics at once) or
+                `block` (one block's statistics at a time: peak statistics memory follows the largest
+                block; the inputs embedded once and each block's outputs carried to the next, on a
+                UNet the forward re-run up to each block), or `auto` (block by block when the
+                weights and the whole model's statistics do not fit in free memory). The same store
+                either way, bit for bit; block by block, a stopped or killed calibration resumes at
+                the block it reached.
+            stream_weights: calibrate with the blocks' weights on the host, each moved to the
+                accelerator for its own turn (block by block on a stack of blocks: every family but
+                SDXL), so a model calibrates on an accelerator smaller than its weights; default:
+                when the weights and one block's statistics do not fit. The same store either way.
             prompts: probe prompts of text-conditioned denoisers (required there, refused
                 elsewhere): probe i is prompts[i % len(prompts)] with its own seeded latent, encoded
                 once by the denoiser's text encoders; CFG's unconditional half is the adapter's null
@@ -224,7 +231,8 @@ class DiffES(L.LightningModule):
         if plan is None:
             return None
         calibrate = datamodule is not None and not TrajectoryStore.exists(self.store_folder(root_dir))
-        self.pruner.calibrate_by(self.hparams.calibrate_by, plan.adapter, device)  # whole model or block by block
+        self.pruner.calibrate_by(self.hparams.calibrate_by, plan.adapter, device,  # whole model or block by block
+                                 self.hparams.get("stream_weights"))
         return run_plan(self.settings, plan, self.pruner, nsamples=getattr(datamodule, "nsamples", 0),
                         batch_size=getattr(datamodule, "batch_size", 1), device=device, calibrate=calibrate)
 
@@ -233,8 +241,18 @@ class DiffES(L.LightningModule):
         return store_path(self.settings, Path(root_dir))
 
     def ensure_store(self, trainer: L.Trainer, datamodule: Any | None, log=print) -> TrajectoryStore:
-        """Opens the matching store, or builds it by calibration (needs the datamodule)."""
-        context = self.prepare(trainer.default_root_dir, trainer.strategy.root_device)
+        """Opens the matching store, or builds it by calibration (needs the datamodule). Streamed
+        weights (decided on the architecture, before loading): the denoiser loads on the host."""
+        device = trainer.strategy.root_device
+        if (self.context is None and datamodule is not None
+                and not TrajectoryStore.exists(self.store_folder(trainer.default_root_dir))):
+            plan = self._plan or plan_run(self.settings, depth=self.pruner.depth)
+            if plan is not None:
+                self.pruner.calibrate_by(self.hparams.calibrate_by, plan.adapter, device,
+                                         self.hparams.get("stream_weights"))
+                if self.pruner.stream:
+                    device = torch.device("cpu")  # the blocks visit the accelerator one at a time
+        context = self.prepare(trainer.default_root_dir, device)
         path = context.store_path
         if datamodule is None:
             return TrajectoryStore.open(path)
@@ -244,7 +262,8 @@ class DiffES(L.LightningModule):
             log(f"trajectory store {path} matches this run: reusing it")
             return store
         return build_store(trainer, self.pruner, datamodule, context.adapter, context.partition, path,
-                           context.levels_max, log=log, calibrate_by=self.hparams.calibrate_by)
+                           context.levels_max, log=log, calibrate_by=self.hparams.calibrate_by,
+                           stream=self.hparams.get("stream_weights"))
 
     def calibrate(self, trainer: L.Trainer, datamodule: Any) -> TrajectoryStore:
         """`diffes-pl predict` from Python: the run's trajectory store (`store`, or

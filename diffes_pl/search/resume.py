@@ -40,7 +40,7 @@ OUTPUTS = ("schedule.json", "evaluations.jsonl", "checkpoints", "plots")
 # (to float rounding: a kernel's last bits may depend on the batch) or the search's course
 # (shared-buffer routing rolls out what resident routing does — tested), or only when it stops
 FREE_TO_CHANGE = {"probe_batch_size", "resident_routing", "batch_candidates", "stop_patience", "stop_delta",
-                  "calibrate_by"}
+                  "calibrate_by", "stream_weights"}
 # settings added after checkpoints were written without them, with the value those searches used
 # (a function of the saved settings), so that such a checkpoint resumes only as it ran: a joint
 # search (more than one cache interval) drew interval moves with probability 0.5 before

@@ -1,7 +1,9 @@
-"""Block-by-block calibration (`calibrate_by="block"`): one predict epoch per block, holding that
-block's statistics only, the forward stopped once the block ran. The store equals the whole-model
-store bit for bit (same key, same bytes) on every family, and the statistics held at once follow the
-largest block, not the depth (measured: bytes of the statistic buffers allocated)."""
+"""Block-by-block calibration (`calibrate_by="block"`), holding one block's statistics at a time: on a
+stack of blocks the inputs are embedded once and each block's outputs carried to the next
+(pruners/carry.py); on the SDXL UNet one predict epoch per block, the forward stopped once the block
+ran. The store equals the whole-model store bit for bit (same key, same bytes) on every family, the
+statistics held at once follow the largest block, not the depth (measured: bytes of the statistic
+buffers allocated), and streamed weights move each block to the device for its turn only."""
 import lightning as L
 import pytest
 import torch
@@ -21,17 +23,17 @@ def _trainer(root):
                      enable_model_summary=False, default_root_dir=root)
 
 
-class PeakStatistics(L.Callback):
-    """The bytes of the statistic buffers a pruner holds during each predict epoch (read at its first
-    batch: Lightning runs a callback's epoch-start hook before the module's, which allocates them)."""
+class Measured(OBSPruner):
+    """OBS recording the bytes of the statistic buffers it holds when each part (a stage, or one block
+    of it) is reduced and solved: everything gathered for that part is allocated then."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.held: list[int] = []
 
-    def on_predict_batch_start(self, trainer, pruner, batch, batch_idx, dataloader_idx=0) -> None:
-        if batch_idx == 0:
-            self.held.append(sum(b.numel() * b.element_size() for s in pruner._stats.values()
-                                 for b in s.buffers.values()))
+    def _finish_part(self) -> None:
+        self.held.append(sum(b.numel() * b.element_size() for s in self._stats.values() for b in s.buffers.values()))
+        return super()._finish_part()
 
 
 def _store_bytes(store) -> dict[str, bytes]:
@@ -104,15 +106,12 @@ def test_peak_statistics_follow_the_largest_block_not_the_depth(text_models, cap
         adapter = _flux_blocks(text_models, depth, depth)
         partition = StagePartition.from_scheduler(adapter.make_scheduler("flow_euler"), STEPS, 1)
         for mode in ("model", "block"):
-            probe = PeakStatistics()
-            trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                                enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe])
-            pruner = OBSPruner()
-            build_store(trainer, pruner, caption_datamodule(caption_folder), adapter, partition,
+            pruner = Measured()
+            build_store(_trainer(tmp_path), pruner, caption_datamodule(caption_folder), adapter, partition,
                         tmp_path / f"{depth}-{mode}", H, log=lambda *_: None, calibrate_by=mode)
-            peaks[depth, mode] = max(probe.held)
+            peaks[depth, mode] = max(pruner.held)
             assert peaks[depth, mode] == estimate_stat_bytes(adapter, pruner)  # the plan's figure, measured
-            assert len(probe.held) == (1 if mode == "model" else 2 * depth)  # predict epochs: one per block
+            assert len(pruner.held) == (1 if mode == "model" else 2 * depth)  # solved parts: one per block
     assert peaks[1, "block"] == peaks[4, "block"]
     assert peaks[4, "model"] == 4 * peaks[1, "model"] > peaks[4, "block"]
 
@@ -125,7 +124,7 @@ def test_auto_chooses_block_by_block_only_when_the_whole_model_does_not_fit(tiny
     monkeypatch.setattr(memory, "available_bytes", lambda device: whole + 1)
     assert pruner.calibrate_by("auto", tiny, "cpu") == "model" and pruner.num_parts == 1
     monkeypatch.setattr(memory, "available_bytes", lambda device: whole - 1)
-    assert pruner.calibrate_by("auto", tiny, "cpu") == "block" and pruner.num_parts == len(tiny.blocks())
+    assert pruner.calibrate_by("auto", tiny, "cpu") == "block" and pruner.carry and pruner.num_parts == 1
     assert estimate_stat_bytes(tiny, pruner) < whole
     with pytest.raises(ValueError, match="calibrate_by must be one of auto, model, block; got 'layer'"):
         pruner.calibrate_by("layer", tiny, "cpu")
@@ -133,20 +132,56 @@ def test_auto_chooses_block_by_block_only_when_the_whole_model_does_not_fit(tiny
     assert sequential.calibrate_by("block", tiny, "cpu") == "model" and sequential.num_parts == 2  # its own passes
 
 
-def test_each_pass_stops_the_forward_after_its_block(tiny, tmp_path):
-    """Block by block, pass b runs blocks 0..b only: the first block runs once per pass (6×), the last
-    block once per stage as in a whole-model calibration."""
+@pytest.mark.parametrize("carried", [True, False])
+def test_each_block_runs_as_often_as_whole_model_calibration_runs_it(tiny, tmp_path, monkeypatch, carried):
+    """Carried (a stack of blocks), every block runs once per batch, as in a whole-model calibration.
+    Re-running the forward per block (a UNet's way; forced here on the built-in model), pass b runs
+    blocks 0..b only: the first block runs once per pass (6×), the last once per stage."""
     calls = {}
     blocks = tiny.blocks()
     for mode in ("model", "block"):
         counts = [0] * len(blocks)
         handles = [b.register_forward_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
                    for i, b in enumerate(blocks)]
+        monkeypatch.setattr(tiny, "carries_blocks", carried)
         partition = StagePartition.from_scheduler(tiny.make_scheduler("ddim"), STEPS, STAGES)
-        build_store(_trainer(tmp_path / mode), OBSPruner(), HandNoisedDigits(), tiny, partition,
-                    tmp_path / mode / "store", H, log=lambda *_: None, calibrate_by=mode)
+        stores = build_store(_trainer(tmp_path / mode), OBSPruner(), HandNoisedDigits(), tiny, partition,
+                             tmp_path / mode / "store", H, log=lambda *_: None, calibrate_by=mode)
         for h in handles:
             h.remove()
         calls[mode] = counts
     n = len(blocks)
-    assert calls["block"] == [calls["model"][0] * (n - i) for i in range(n)]
+    assert calls["block"] == (calls["model"] if carried else [calls["model"][0] * (n - i) for i in range(n)])
+    assert calls["model"] == [calls["model"][0]] * n and calls["model"][0] > 0
+    assert stores.key  # the forced re-running path builds the same store too (test_*_equals_whole: bytes)
+
+
+def test_streamed_weights_move_each_block_to_the_device_for_its_turn(tiny, tmp_path, monkeypatch):
+    """Streamed, every block goes to the host at a stage's start, then to the device right before its
+    turn and back right after, one at a time; the store is the whole-model store. (On the CPU both
+    places are the CPU: the moves are recorded, the memory saving is measured on a GPU.)"""
+    moves = []
+    for i, block in enumerate(tiny.blocks()):
+        original = block.to
+        monkeypatch.setattr(block, "to", lambda device, i=i, original=original: (moves.append((i, str(device))),
+                                                                                  original(device))[1])
+    partition = StagePartition.from_scheduler(tiny.make_scheduler("ddim"), STEPS, STAGES)
+    pruner = OBSPruner()
+    streamed = build_store(_trainer(tmp_path / "s"), pruner, HandNoisedDigits(), tiny, partition,
+                           tmp_path / "s" / "store", H, log=lambda *_: None, calibrate_by="block", stream=True)
+    assert pruner.stream
+    n = len(tiny.blocks())
+    one_stage = [(i, "cpu") for i in range(n)] + [m for i in range(n) for m in ((i, "cpu"), (i, "cpu"))]
+    assert moves == one_stage * STAGES
+    monkeypatch.undo()
+    whole = build_store(_trainer(tmp_path / "w"), OBSPruner(), HandNoisedDigits(), tiny, partition,
+                        tmp_path / "w" / "store", H, log=lambda *_: None, calibrate_by="model")
+    assert _store_bytes(streamed) == _store_bytes(whole)
+
+
+def test_streamed_weights_need_a_stack_of_blocks(text_models):
+    pruner = OBSPruner()
+    with pytest.raises(ValueError, match="stream_weights needs block-by-block calibration on a stack of blocks"):
+        pruner.calibrate_by("model", text_models.build_tiny_sdxl(), "cpu", stream=True)
+    with pytest.raises(ValueError, match="do not run one after another"):
+        pruner.calibrate_by("block", text_models.build_tiny_sdxl(), "cpu", stream=True)

@@ -63,6 +63,28 @@ def logged_step(self, batch, batch_idx):
     return out
 base.Pruner.predict_step = logged_step
 
+kill_block = os.environ.get("KILL_AFTER_BLOCK")  # "<stage> <block>": SIGKILL once that block's shard is kept
+write_block = PartialStore.write_block
+def write_block_then_die(self, stage, block, tensors):
+    write_block(self, stage, block, tensors)
+    if kill_block is not None and (stage, block) == tuple(map(int, kill_block.split())):
+        os.kill(os.getpid(), signal.SIGKILL)
+PartialStore.write_block = write_block_then_die
+
+signal_block = os.environ.get("SIGNAL_AT_BLOCK")  # "<signal> <stage> <block>": sent while that block runs
+carry_block = base.Pruner._carry_block
+def logged_carry(self, index, last):
+    if signal_block is not None:
+        sig, stage, block = signal_block.split()
+        if (self.stage, index) == (int(stage), int(block)) and self.global_rank == 0:
+            os.kill(os.getpid(), getattr(signal, sig))
+    carry_block(self, index, last)
+    if log is not None:
+        rank = f" rank{self.global_rank}" if self.trainer.world_size > 1 else ""
+        log.write(f"block {self.stage} {index}{rank}\\n")
+        log.flush()
+base.Pruner._carry_block = logged_carry
+
 from diffes_pl.cli import main
 main()
 '''
@@ -283,3 +305,113 @@ def test_two_processes_stop_mid_stage_together(tmp_path):
     assert [line for line in ran if line.startswith("1 ") and line.endswith("rank0")] == ["1 0 0 rank0"]
     assert len([line for line in ran if line.startswith("1 ")]) < 8  # stage 1 was not run to its end
     assert_kept(run, 1)
+
+
+# --- carried block by block: finished blocks of the stage under way are kept too ----------------------
+BY_BLOCK = ["--model.calibrate_by", "block"]
+
+
+def carried(log: Path, rank: str = "") -> list[tuple[int, int]]:
+    """(stage, block) of each carried block that finished, in order (of `rank`, e.g. "rank0", under DDP)."""
+    return [tuple(map(int, line.split()[1:3])) for line in log.read_text().splitlines()
+            if line.startswith("block ") and line.split()[3:] == ([rank] if rank else [])]
+
+
+def ddp(run: Path, config: str, env: dict, timeout: int = 180) -> tuple[int, str, str]:
+    """The driver's `predict` on 2 processes (gloo), ended as a group if it hangs."""
+    (run.parent / "driver.py").write_text(DRIVER)
+    cmd = [sys.executable, str(run.parent / "driver.py"), "predict", "--config", str(ROOT / config), *SMALL,
+           *BY_BLOCK, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(run)]
+    proc = subprocess.Popen(cmd, env={**ENV, **env}, cwd=run.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the 2-process run did not end in {timeout} s (a rank waiting?):\n{out[-3000:]}{err[-3000:]}")
+    return proc.returncode, out, err
+
+
+def test_sigkill_after_a_block_resumes_within_the_stage_byte_identical(straight, tmp_path):
+    """Killed (SIGKILL) once block 1 of stage 2 is kept: on disk stages 0–1 and blocks 0–1 of stage 2;
+    the rerun calibrates stage 2 from block 2 (blocks 0–1 not redone) and seals the store of an
+    uninterrupted whole-model build, byte for byte."""
+    from diffes_pl.trajectory import block_shard_name
+
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    killed = predict(run, extra=BY_BLOCK, KILL_AFTER_BLOCK="2 1", BATCH_LOG=str(log))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    blocks = max(b for _, b in carried(log)) + 1  # every block of stages 0–1 ran
+    # mid-stage: block 1 of stage 2 died right after its shard was kept, before its log line
+    assert carried(log) == [(s, b) for s in range(2) for b in range(blocks)] + [(2, 0)]
+    partial = run / ".store.partial"
+    progress = json.loads((partial / PROGRESS).read_text())
+    kept = [block_shard_name(2, 0), block_shard_name(2, 1)]
+    assert sorted(progress["shards"]) == [shard_name(0), shard_name(1)] and sorted(progress["blocks"]) == kept
+    assert sorted(p.name for p in partial.iterdir()) == sorted([PROGRESS, shard_name(0), shard_name(1), *kept])
+    log.unlink()
+    resumed = predict(run, extra=BY_BLOCK, BATCH_LOG=str(log))
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert (f"resuming calibration of {run / 'store'}: stages 0–1 and blocks 0–1 of stage 2 kept (verified), "
+            f"calibrating stage 2 from block 2") in resumed.stdout
+    assert carried(log) == [(2, b) for b in range(2, blocks)] + [(s, b) for s in range(3, STAGES) for b in range(blocks)]
+    assert files(run / "store") == straight["configs/tiny_obs.yaml"]
+
+
+def test_sigterm_during_a_block_stops_at_the_next_block(straight, tmp_path):
+    """SIGTERM while block 1 of stage 1 runs: the block is abandoned between its groups' solves (a big
+    block's solve takes minutes; a cluster waits 30–120 s), block 0 of stage 1 is kept, block 2 never
+    starts; exit 143 with one line naming where the rerun resumes; the rerun ends byte-identical."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    stopped = predict(run, extra=BY_BLOCK, SIGNAL_AT_BLOCK="SIGTERM 1 1", BATCH_LOG=str(log))
+    assert stopped.returncode == 143, stopped.stdout[-2000:] + stopped.stderr[-3000:]
+    blocks = max(b for _, b in carried(log)) + 1
+    assert carried(log) == [(0, b) for b in range(blocks)] + [(1, 0)]
+    assert "Traceback" not in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"diffes-pl: stopped by SIGTERM during `predict`; calibration stage 0 and block 0 of stage 1 of {STAGES} "
+        f"kept in {run / '.store.partial'}: run the command again to resume at stage 1, block 1")
+    resumed = predict(run, extra=BY_BLOCK)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "stage 0 and block 0 of stage 1 kept (verified), calibrating stage 1 from block 1" in resumed.stdout
+    assert files(run / "store") == straight["configs/tiny_obs.yaml"]
+
+
+def test_two_processes_resume_a_killed_build_within_its_stage(tmp_path):
+    """A single-process carried build killed after block 1 of stage 2, resumed on 2 processes (gloo):
+    both ranks start at stage 2, block 2 (rank 0's, broadcast) and the store equals the straight
+    single-process one byte for byte (Wanda: orders, which 2 processes compute as 1 does)."""
+    config = "configs/tiny_wanda.yaml"
+    straight_root, run, log = tmp_path / "straight" / "run", tmp_path / "killed" / "run", tmp_path / "log.txt"
+    for root in (straight_root, run):
+        root.parent.mkdir()
+    done = predict(straight_root, config, extra=BY_BLOCK)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    killed = predict(run, config, extra=BY_BLOCK, KILL_AFTER_BLOCK="2 1")
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-3000:]
+    code, out, err = ddp(run, config, {"BATCH_LOG": str(log)})
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "Starting with 2 processes" in out + err
+    assert out.count("calibrating stage 2 from block 2") == 1  # rank 0 says it once
+    blocks = max(b for _, b in carried(log, "rank0")) + 1
+    for rank in ("rank0", "rank1"):
+        assert carried(log, rank) == [(2, b) for b in range(2, blocks)] + [(3, b) for b in range(blocks)]
+    assert files(run / "store") == files(straight_root / "store")
+
+
+def test_two_processes_stop_together_between_blocks(tmp_path):
+    """DDP: rank 0 signalled as block 1 of stage 1 starts (rank 1 may already wait in that block's first
+    all-reduce: Lightning's own handler, which broadcasts, would hang here): both ranks agree there and
+    exit 143 with stage 0 and block 0 of stage 1 kept; block 1 finishes nowhere."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    run.parent.mkdir(exist_ok=True)
+    code, out, err = ddp(run, "configs/tiny_obs.yaml", {"SIGNAL_AT_BLOCK": "SIGTERM 1 1", "BATCH_LOG": str(log)})
+    assert code == 143, out[-2000:] + err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"diffes-pl: stopped by SIGTERM during `predict`; calibration stage 0 and block 0 of stage 1 of {STAGES} "
+        f"kept in {run / '.store.partial'}: run the command again to resume at stage 1, block 1")
+    for rank in ("rank0", "rank1"):
+        assert carried(log, rank)[-1] == (1, 0)
+    progress = json.loads((run / ".store.partial" / PROGRESS).read_text())
+    assert sorted(progress["shards"]) == [shard_name(0)] and len(progress["blocks"]) == 1

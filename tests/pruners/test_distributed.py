@@ -141,7 +141,7 @@ def test_block_by_block_two_processes_equal_one_whole_model(tmp_path):
         root = tmp_path / mode
         rc, out, _ = predict(root, "configs/tiny_obs.yaml", devices, 1, extra=("--model.calibrate_by", mode))
         assert rc == 0, out[-4000:]
-        assert ("per block at most (block by block)" in out) == (mode == "block"), out[-4000:]
+        assert ("per block at most (block by block, activations carried)" in out) == (mode == "block"), out[-4000:]
         runs[mode] = _store(root)
     _compare(runs["model"], runs["block"], weight_atol_scale=1e-9)
 
