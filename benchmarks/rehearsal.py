@@ -12,9 +12,10 @@ runs the CLI phases in turn, each in its own process:
 Per phase it records wall time, the process's peak host memory (ru_maxrss of that process, read
 in-process when the CLI returns) and with `--device cuda` the peak of
 `torch.cuda.max_memory_allocated`; the OBS solve lines (`stage s: OBS solve …`) are collected too.
-Plan against measurement: the memory plan the CLI computes before calibrating (`memory_plan.run_plan`,
-recorded in the predict process) is compared with the measured peak of `predict` less the process's
-memory before the CLI ran (Python, torch, diffusers, Lightning imported: what the plan does not count).
+Plan against measurement: the memory plan each CLI process computes (`memory_plan.run_plan`, recorded
+in that process) is compared with the process's measured peak less its memory before the CLI ran
+(Python, torch, diffusers, Lightning imported: what the plan does not count): predict against the
+plan's loading and calibration, fit against its search, test against its sampling.
 Writes benchmarks/results/rehearsal_<model>[_wanda]_<device>.json (or --out).
 
     python benchmarks/rehearsal.py                                  # DiT-XL/2, 2 stages, 4 steps, CPU
@@ -49,6 +50,39 @@ SOLVE_LINE = re.compile(r"^stage \d+: OBS solve ")  # obs.solve_summary's line, 
 
 # --- inside a phase's own process -------------------------------------------------------------------
 
+class AnonymousPeak:
+    """Peak of the process's anonymous resident memory (/proc/self/status RssAnon, sampled every 20 ms
+    in a thread): what the process allocated, without the pages of memory-mapped files (the store's
+    shards) that ru_maxrss also counts and the kernel may drop. Linux only (0 elsewhere)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.start = self.peak = self.now()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def now() -> int:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self.now())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self.now())
+
+
 def _run_phase(argv: list[str], report: Path) -> None:
     """Runs one CLI subcommand in this process, then writes its peaks to `report` (also when the CLI
     exits with an error: the figures of a failed phase are still figures)."""
@@ -68,12 +102,15 @@ def _run_phase(argv: list[str], report: Path) -> None:
 
         memory_plan.run_plan = recorded
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # imports done, nothing run
+        anonymous = AnonymousPeak()
         main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
         peaks = {"peak_host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # Linux: KiB
                  "baseline_host_bytes": locals().get("baseline", 0)}
+        if "anonymous" in locals():
+            peaks["baseline_anonymous_bytes"], peaks["peak_anonymous_bytes"] = anonymous.start, anonymous.stop()
         if plans:
             peaks["plan"] = plans[-1]
         if "torch" in sys.modules:
@@ -139,24 +176,30 @@ def _config(args: argparse.Namespace, denoiser: str, images: Path, run: Path) ->
     }
 
 
-CALIBRATION = ("loading", "calibration: gathering", "calibration: solving")
+PLANNED = {"predict": ("loading", "calibration: gathering", "calibration: solving"), "fit": ("search",),
+           "test": ("sampling",)}
 
 
-def _plan_vs_measured(predict: dict, device: str) -> dict | None:
-    """The plan's peak over loading and calibration against predict's measured peak less its baseline
-    (host; on a CPU run the plan counts every row there), and on a GPU the accelerator's peak against
+def _plan_vs_measured(phases: dict, device: str) -> dict:
+    """Per CLI phase, the plan's peak over the phases it runs (predict: loading and calibration; fit:
+    the search; test: sampling) against the measured peak less the process's baseline (host; on a CPU
+    run the plan counts every row there), and on a GPU the accelerator's against
     torch.cuda.max_memory_allocated."""
-    plan = predict.get("plan")
-    if not plan:
-        return None
     out = {}
-    planned = max(plan.get(p, {}).get("host", 0) for p in CALIBRATION)
-    measured = predict["peak_host_bytes"] - predict["baseline_host_bytes"]
-    out["host"] = {"planned_bytes": planned, "measured_bytes": measured, "ratio": round(measured / planned, 3)}
-    if device == "cuda" and "peak_gpu_allocated_bytes" in predict:
-        planned = max(plan.get(p, {}).get("accelerator", 0) for p in CALIBRATION)
-        measured = predict["peak_gpu_allocated_bytes"]
-        out["accelerator"] = {"planned_bytes": planned, "measured_bytes": measured, "ratio": round(measured / planned, 3)}
+    for name, planned_phases in PLANNED.items():
+        row, plan = phases.get(name, {}), phases.get(name, {}).get("plan")
+        if not plan:
+            continue
+        places = {"host": row["peak_host_bytes"] - row["baseline_host_bytes"]}
+        if row.get("peak_anonymous_bytes"):  # without the memory-mapped store's pages
+            places["host, anonymous"] = row["peak_anonymous_bytes"] - row["baseline_anonymous_bytes"]
+        if device == "cuda" and "peak_gpu_allocated_bytes" in row:
+            places["accelerator"] = row["peak_gpu_allocated_bytes"]
+        for place, measured in places.items():
+            planned = max(plan.get(p, {}).get(place.split(",")[0], 0) for p in planned_phases)
+            if planned:
+                out.setdefault(name, {})[place] = {"planned_bytes": planned, "measured_bytes": measured,
+                                                   "ratio": round(measured / planned, 3)}
     return out
 
 
@@ -265,7 +308,7 @@ def main() -> None:
             cmd = [*me, "--_report", str(work / f"{name}.peaks.json"), "--_phase", *cli]
             result["phases"][name] = _phase(name, cmd, work, env, log)
 
-        result["plan_vs_measured"] = _plan_vs_measured(result["phases"]["predict"], args.device)
+        result["plan_vs_measured"] = _plan_vs_measured(result["phases"], args.device)
         result["evaluation"] = json.loads((run / "evaluation.json").read_text())["results"]  # {row: {metric: value}}
         schedule = json.loads((run / "schedule.json").read_text())
         result["schedule_levels"] = schedule["levels"]

@@ -90,6 +90,7 @@ class Pruner(L.LightningModule):
         self.first_block = 0  # a carried stage starts at this block (the blocks before it are done)
         self._block: int | None = None  # the block being calibrated (carried)
         self._calls: CarriedCalls | None = None
+        self._call_states: list[Any] = []  # per recorded call, what the statistics need of its batch
         self._stage_out: dict[str, Tensor] = {}
 
     def begin_pass(self, stage: int, part: int = 0) -> None:
@@ -98,15 +99,19 @@ class Pruner(L.LightningModule):
 
     @property
     def num_parts(self) -> int:
-        """Predict epochs per stage: OBS-Diff's sequential groups (`passes`), or the blocks of a
-        block-by-block calibration, or 1."""
+        """Predict epochs per stage: 1 when carried, else OBS-Diff's sequential groups (`passes`), or
+        the blocks of a block-by-block calibration re-running the forward, or 1."""
+        if self.carry:
+            return 1
         return self.passes if self.passes > 1 else self.block_parts
 
     def calibrate_by(self, mode: str, adapter: DenoiserAdapter, device: torch.device | str,
                      stream: bool | None = False) -> str:
         """Chooses whole-model or block-by-block calibration, and streamed weights; returns the choice.
 
-        `model`: one predict epoch per stage holds every group's statistics at once. `block`: one
+        `model`: one predict epoch per stage holds every group's statistics at once; it stays because
+        it holds no carried calls on the host (a FLUX stage of 256 samples carries 6.6 GiB) and on a
+        UNet runs each block once per batch, so where the statistics fit it is the cheaper. `block`: one
         block's statistics at a time, so peak statistics follow the largest block, not the depth: on a
         stack of blocks (`adapter.carries_blocks`) the calibration inputs are embedded once and each
         block's dense outputs carried to the next (pruners/carry.py: the forward count of `model`);
@@ -120,10 +125,10 @@ class Pruner(L.LightningModule):
         if mode not in CALIBRATE_BY:
             raise ValueError(f"calibrate_by must be one of {', '.join(CALIBRATE_BY)}; got {mode!r}")
         self.block_parts, self.carry, self.stream = 1, False, False
-        if self.depth or self.passes > 1:
+        if self.depth:
             if stream:
                 raise ValueError(f"stream_weights needs block-by-block calibration; the {self.name} pruner calibrates "
-                                 "whole blocks or sequential groups (set stream_weights: false)")
+                                 "whole blocks (set stream_weights: false)")
             return "model"
         free = device_room(adapter, device)
         # weights to place on an accelerator (on the CPU they are where calibration runs already)
@@ -133,9 +138,11 @@ class Pruner(L.LightningModule):
             mode = "block" if free is not None and weights + estimate_stat_bytes(adapter, self, by_block=False) > free else "model"
         if mode == "block":
             if adapter.carries_blocks:
-                self.carry = True
-            else:
+                self.carry = True  # OBS-Diff's sequential groups too: each group's blocks carried in turn
+            elif self.passes == 1:
                 self.block_parts = len(adapter.blocks())
+            else:  # a UNet's sequential groups keep their passes (one group of blocks each)
+                mode = "model"
         if stream is None:
             stream = self.carry and free is not None and weights + estimate_stat_bytes(adapter, self) > free
         if stream and not self.carry:
@@ -225,7 +232,7 @@ class Pruner(L.LightningModule):
             self._register_block_hooks()
             return
         if self.carry:  # this epoch embeds the batches and records the first block's calls
-            self._block, self._calls = None, CarriedCalls(adapter.block_io)
+            self._block, self._calls, self._call_states = None, CarriedCalls(adapter.block_io), []
             first = adapter.blocks()[self.first_block]
             self._handles.append(first.register_forward_pre_hook(self._calls.capture, with_kwargs=True))
             return
@@ -266,7 +273,7 @@ class Pruner(L.LightningModule):
         for h in self._handles:
             h.remove()
         self._handles, self._stats, self._stage_out, self._stopping = [], {}, {}, False
-        self._block, self._calls = None, None
+        self._block, self._calls, self._call_states = None, None, []
         if self.passes > 1 and self.adapter is not None:
             self.adapter.restore_dense()
 
@@ -278,9 +285,20 @@ class Pruner(L.LightningModule):
             raise RuntimeError(f"calibration batch holds stages {stages.unique().tolist()} while stage {self.stage} is being calibrated")
         try:
             self.adapter.predict_noise(batch["latents"].to(self.adapter.dtype), batch["timesteps"], batch["cond"])
-        except PartDone:  # every block of this pass ran: the rest of the forward gathers nothing
+        except PartDone:  # every block of this pass ran (or, carried, the first block's call is recorded)
             pass
+        if self.carry:
+            self._call_states.append(self.call_state())
         return None
+
+    def call_state(self) -> Any:
+        """What the statistics need of the current batch besides the layer inputs (OBS-Diff's timestep
+        weights), kept with its recorded call when carried and restored by `use_call_state` when the
+        call runs a block."""
+        return None
+
+    def use_call_state(self, state: Any) -> None:
+        """Restores a recorded call's `call_state` before the call runs a block (None: after the last)."""
 
     def on_predict_epoch_end(self) -> None:
         for h in self._handles:
@@ -288,10 +306,7 @@ class Pruner(L.LightningModule):
         self._handles = []
         self._stop_if_agreed()
         if self.carry:
-            blocks = self.adapter.blocks()
-            for b in range(self.first_block, len(blocks)):
-                self._carry_block(b, last=b == len(blocks) - 1)
-            self._block, self._calls = None, None
+            self._carry_stage()
         else:
             self._finish_part()
         if self.part == self.num_parts - 1:
@@ -313,9 +328,42 @@ class Pruner(L.LightningModule):
             self.abandon_stage()
             raise SIGTERMException()
 
-    def _carry_block(self, index: int, last: bool) -> None:
+    def _carry_stage(self) -> None:
+        """The blocks of a carried stage in turn, from `first_block`. OBS-Diff's sequential groups
+        (`passes` > 1): each group of blocks is calibrated dense on the outputs of the earlier groups
+        pruned at the sequential level — after a group is solved it is installed pruned and run again
+        from its recorded input calls, whose outputs the next group calibrates on."""
+        blocks = self.adapter.blocks()
+        n, groups = len(blocks), max(self.passes, 1)
+        bounds = [round(k * n / groups) for k in range(groups + 1)]
+        for part in range(groups):
+            self.part, chunk = part, range(bounds[part], bounds[part + 1])
+            sequential = part < groups - 1 and groups > 1  # a later group calibrates on this one pruned
+            inputs = list(self._calls.calls) if sequential else None
+            part_out: dict[str, Tensor] = {}
+            for b in chunk:
+                if b >= self.first_block:
+                    out = self._carry_block(b, advance=b < n - 1 and not (sequential and b == chunk[-1]))
+                    if sequential:  # otherwise each block's part is on disk already: not held here
+                        part_out.update(out)
+            if sequential:
+                self._block = None
+                self.after_part(part_out)  # this group pruned at the sequential level, on every rank
+                self._calls.calls = inputs
+                with torch.inference_mode():
+                    for b in chunk:
+                        if self.stream:
+                            blocks[b].to(self.device)
+                        self._calls.run(blocks[b], self.device, advance=True)
+                        if self.stream:
+                            blocks[b].to("cpu")
+        self.part = 0
+        self._block, self._calls, self._call_states = None, None, []
+
+    def _carry_block(self, index: int, advance: bool) -> dict[str, Tensor]:
         """Block `index` of a carried stage: its groups' statistics over every recorded call, reduced
-        and solved; the calls advanced to the next block (dense outputs)."""
+        and solved (the block's part of the trajectory, returned); with `advance`, the calls become the
+        next block's (dense outputs)."""
         if index > self.first_block:
             self._stop_if_agreed()  # between two blocks (a block's solve may take minutes)
         self._block = index
@@ -325,17 +373,23 @@ class Pruner(L.LightningModule):
         self._gather(self.part_groups())
         try:
             with torch.inference_mode():
-                self._calls.run(block, self.device, advance=not last)
+                self._calls.run(block, self.device, advance=advance,
+                                before=lambda i: self.use_call_state(self._call_states[i]))
         finally:
+            self.use_call_state(None)
             for h in self._handles:
                 h.remove()
             self._handles = []
         tensors = self._finish_part()
-        if self.global_rank == 0 and not last:  # kept: a stop or kill from here on resumes at the next block
+        # kept: a stop or kill from here on resumes at the next block (not the stage's last block: the
+        # stage's shard comes next; not with sequential groups, whose resumption would need the
+        # earlier groups installed pruned)
+        if self.global_rank == 0 and index < len(self.adapter.blocks()) - 1 and self.passes == 1:
             self._partial.write_block(self.stage, index, tensors)
             self._stage_out = {}  # on disk now: the stage's shard is assembled from the blocks' shards
         if self.stream:
             block.to("cpu")
+        return tensors
 
     def _finish_part(self) -> dict[str, Tensor]:
         """The statistics of the pass (or carried block) reduced across processes, solved into its
@@ -349,7 +403,7 @@ class Pruner(L.LightningModule):
         if self.global_rank == 0 or self.passes > 1:
             tensors = self.stage_trajectory()
             self._stage_out.update(tensors)
-            if self.passes > 1:
+            if self.passes > 1 and not self.carry:  # carried: after the group's last block (_carry_stage)
                 self.after_part(tensors)
         else:
             tensors = {}
@@ -361,9 +415,10 @@ class Pruner(L.LightningModule):
         `num_parts` = K > 1 the groups of the `part`-th of K contiguous chunks of blocks; carried, the
         current block's."""
         groups = self.adapter.unit_groups()
-        if self.carry and part is None:
+        if self.carry and part is None and self._block is not None:
             return [g for g in groups if g.block == self._block]
-        parts, part = self.num_parts, self.part if part is None else part
+        parts = self.passes if self.passes > 1 else self.num_parts  # carried: the sequential groups
+        part = self.part if part is None else part
         if parts == 1:
             return groups
         n = len(self.adapter.blocks())

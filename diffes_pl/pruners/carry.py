@@ -23,7 +23,7 @@ accelerate's offload hooks serve forwards that run the whole model, which this d
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -71,9 +71,13 @@ class CarriedCalls:
     def nbytes(self) -> int:
         return sum(call_bytes(c) for c in self.calls)
 
-    def run(self, block: nn.Module, device: torch.device, advance: bool) -> None:
-        """Runs `block` on every call (on `device`); with `advance`, each call becomes the next block's."""
+    def run(self, block: nn.Module, device: torch.device, advance: bool,
+            before: Callable[[int], None] | None = None) -> None:
+        """Runs `block` on every call (on `device`); with `advance`, each call becomes the next block's.
+        `before(i)` runs before call i (the pruner restores what its statistics need of that batch)."""
         for i, call in enumerate(self.calls):
+            if before is not None:
+                before(i)
             args, kwargs = tree_map(_to(device), call)
             output = block(*args, **kwargs)
             if advance:

@@ -88,6 +88,12 @@ class OBSPruner(Pruner):
         finally:
             self._batch_weights = None
 
+    def call_state(self) -> Tensor | None:
+        return getattr(self, "_batch_weights", None)  # the batch's timestep weights [B], or None
+
+    def use_call_state(self, state: Tensor | None) -> None:
+        self._batch_weights = state
+
     def after_part(self, tensors: dict[str, Tensor]) -> None:
         """Installs the pass's groups pruned (and compensated) at `sequential_level`, so that the
         next block group is calibrated on the inputs the pruned model really produces."""

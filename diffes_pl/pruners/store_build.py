@@ -71,7 +71,8 @@ def build_store(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: De
     with ExitStack() as held:
         start, first_block = _claim_store(trainer, held, partial,
                                           estimate_store_bytes(adapter, pruner, levels_max, partition.num_stages), log)
-        pruner.first_block = first_block if pruner.carry else 0  # whole or re-run: the stage from its start
+        # whole-model, re-run and sequential calibrations redo the stage from its start
+        pruner.first_block = first_block if pruner.carry and pruner.passes == 1 else 0
         _calibrate(trainer, pruner, datamodule, adapter, partition, partial, start, key_fields, levels_max, log)
     return TrajectoryStore.open(path, key_fields=key_fields)
 

@@ -65,6 +65,30 @@ def test_wanda_block_by_block_equals_whole(tiny, tmp_path):
     _assert_same(_both(tiny, HandNoisedDigits, "ddim", tmp_path, WandaPruner))
 
 
+def test_obsdiff_sequential_groups_carried_equal_their_passes(tiny, tmp_path):
+    """OBS-Diff's group-sequential calibration (3 groups of 2 blocks, earlier groups pruned at level 2,
+    timestep-weighted Hessians): carried block by block — each group's blocks dense on the pruned
+    earlier groups' outputs, the group then run again pruned — gives the store of its 3 predict
+    passes per stage (each re-running the pruned prefix), bit for bit."""
+    sequential = lambda: OBSPruner(sequential_groups=3, sequential_level=2, timestep_weighting=True)
+    stores = _both(tiny, HandNoisedDigits, "ddim", tmp_path, sequential)
+    _assert_same(stores)
+    dense = _both(tiny, HandNoisedDigits, "ddim", tmp_path / "one", lambda: OBSPruner(timestep_weighting=True))
+    shards = lambda store: {k: v for k, v in _store_bytes(store).items() if k.startswith("stage_")}
+    assert shards(dense["model"]) != shards(stores["model"])  # the pruned earlier groups change the statistics
+
+
+def test_timestep_weighted_hessians_block_by_block_equal_whole(tiny, tmp_path):
+    """OBS-Diff's per-sample timestep weights belong to each batch: carried, every recorded call runs
+    each block with its own batch's weights (an unweighted Hessian would give another store)."""
+    weighted = lambda: OBSPruner(timestep_weighting=True)
+    stores = _both(tiny, HandNoisedDigits, "ddim", tmp_path / "w", weighted)
+    _assert_same(stores)
+    plain = _both(tiny, HandNoisedDigits, "ddim", tmp_path / "p")
+    shards = lambda store: {k: v for k, v in _store_bytes(store).items() if k.startswith("stage_")}
+    assert shards(plain["model"]) != shards(stores["model"])  # the weights change the trajectories here
+
+
 @pytest.mark.parametrize("family", ["sdxl", "flux", "pixart"])
 def test_text_families_block_by_block_equal_whole(family, text_models, caption_folder, tmp_path, hf_cache, one_thread):
     """The SDXL UNet runs its blocks down, mid, up (the forward stops once the pass's block ran,
@@ -129,7 +153,8 @@ def test_auto_chooses_block_by_block_only_when_the_whole_model_does_not_fit(tiny
     with pytest.raises(ValueError, match="calibrate_by must be one of auto, model, block; got 'layer'"):
         pruner.calibrate_by("layer", tiny, "cpu")
     sequential = OBSPruner(sequential_groups=2, sequential_level=4)
-    assert sequential.calibrate_by("block", tiny, "cpu") == "model" and sequential.num_parts == 2  # its own passes
+    assert sequential.calibrate_by("model", tiny, "cpu") == "model" and sequential.num_parts == 2  # its own passes
+    assert sequential.calibrate_by("block", tiny, "cpu") == "block" and sequential.carry and sequential.num_parts == 1
 
 
 @pytest.mark.parametrize("carried", [True, False])

@@ -73,16 +73,17 @@ PartialStore.write_block = write_block_then_die
 
 signal_block = os.environ.get("SIGNAL_AT_BLOCK")  # "<signal> <stage> <block>": sent while that block runs
 carry_block = base.Pruner._carry_block
-def logged_carry(self, index, last):
+def logged_carry(self, index, advance):
     if signal_block is not None:
         sig, stage, block = signal_block.split()
         if (self.stage, index) == (int(stage), int(block)) and self.global_rank == 0:
             os.kill(os.getpid(), getattr(signal, sig))
-    carry_block(self, index, last)
+    out = carry_block(self, index, advance)
     if log is not None:
         rank = f" rank{self.global_rank}" if self.trainer.world_size > 1 else ""
         log.write(f"block {self.stage} {index}{rank}\\n")
         log.flush()
+    return out
 base.Pruner._carry_block = logged_carry
 
 from diffes_pl.cli import main
