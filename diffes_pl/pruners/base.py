@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from typing import Any
 
 import lightning as L
@@ -366,6 +367,7 @@ class Pruner(L.LightningModule):
         next block's (dense outputs)."""
         if index > self.first_block:
             self._stop_if_agreed()  # between two blocks (a block's solve may take minutes)
+        start = time.monotonic()
         self._block = index
         block = self.adapter.blocks()[index]
         if self.stream:
@@ -389,6 +391,9 @@ class Pruner(L.LightningModule):
             self._stage_out = {}  # on disk now: the stage's shard is assembled from the blocks' shards
         if self.stream:
             block.to("cpu")
+        if self.global_rank == 0:  # a big model's stage takes hours after its batches: a line per block
+            print(f"calibration block {index + 1}/{len(self.adapter.blocks())} of stage {self.stage}: "
+                  f"{time.monotonic() - start:.1f} s", flush=True)
         return tensors
 
     def _finish_part(self) -> dict[str, Tensor]:

@@ -7,9 +7,10 @@ a stage is calibrated block by block without running the blocks before the curre
    batch's call — the residual streams named by `adapter.block_io` and what every block shares (the
    timestep embedding, rotary embeddings, text, masks) — on the host, and ends the forward;
 2. block b runs on every recorded call with its unit groups' statistics hooks on; its outputs replace
-   the streams of the call for block b + 1. The denoiser stays dense during calibration, so these
-   are the inputs the whole-model forward would give block b + 1: the same operations on the same
-   tensors, hence the same statistics and store, bit for bit (tests/pruners/test_block_calibration.py).
+   the streams of the call for block b + 1. The denoiser stays dense during calibration (OBS-Diff's
+   sequential groups excepted: `Pruner._carry_stage`), so these are the inputs the whole-model
+   forward would give block b + 1: the same operations on the same tensors, hence the same
+   statistics and store, bit for bit (tests/pruners/test_block_calibration.py).
 
 Only one block's statistics exist at a time, and each batch runs each block once (the whole-model
 forward count, not the re-run prefixes of `calibrate_by: block` on a UNet, whose transformer blocks sit

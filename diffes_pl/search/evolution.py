@@ -334,6 +334,7 @@ class EvolutionarySearch:
         else:  # racing: rung by rung on more probes; only the children that can still reach the cut go on
             bounds, alive, rows, spent = self.racing.bounds(P), list(range(n)), {}, []
             done: dict[int, Scored] = {}  # this process's children scored so far, on probes [0, lo)
+            first = -1  # the first generation's cut: the child that sets it, chosen on the first rung
             for lo, hi in itertools.pairwise(bounds):
                 probes = torch.arange(lo, hi)
                 # prefixes on these probes: the survivors', and this round's siblings' as they finish
