@@ -18,9 +18,10 @@ for every unit group at once, the whole denoiser on the accelerator):
 - disk: the store (`estimate_store_bytes`).
 
 Block by block (`pruner.by_block`) the statistics row is the largest block's; carried
-(`pruner.carry`) the host also holds the stage's recorded block calls (`carried_call_bytes` × the
-stage's samples) and the accelerator one batch's call and its outputs; streamed (`pruner.stream`) the
-accelerator holds the weights outside the blocks and the largest block, the host all of them. Phases run one after another: a place's peak is its
+(`pruner.carry`) the host also holds the stage's recorded block calls (`carried_bytes`) and one
+block's trajectory instead of the stage's, the accelerator one batch's call and its outputs; streamed
+(`pruner.stream`) the accelerator holds the weights outside the blocks and the largest block, the
+host all of them. Phases run one after another: a place's peak is its
 largest phase. On a CPU run the accelerator IS the host: every row is counted on the host.
 Not counted: the VAE and text encoders (loaded with the pipeline, not part of the architecture
 counted here), Python, CUDA context and allocator slack.
@@ -303,7 +304,7 @@ def plan_memory(adapter: Any, pruner: Any, *, levels_max: int, num_stages: int, 
             add(phase, acc, f"OBS solver temporaries, largest group ({solver_dtype})", solver,
                 "--model.pruner.init_args.solver_dtype float32" if solver_dtype == "float64" else "")
         stage = estimate_store_bytes(adapter, pruner, levels_max, 1)
-        if pruner.carry:  # each block's part goes to disk as it is solved; the stage's shard is merged from them
+        if pruner.carry and pruner.passes == 1:  # each block's part goes to disk as it is solved
             stage = max(estimate_store_bytes(adapter, pruner, levels_max, 1, block=b) for b in range(len(adapter.blocks())))
             add(phase, "host", "one block's trajectory (until its shard is written)", stage, "fewer --model.levels")
         else:
@@ -354,4 +355,5 @@ def run_plan(settings: Any, run: Any, pruner: Any, *, nsamples: int, batch_size:
                        calibrate=calibrate)
 
 
-__all__ = ["MemoryPlan", "Row", "carried_bytes", "carried_call_bytes", "estimate_solver_bytes", "forward_sizes", "plan_memory", "run_plan"]
+__all__ = ["MemoryPlan", "Row", "carried_bytes", "carried_call_bytes", "estimate_solver_bytes", "forward_sizes",
+           "plan_memory", "run_plan"]

@@ -243,7 +243,6 @@ class PartialStore:
         self.blocks[name] = self._write(name, tensors)
         self._record()
 
-
     def write_stage(self, stage: int, tensors: dict[str, Tensor]) -> None:
         """Writes stage `stage`'s shard — `tensors` and those of its kept blocks' shards — under a
         temporary name, renames it into place, then records its checksum: a kill at any point leaves
