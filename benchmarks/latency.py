@@ -10,6 +10,16 @@ warm-up (CUDA events on a GPU, perf_counter on CPU). Memory: a 10-stage schedule
 routed on one denoiser (all stages resident, and `resident=False`: one shared buffer per layer) vs 10
 stitched pruned copies (parameter bytes, measured on the modules).
 Writes benchmarks/results/latency_<device>.json.
+
+    python benchmarks/latency.py --sparsity 2:4 [--device cuda --dtype float16]
+
+N:M sparsity instead (issue 25): DiT-XL/2's six linear shapes per block (q, k, v and out 1152→1152,
+MLP 1152→4608 and 4608→1152) on a CFG batch's tokens (2 × batch × 256), each timed dense, with the
+2:4 mask applied to a dense weight (the same dense kernel: what unstructured or N:M sparsity gives
+without a sparse kernel), and on CUDA with the weight in PyTorch's semi-structured format
+(`to_sparse_semi_structured`: cuSPARSELt / CUTLASS, fp16/bf16). The CPU has no 2:4 kernel: there the
+masked weight runs as fast as the dense one, and the script says so. The whole routed step with
+sparse weights waits for sparse routing. Writes benchmarks/results/latency_sparse_<device>.json.
 """
 from __future__ import annotations
 
@@ -71,6 +81,52 @@ def param_bytes(module: torch.nn.Module) -> int:
     return total
 
 
+DIT_XL_LINEARS = {"attn q/k/v/out": (1152, 1152), "mlp up": (1152, 4608), "mlp down": (4608, 1152)}
+
+
+def sparse_layers(args, device: torch.device, dtype: torch.dtype) -> None:
+    """Dense vs 2:4-masked dense vs semi-structured sparse (CUDA) per DiT-XL/2 linear shape."""
+    from diffes_pl.pruners.sparse_solver import magnitude_mask
+
+    n, m = (int(x) for x in args.sparsity.split(":"))
+    run = timer(device)
+    semi = None
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):  # the formats the kernels take
+        from torch.sparse import to_sparse_semi_structured as semi
+    g = torch.Generator().manual_seed(0)
+    result = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "threads": torch.get_num_threads(), "dtype": args.dtype, "sparsity": args.sparsity, "rows": []}
+    for batch in args.batch_sizes:
+        tokens = 2 * batch * 256  # CFG: conditional and unconditional halves, 256 tokens at 256 px
+        for name, (fan_in, fan_out) in DIT_XL_LINEARS.items():
+            weight = torch.randn(fan_out, fan_in, generator=g).to(device, dtype)
+            masked = weight * ~magnitude_mask(weight.float().cpu(), n_m=(n, m)).to(device)
+            x = torch.randn(tokens, fan_in, generator=g).to(device, dtype)
+            row = {"layer": name, "in": fan_in, "out": fan_out, "batch": batch, "tokens": tokens}
+            kinds = {"dense": weight, f"{args.sparsity} masked dense": masked}
+            if semi is not None and (n, m) == (2, 4):
+                kinds[f"{args.sparsity} semi-structured"] = semi(masked)
+            with torch.inference_mode():
+                for kind, w in kinds.items():
+                    fn = lambda w=w: torch.nn.functional.linear(x, w)
+                    run(fn, args.warmup)
+                    row[kind] = statistics.median(run(fn, args.repeats))
+            for kind in list(kinds)[1:]:
+                row[f"{kind} / dense"] = row[kind] / row["dense"]
+            result["rows"].append(row)
+            print(" · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    if semi is None:
+        why = (f"no {args.sparsity} kernel on {device.type}" if device.type != "cuda" else
+               "semi-structured kernels take float16 or bfloat16 (--dtype float16)")
+        result["note"] = (f"{why}: a masked weight runs through the same dense kernel, so unstructured and N:M "
+                          "sparsity give no speedup here")
+        print(result["note"])
+    out = Path(args.out or Path(__file__).parent / "results" / f"latency_sparse_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print("wrote", out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="facebook/DiT-XL-2-256")
@@ -82,9 +138,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--sparsity", default=None, help="N:M (e.g. 2:4): time DiT-XL/2's linear layers instead")
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    if args.sparsity is not None:
+        return sparse_layers(args, device, dtype)
     adapter = dp.load_denoiser(args.model, weights=args.model == "tiny-digits", device=device, dtype=dtype)
     num_stages, steps = 10, 20
     partition = StagePartition.from_scheduler(adapter.make_scheduler("ddim"), steps, num_stages)
