@@ -21,6 +21,8 @@ from diffes_pl.integrity import file_sha256, seal_holds
 from diffes_pl.trajectory import (MANIFEST, PROGRESS, PROGRESS_SHA256, PartialStore, TrajectoryStore, make_key,
                                   shard_name)
 
+from helpers.process_group import run_group
+
 ROOT = Path(__file__).resolve().parents[2]
 STAGES, BATCHES = 4, 4  # 8 samples in batches of 2: 4 calibration batches per stage
 SMALL = ["--model.num_stages", str(STAGES), "--model.steps", "8", "--data.nsamples", "8", "--data.batch_size", "2"]
@@ -262,15 +264,9 @@ def test_two_processes_resume_a_killed_single_process_build(tmp_path):
     driver = run.parent / "driver.py"
     cmd = [sys.executable, str(driver), "predict", "--config", str(ROOT / config), *SMALL, "--trainer.devices", "2",
            "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(run)]
-    proc = subprocess.Popen(cmd, env=ENV, cwd=run.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # a rank waiting on a peer that started elsewhere: end the group
-        out, _ = proc.communicate()
-        pytest.fail(f"the 2-process resume did not finish in 120 s (ranks on different stages?):\n{out[-4000:]}")
-    assert proc.returncode == 0, out[-4000:]
+    # a rank waiting on a peer that started elsewhere (ranks on different stages?) ends the group
+    code, out, _ = run_group(cmd, env=ENV, cwd=run.parent, timeout=120, merge_stderr=True, what="the 2-process resume")
+    assert code == 0, out[-4000:]
     assert "Starting with 2 processes" in out
     assert out.count("resuming calibration of") == 1  # rank 0 says it once
     assert calibrated_stages(out) == [2, 3]
@@ -288,15 +284,8 @@ def test_two_processes_stop_mid_stage_together(tmp_path):
            *SMALL, "--data.batch_size", "1", "--trainer.devices", "2", "--trainer.strategy", "ddp",
            "--trainer.default_root_dir", str(run)]
     env = {**ENV, "SIGNAL_AT": "SIGTERM 1 0", "BATCH_LOG": str(batches)}
-    proc = subprocess.Popen(cmd, env=env, cwd=run.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the 2-process stop did not end in 120 s (a rank waiting?):\n{out[-3000:]}{err[-3000:]}")
-    assert proc.returncode == 143, out[-2000:] + err[-3000:]
+    code, out, err = run_group(cmd, env=env, cwd=run.parent, timeout=120, what="the 2-process stop")
+    assert code == 143, out[-2000:] + err[-3000:]
     assert err.strip().splitlines()[-1] == (
         f"diffes-pl: stopped by SIGTERM during `predict`; calibration stage 0 of {STAGES} kept in "
         f"{run / '.store.partial'}: run the command again to resume at stage 1")
@@ -323,15 +312,7 @@ def ddp(run: Path, config: str, env: dict, timeout: int = 180) -> tuple[int, str
     (run.parent / "driver.py").write_text(DRIVER)
     cmd = [sys.executable, str(run.parent / "driver.py"), "predict", "--config", str(ROOT / config), *SMALL,
            *BY_BLOCK, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(run)]
-    proc = subprocess.Popen(cmd, env={**ENV, **env}, cwd=run.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"the 2-process run did not end in {timeout} s (a rank waiting?):\n{out[-3000:]}{err[-3000:]}")
-    return proc.returncode, out, err
+    return run_group(cmd, env={**ENV, **env}, cwd=run.parent, timeout=timeout, what="the 2-process run")
 
 
 def test_sigkill_after_a_block_resumes_within_the_stage_byte_identical(straight, tmp_path):

@@ -15,17 +15,16 @@ weights' scale, with the orders still exact.
 """
 import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from diffes_pl.trajectory import MANIFEST
+
+from helpers.process_group import run_group
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = 2
@@ -58,16 +57,9 @@ def predict(root: Path, config: str, devices: int, batch_size: int, extra=(), en
     if devices > 1:
         cmd += ["--trainer.strategy", "ddp"]
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"diffes-pl predict --trainer.devices {devices} did not finish in {TIMEOUT} s (a rank hung?):\n"
-                    f"{out[-4000:]}")
-    return proc.returncode, out, time.monotonic() - start
+    code, out, _ = run_group(cmd, env=env or _env(), cwd=ROOT, timeout=TIMEOUT, merge_stderr=True,
+                             what=f"diffes-pl predict --trainer.devices {devices}")
+    return code, out, time.monotonic() - start
 
 
 def _store(root: Path) -> tuple[dict, list[dict]]:
