@@ -2,7 +2,9 @@
 
 Every matmul, convolution and attention product is counted (FLOPs / 2), on whatever modules are
 installed — dense, sliced or routed — and on the meta device, so DiT-XL/2 needs no weights and no
-memory. Convention: one forward at the given batch size; the CFG duplicate is NOT included (the
+memory. These are dense-equivalent MACs: a zero weight costs what any other weight costs, as it does
+in a dense kernel. `count_kernel_macs` also counts what a semi-structured N:M kernel (2:4 on sparse
+tensor cores) executes on the layers whose weights hold the pattern. Convention: one forward at the given batch size; the CFG duplicate is NOT included (the
 paper's convention: 20 steps at batch 1 = 20 forwards). Also here: a uniform width level installed
 for counting (`install_uniform_width`) and the MACs of a whole routed sampling run (`schedule_macs`).
 Below caching/ (the step cost tables) and evaluation/ (the report), which both count with it.
@@ -38,6 +40,29 @@ def count_macs(adapter: DenoiserAdapter, batch_size: int = 1, timestep: float = 
     return counter.get_total_flops() // 2
 
 
+@torch.no_grad()
+def count_kernel_macs(adapter: DenoiserAdapter, batch_size: int = 1, n: int = 2, m: int = 4) -> tuple[int, int]:
+    """(dense-equivalent MACs, MACs an n:m semi-structured kernel executes) of one forward: every
+    `nn.Linear` whose weight holds at most `n` nonzeros in each group of `m` consecutive inputs runs
+    n/m of its MACs, everything else runs dense (unstructured sparsity gains nothing here)."""
+    from .sparsity import is_n_m
+
+    sparse = {layer: n / m for layer in adapter.denoiser.modules()
+              if isinstance(layer, torch.nn.Linear) and layer.weight.device.type != "meta" and is_n_m(layer.weight, n, m)}
+    saved = [0.0]
+
+    def count(layer, args, out):
+        saved[0] += (1 - sparse[layer]) * out.numel() * layer.in_features
+
+    handles = [layer.register_forward_hook(count) for layer in sparse]
+    try:
+        dense = count_macs(adapter, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return dense, dense - round(saved[0])
+
+
 def install_uniform_width(adapter: DenoiserAdapter, level: int, levels_max: int) -> None:
     """Installs level `level` of `levels_max` of width pruning in every unit group with the FIRST
     units kept, no store needed: a MAC count depends only on how many units each group keeps
@@ -47,6 +72,16 @@ def install_uniform_width(adapter: DenoiserAdapter, level: int, levels_max: int)
     for group in adapter.unit_groups():
         keep = keep_from_order(torch.arange(group.size), group.removed_at(level, levels_max))
         adapter.install(group, adapter.sliced_module(group, keep))
+
+
+def schedule_kernel_macs(adapter: DenoiserAdapter, router, partition, n: int = 2, m: int = 4) -> int:
+    """`schedule_macs` as an n:m semi-structured kernel executes it (`count_kernel_macs`)."""
+    total = 0
+    for stage in range(partition.num_stages):
+        router.install(stage)
+        total += count_kernel_macs(adapter, n=n, m=m)[1] * partition.steps_per_stage[stage]
+    router.restore_dense()
+    return total
 
 
 def schedule_macs(adapter: DenoiserAdapter, router, partition) -> int:

@@ -312,7 +312,8 @@ def plan_memory(adapter: Any, pruner: Any, *, levels_max: int, num_stages: int, 
                 "fewer --model.levels" + (", --model.calibrate_by block" if adapter.carries_blocks else ""))
         add("calibration: solving", "disk", "trajectory store", store_bytes, "a lower store_dtype or fewer stages")
 
-    store = SimpleNamespace(depth=pruner.depth, levels_max=levels_max, compensated=pruner.compensated)
+    store = SimpleNamespace(depth=pruner.depth, levels_max=levels_max, compensated=pruner.compensated,
+                            sparse=pruner.granularity is not None)
     uniform = None
     if target_level is not None and float(target_level).is_integer():
         uniform = Schedule.uniform(int(target_level), levels_max, [1] * num_stages)  # memory depends on levels only

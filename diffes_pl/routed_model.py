@@ -43,6 +43,7 @@ from .integrity import DamagedFileError, check_files, file_records, seal_holds, 
 from .io import write_json
 from .routing import Router
 from .schedule import Schedule
+from .sparsity import pack_mask
 from .trajectory import MANIFEST_SHA256, TrajectoryStore
 
 FORMAT = "diffes-pl-routes/1"
@@ -54,11 +55,17 @@ PREFIX = "Routed"
 
 def routes(store: TrajectoryStore, schedule: Schedule, adapter: DenoiserAdapter) -> Iterator[dict]:
     """Per stage, what routing reads of the store: the removal orders, and the compensated weights
-    at that stage's level only."""
+    at that stage's level only; sparse stores: that level's mask (packed bits) and kept values."""
     for stage, level in enumerate(schedule.levels):
         tensors = {}
         if store.depth:
             tensors["blocks.order"] = store.block_order(stage)
+        elif store.sparse:  # the routed level's mask, packed, and its values
+            for name in adapter.sparse_linears() if level > 0 else ():
+                tensors[f"{name}.removed.{level}"] = pack_mask(store.removed(stage, name, level))
+                values = store.values(stage, name, level)
+                if values is not None:
+                    tensors[f"{name}.values.{level}"] = values
         else:
             for group in adapter.unit_groups():
                 tensors[f"{group.name}.order"] = store.order(stage, group.name)

@@ -23,6 +23,7 @@ from torch import nn
 from .denoisers.base import DenoiserAdapter, keep_from_order
 from .partition import StagePartition
 from .schedule import Schedule
+from .sparsity import masked_weight
 from .trajectory import TrajectoryStore
 
 
@@ -76,6 +77,9 @@ def estimate_prepared_bytes(adapter: DenoiserAdapter, store: TrajectoryStore, sc
         return 0
     H = store.levels_max
     total = 0
+    if store.sparse:  # a full-size weight per pruned layer and stage (shared buffers: not built)
+        dense = sum(linear.weight.numel() * linear.weight.element_size() for linear in adapter.sparse_linears().values())
+        return dense * sum(1 for level in schedule.levels if level > 0)
     for group in adapter.unit_groups():
         dense = sum(t.numel() * t.element_size() for t in adapter.dense_module(group).parameters())
         kept = [group.size - group.removed_at(level, H) for level in schedule.levels
@@ -114,6 +118,10 @@ class Router:
         self.device = torch.device(device) if device is not None else adapter.device
         self.resident = resident
         check_routable(schedule, store, adapter.identity())
+        if store.sparse and not resident:
+            raise RoutingError(f"the {store.pruner} store holds sparse (unstructured / N:M) weights, for which "
+                               "shared buffers (resident=False) are not built: route it resident "
+                               "(--model.resident_routing true)")
         self._check_memory()  # before any stage is prepared
         self.partition = StagePartition.from_dict(schedule.partition)
         self._stages: list[dict] = []
@@ -148,6 +156,8 @@ class Router:
         if store.depth:
             skipped = store.block_order(stage)[:level].tolist()
             return {"blocks": {i: self._skipped(i) for i in skipped}, "groups": {}}
+        if store.sparse:
+            return {"blocks": {}, "groups": self._prepare_sparse(stage, level)}
         groups: dict[str, nn.Module] = {}
         for group in adapter.unit_groups():
             removed = group.removed_at(level, H)
@@ -160,6 +170,26 @@ class Router:
             module = adapter.sliced_module(group, keep, weight)
             groups[group.name] = module.to(self.device)
         return {"blocks": {}, "groups": groups}
+
+    def _prepare_sparse(self, stage: int, level: int) -> dict[str, nn.Module]:
+        """Per unit group, its module with each linear layer's weight at `level` (zeros where removed,
+        the stored compensated values where kept): full-size weights, installed by reference."""
+        adapter, store = self.adapter, self.store
+        if level == 0:
+            return {}
+        layers: dict[str, list[str]] = {}
+        for layer in adapter.sparse_layers():
+            layers.setdefault(layer.group, []).extend(layer.paths)
+        groups: dict[str, nn.Module] = {}
+        for group in adapter.unit_groups():
+            dense = adapter.dense_module(group)
+            weights = {}
+            for path in layers.get(group.name, []):
+                name = f"{group.name}.{path}"
+                weight = dense.get_submodule(path).weight.detach().to(self.device)
+                weights[path] = masked_weight(weight, store.removed(stage, name, level), store.values(stage, name, level))
+            groups[group.name] = adapter.sparse_module(group, weights).to(self.device)
+        return groups
 
     def _share(self, prepared: dict) -> list[tuple]:
         """Rebinds the stage's gathered weights to views of one buffer per dense layer and axis

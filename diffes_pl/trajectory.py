@@ -5,7 +5,8 @@ Layout of a store folder:
     stage_00.safetensors   per unit group: `<group>.order` (removal order, most removable first)
     stage_01.safetensors   and, for compensating pruners, `<group>.weight.<level>` (the output
     ...                    layer's compensated weight on the kept columns at level 1..H);
-                           for depth pruning `blocks.order`.
+                           for depth pruning `blocks.order`; for unstructured / N:M sparsity, per
+                           linear layer `<layer>.level` and `<layer>.values.<level>` (sparsity.py).
 Level 0 is the dense model and is never stored. Shards are read lazily (memory-mapped by
 safetensors). The shards are written into `.<name>.partial` next to the store, the manifest last,
 and the folder is renamed into place (never copied), so a store either exists complete or not at
@@ -28,7 +29,7 @@ import shutil
 import struct
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 from safetensors import safe_open
@@ -38,6 +39,9 @@ from torch import Tensor
 from .integrity import DamagedFileError, file_sha256, json_digest, seal_holds
 from .locks import exclusive
 from .schedule import units_removed
+
+if TYPE_CHECKING:
+    from .sparsity import Granularity
 
 MANIFEST = "manifest.json"
 # 2: the manifest holds every shard's size and sha256 ("shards"). Format-1 stores (no checksums)
@@ -377,6 +381,8 @@ def trajectory_problems(names: Iterable[str], get: Callable[[str], Tensor], shap
     names = set(names)
     groups = {g["name"]: g for g in manifest.get("groups") or []}
     H = int(manifest.get("levels_max", 0))
+    if "sparse" in manifest:
+        return _sparse_problems(names, get, manifest["sparse"]["layers"], H, bool(manifest.get("compensated")))
     expected = ["blocks.order"] if manifest.get("depth") else [f"{g}.order" for g in groups]
     problems = [f"{name} is missing" for name in expected if name not in names]
     for name in sorted(names):
@@ -389,6 +395,41 @@ def trajectory_problems(names: Iterable[str], get: Callable[[str], Tensor], shap
             kept = (info["size"] - units_removed(level, H, info["size"])) * info["unit_width"]
             if not 1 <= level <= H or width != kept:
                 problems.append(f"{name} has {width} columns; level {level} of {H} keeps {kept}")
+    return problems
+
+
+def _sparse_problems(names: set[str], get: Callable[[str], Tensor], layers: dict[str, list[int]], H: int,
+                     compensated: bool) -> list[str]:
+    """A sparse stage: every layer's level map (uint8 [out, in], levels 1..H: level H removes every
+    weight), or an export's packed masks of its routed levels; compensated, one value per kept weight
+    at each level stored."""
+    from .sparsity import removed_mask, unpack_mask
+
+    problems = []
+    for layer, (out, n_in) in layers.items():
+        masks = {}
+        if f"{layer}.level" in names:
+            level_map = get(f"{layer}.level")
+            if level_map.dtype != torch.uint8 or list(level_map.shape) != [out, n_in] or \
+                    int(level_map.max()) > H or bool((level_map == 0).any()):
+                problems.append(f"{layer}.level is not a [{out}, {n_in}] uint8 map of removal levels 1..{H}")
+                continue
+            masks = {level: (lambda level=level: removed_mask(level_map, level)) for level in range(1, H + 1)}
+        else:
+            for name in (n for n in names if n.startswith(f"{layer}.removed.")):
+                packed, level = get(name), name.rpartition(".")[2]
+                if packed.dtype != torch.uint8 or list(packed.shape) != [out, (n_in + 7) // 8] or not level.isdigit():
+                    problems.append(f"{name} is not a packed [{out}, {n_in}] mask")
+                    continue
+                masks[int(level)] = lambda packed=packed: unpack_mask(packed, n_in)
+            if not masks:
+                problems.append(f"{layer}.level is missing")
+        for name in (n for n in names if n.startswith(f"{layer}.values.")):
+            level = name.rpartition(".")[2]
+            mask = masks.get(int(level)) if level.isdigit() else None
+            kept = None if mask is None else int((~mask()).sum())
+            if not compensated or kept is None or get(name).numel() != kept:
+                problems.append(f"{name} does not hold the weights its level keeps ({kept})")
     return problems
 
 
@@ -554,6 +595,40 @@ class TrajectoryStore:
     @property
     def compensated(self) -> bool:
         return bool(self.manifest.get("compensated", False))
+
+    @property
+    def sparse(self) -> bool:
+        """Unstructured or N:M sparsity (`granularity`), not units or blocks."""
+        return "sparse" in self.manifest
+
+    @property
+    def granularity(self) -> Granularity | None:
+        from .sparsity import Granularity
+
+        sparse = self.manifest.get("sparse")
+        return None if sparse is None else Granularity(sparse["kind"], int(sparse["m"]))
+
+    def level_map(self, stage: int, layer: str) -> Tensor:
+        """Sparse stores: the level 1..H at which each weight of `layer` is first removed (uint8 [out, in])."""
+        return self.tensor(stage, f"{layer}.level")
+
+    def removed(self, stage: int, layer: str, level: int) -> Tensor:
+        """Sparse stores: the weights of `layer` removed at `level` (bool [out, in]), from its level
+        map, or from the packed mask of that level (an export's routes hold only the routed level)."""
+        from .sparsity import removed_mask, unpack_mask
+
+        shard = self._shard(stage)
+        if f"{layer}.level" in shard.keys():
+            return removed_mask(shard.get_tensor(f"{layer}.level"), level)
+        shape = self.manifest["sparse"]["layers"][layer]
+        return unpack_mask(self.tensor(stage, f"{layer}.removed.{level}"), shape[1])
+
+    def values(self, stage: int, layer: str, level: int) -> Tensor | None:
+        """Sparse compensated stores: the kept weights of `layer` at `level` [kept] (row-major), or
+        None (no compensation, level 0, or no weight kept)."""
+        name = f"{layer}.values.{level}"
+        shard = self._shard(stage)
+        return shard.get_tensor(name) if self.compensated and level > 0 and name in shard.keys() else None
 
     @property
     def nbytes(self) -> int:

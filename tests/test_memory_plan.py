@@ -159,7 +159,7 @@ def test_plan_of_flux_is_the_codes_estimates_on_the_meta_architecture():
     assert trajectory.place == "host" and trajectory.nbytes == estimate_store_bytes(adapter, pruner, 24, 1)
     assert plan.row("trajectory store", solving).nbytes == estimate_store_bytes(adapter, pruner, 24, 4)
     assert plan.row("OBS solver temporaries, largest group (float64)", solving).nbytes == estimate_solver_bytes(adapter, pruner, 24)
-    store = type("Store", (), {"depth": False, "levels_max": 24, "compensated": True})()
+    store = type("Store", (), {"depth": False, "levels_max": 24, "compensated": True, "sparse": False})()
     resident = estimate_prepared_bytes(adapter, store, Schedule.uniform(6, 24, [1] * 4), resident=True)
     assert plan.row("routed stages, uniform level 6 (resident)", search).nbytes == resident
     # the largest group is an MLP output layer, in 12288 → out 3072: Hessian (float32) + closed form (float64)

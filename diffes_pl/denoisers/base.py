@@ -48,6 +48,55 @@ class UnitGroup:
         return (units[:, None] * self.unit_width + offsets[None, :]).reshape(-1)
 
 
+@dataclass(frozen=True)
+class SparseLayer:
+    """Linear layers inside one unit group's module that read the same input (a self-attention's q,
+    k and v): one statistic (Hessian, column norms) serves them all, and each is pruned to its own
+    mask (unstructured / N:M sparsity). `paths`: dotted paths inside the group's module; a layer's
+    name in a store is `<group>.<path>`."""
+
+    group: str
+    block: int
+    paths: tuple[str, ...]
+    in_features: int
+
+    @property
+    def key(self) -> str:
+        """The statistic's name: the first layer's."""
+        return f"{self.group}.{self.paths[0]}"
+
+    def names(self) -> list[str]:
+        return [f"{self.group}.{p}" for p in self.paths]
+
+
+# Linear layers of a diffusers Attention that read one tensor: q/k/v the hidden states (k/v only, the
+# text, in a cross-attention), the joint attention's add_*_proj the text stream
+_SHARED_INPUTS = (("to_q", "to_k", "to_v"), ("add_q_proj", "add_k_proj", "add_v_proj"))
+
+
+def shared_inputs(module: nn.Module, paths: list[str]) -> list[tuple[str, ...]]:
+    """`paths` (linear layers of `module`) grouped by the input they read, in `paths`' order."""
+    cross = bool(getattr(module, "is_cross_attention", False))
+    sets = []
+    for names in _SHARED_INPUTS:
+        present = tuple(n for n in (names[1:] if cross and names[0] == "to_q" else names) if n in paths)
+        if len(present) > 1:
+            sets.append(present)
+    taken = {p for s in sets for p in s}
+    return sorted(sets + [(p,) for p in paths if p not in taken], key=lambda s: paths.index(s[0]))
+
+
+def with_weight(layer: nn.Linear, weight: Tensor) -> nn.Linear:
+    """A new `nn.Linear` of `layer`'s shape holding `weight` [out, in]; the bias is shared."""
+    if weight.shape != layer.weight.shape:
+        raise ValueError(f"replacement weight has shape {tuple(weight.shape)}, expected {tuple(layer.weight.shape)}")
+    new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    new.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if layer.bias is not None:
+        new.bias = layer.bias
+    return new
+
+
 class ConstantOutput(nn.Module):
     """Stands in for an attention or feed-forward whose units are all removed: it returns the
     output projection's bias (what the masked dense module returns when every input column is zero)."""
@@ -219,6 +268,30 @@ class DenoiserAdapter(ABC):
     def sliced_module(self, group: UnitGroup, keep: Tensor, out_weight: Tensor | None = None) -> nn.Module:
         """A physically smaller replacement for the group's module keeping units `keep` (sorted);
         `out_weight` [out, len(keep) · unit_width] replaces the output layer's kept columns."""
+
+    def sparse_layers(self) -> list[SparseLayer]:
+        """The layers unstructured and N:M sparsity prune: every linear layer inside the unit groups'
+        modules, those reading one input together (`shared_inputs`). Norms, embeddings and the adaLN
+        modulation lie outside the groups and stay dense."""
+        layers = []
+        for group in self.unit_groups():
+            module = self.dense_module(group)
+            linears = {n: m for n, m in module.named_modules() if n and isinstance(m, nn.Linear)}
+            for paths in shared_inputs(module, list(linears)):
+                layers.append(SparseLayer(group.name, group.block, paths, linears[paths[0]].in_features))
+        return layers
+
+    def sparse_linears(self) -> dict[str, nn.Linear]:
+        """{store name `<group>.<path>`: the dense linear layer} of every sparse layer."""
+        modules = {g.name: self.dense_module(g) for g in self.unit_groups()}
+        return {f"{layer.group}.{path}": modules[layer.group].get_submodule(path)
+                for layer in self.sparse_layers() for path in layer.paths}
+
+    def sparse_module(self, group: UnitGroup, weights: dict[str, Tensor]) -> nn.Module:
+        """The group's module with the linear layers at `weights`' paths holding those [out, in]
+        weights (a shallow copy: everything else, biases included, shared with the dense module)."""
+        dense = self.dense_module(group)
+        return with_children(dense, {path: with_weight(dense.get_submodule(path), w) for path, w in weights.items()})
 
     @abstractmethod
     def skipped_block(self, index: int) -> nn.Module:

@@ -243,6 +243,11 @@ class FluxAdapter(ShiftedVAELatents, TextConditioned, DenoiserAdapter):
             out = sliced_linear(column_view(tap.layer, tap.start, tap.stop), cols=cols, weight=out_weight)
         return SinglePart(inner, out)
 
+    def sparse_layers(self):
+        raise ValueError("unstructured and N:M sparsity are not built for FLUX: its single-stream blocks share "
+                         "one proj_out between the attention and MLP unit groups; prune FLUX structurally "
+                         "(configs/flux_obs.yaml)")
+
     def skipped_block(self, index: int) -> nn.Module:
         return SkippedTwoStreamBlock()
 

@@ -23,6 +23,7 @@ import torch
 
 from ..caching.budget import trajectory_macs
 from ..caching.installed import install_schedule
+from ..macs import schedule_kernel_macs
 from ..io import write_json
 from ..routing import check_routable, check_store
 from ..run import RunContext
@@ -127,13 +128,18 @@ def evaluate(context: RunContext, trainer, schedules: dict[str, Schedule | None]
     for name, schedule in {"dense": None, **routed}.items():
         with install_schedule(adapter, store, schedule) as installed:
             macs = trajectory_macs(adapter, schedule, partition, router=installed.router)
+            # sparse weights: what a 2:4 kernel would execute (only 2:4-patterned layers gain)
+            kernel = None
+            if store is not None and store.sparse:
+                kernel = macs if schedule is None else schedule_kernel_macs(adapter, installed.router, partition)
             times = latency_times(adapter, installed.router, batch_size=config.latency_batch_size,
                                   repeats=config.latency_repeats, cache=installed.cache,
                                   **kw) if config.latency_batch_size else None
         rows[name] = {"levels": None if schedule is None else schedule.levels,
                       **({"intervals": schedule.intervals} if schedule is not None and schedule.caches else {}),
                       "sparsity": 0.0 if schedule is None else schedule.sparsity,
-                      "macs": macs, "latency_s": statistics.median(times) if times else None,
+                      "macs": macs, **({"macs_2of4_kernel": kernel} if kernel is not None else {}),
+                      "latency_s": statistics.median(times) if times else None,
                       "latency_runs_s": times, **metrics[name]}
     for row in rows.values():
         row["mac_ratio"] = rows["dense"]["macs"] / row["macs"]
@@ -183,7 +189,7 @@ def _image_metrics(adapter, images: dict, dense_set, config: EvalConfig, run: Pa
     return out
 
 
-COLUMNS = [("sparsity", "sparsity", "{:.1%}"), ("macs", "MACs", None), ("latency_s", "latency/img", "{:.4f}s"),
+COLUMNS = [("sparsity", "sparsity", "{:.1%}"), ("macs", "MACs", None), ("macs_2of4_kernel", "MACs, 2:4 kernel", None), ("latency_s", "latency/img", "{:.4f}s"),
            ("speedup", "speedup", "{:.2f}×"), ("is", "IS", "{:.2f}"), ("fid", "FID", "{:.3f}"),
            ("precision", "precision", "{:.3f}"), ("recall", "recall", "{:.3f}"), ("ssim", "SSIM", "{:.4f}"),
            ("class_accuracy", "class acc", "{:.1%}"), ("clip", "CLIP", "{:.2f}")]
@@ -205,7 +211,7 @@ def table_cells(rows: dict) -> tuple[list[str], list[list[str]]]:
         cells = []
         for key, _, fmt in present:
             value = row.get(key)
-            cells.append("" if value is None else _macs(value) if key == "macs" else fmt.format(value))
+            cells.append("" if value is None else _macs(value) if fmt is None else fmt.format(value))
         levels = "dense" if row.get("levels") is None else " ".join(map(str, row["levels"]))
         if row.get("intervals") is not None:  # a cached schedule: levels / cache intervals
             levels += " / k " + " ".join(map(str, row["intervals"]))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..denoisers.base import DenoiserAdapter, UnitGroup
 from ..partition import StagePartition
+from ..sparsity import Granularity
 from ..trajectory import PartialStore, canonical
 from .carry import CarriedCalls, PartDone, place_outside
 
@@ -54,6 +55,7 @@ class Pruner(L.LightningModule):
     name = "base"
     compensated = False
     depth = False
+    granularity: Granularity | None = None  # unstructured / N:M (pruners/sparse.py); None: units or blocks
     passes = 1  # predict epochs per stage; OBS-Diff's sequential calibration uses one per block group
     # a stop request (SIGTERM, Ctrl-C: trainer.received_sigterm) ends calibration at the next batch
     # (`on_predict_batch_start`; Lightning's predict loop does not look at the flag), abandoning the
@@ -217,6 +219,14 @@ class Pruner(L.LightningModule):
     # --- gathering -----------------------------------------------------------------------------
     def make_statistic(self, group: UnitGroup, layer: nn.Linear) -> Statistic:
         raise NotImplementedError
+
+    def stat_features(self, adapter: DenoiserAdapter, groups: list[UnitGroup]) -> list[int]:
+        """Input width of each statistic the groups' calibration gathers (one per output layer)."""
+        return [adapter.output_layer(g).in_features for g in groups]
+
+    def default_levels(self, adapter: DenoiserAdapter) -> int:
+        """H when the run does not set `levels`: the adapter's, for width or depth pruning."""
+        return adapter.default_levels("depth" if self.depth else "width")
 
     def on_predict_epoch_start(self) -> None:
         adapter = self.adapter
@@ -450,13 +460,18 @@ class Pruner(L.LightningModule):
             return out
         for group in self.part_groups():
             self._stop_now()  # a solve may take minutes per group on a big model
-            layer = self.adapter.output_layer(group)
-            order, weights = self.group_trajectory(group, layer.weight.detach(), self._stats[group.name])
             # to the host as each group is solved: a stage's trajectory (FLUX: ~73 GiB) never sits on the
             # accelerator beside the weights and statistics
-            out[f"{group.name}.order"] = order.to(torch.long).cpu()
-            for level, w in weights.items():
-                out[f"{group.name}.weight.{level}"] = w.to(self.store_dtype).cpu()
+            out.update(self.group_tensors(group))
+        return out
+
+    def group_tensors(self, group: UnitGroup) -> dict[str, Tensor]:
+        """One group's part of the stage's tensors, on the host: its removal order and compensated weights."""
+        layer = self.adapter.output_layer(group)
+        order, weights = self.group_trajectory(group, layer.weight.detach(), self._stats[group.name])
+        out = {f"{group.name}.order": order.to(torch.long).cpu()}
+        for level, w in weights.items():
+            out[f"{group.name}.weight.{level}"] = w.to(self.store_dtype).cpu()
         return out
 
     def group_trajectory(self, group: UnitGroup, weight: Tensor, stat: Statistic) -> tuple[Tensor, dict[int, Tensor]]:
@@ -499,8 +514,7 @@ def estimate_stat_bytes(adapter: DenoiserAdapter, pruner: Pruner, by_block: bool
         return 2 * len(adapter.blocks()) * size
 
     def part_bytes(groups: list[UnitGroup]) -> int:
-        return sum(((n * n if pruner.compensated else n) + 1) * size
-                   for n in (adapter.output_layer(g).in_features for g in groups))
+        return sum(((n * n if pruner.compensated else n) + 1) * size for n in pruner.stat_features(adapter, groups))
 
     if not (pruner.by_block if by_block is None else by_block):  # block by block: its largest block's only
         return part_bytes(adapter.unit_groups())
@@ -547,6 +561,15 @@ def estimate_store_bytes(adapter: DenoiserAdapter, pruner: Pruner, levels_max: i
     """Bytes of the store about to be written (compensated weights dominate); `block`: that block's part."""
     total = 0
     elem = torch.finfo(pruner.store_dtype_for(adapter)).bits // 8 if pruner.compensated else 0
+    granularity = pruner.granularity
+    if granularity is not None:
+        blocks = {name: layer.block for layer in adapter.sparse_layers() for name in layer.names()}
+        for name, linear in adapter.sparse_linears().items():
+            if block is None or blocks[name] == block:
+                shape = tuple(linear.weight.shape)
+                total += shape[0] * shape[1] + sum(granularity.kept(level, levels_max, shape) * elem
+                                                   for level in range(1, levels_max))
+        return total * num_stages
     for group in ([] if pruner.depth else adapter.unit_groups()):
         if block is not None and group.block != block:
             continue

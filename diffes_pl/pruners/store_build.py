@@ -145,7 +145,10 @@ def _calibrate(trainer: L.Trainer, pruner: Pruner, datamodule: Any, adapter: Den
                 "key": make_key(key_fields), "key_fields": key_fields, "pruner": pruner.name,
                 "levels_max": levels_max, "num_stages": partition.num_stages,
                 "compensated": pruner.compensated, "depth": pruner.depth,
-                "groups": [vars(g) for g in adapter.unit_groups()], "dtype": str(pruner.store_dtype)})
+                "groups": [vars(g) for g in adapter.unit_groups()], "dtype": str(pruner.store_dtype),
+                **({} if pruner.granularity is None else {"sparse": {
+                    **pruner.granularity.to_dict(),
+                    "layers": {name: list(linear.weight.shape) for name, linear in adapter.sparse_linears().items()}}})})
             log(f"trajectory store written: {path} ({store.nbytes / 2**20:.1f} MiB)")
     except SIGTERMException:
         pruner.abandon_stage()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,26 +39,33 @@ class RunPlan:
     target_level: float
 
 
-def plan_run(settings: SearchSettings, *, depth: bool = False, weights: bool = True) -> RunPlan | None:
+def plan_run(settings: SearchSettings, *, depth: bool = False, weights: bool = True, pruner: Any = None) -> RunPlan | None:
     """The run's plan, from the denoiser's config alone (`denoisers.architecture`, well under a second
     even for FLUX), refusing what the settings cannot do on this denoiser — a partition the sampler
     cannot cut, a target above H, a cache branch it lacks — before anything is loaded or written.
     None where the config is not at hand without loading (a hub model outside the local cache).
-    `weights=False` (`--dry_run`): a hub id with a shipped config is planned without being in the cache."""
+    `weights=False` (`--dry_run`): a hub id with a shipped config is planned without being in the cache.
+    `pruner`: its default H (`Pruner.default_levels`) and its check of the denoiser (sparse pruners)."""
     dtype = getattr(torch, settings.dtype)
     check_available(settings.denoiser, weights)  # a hub id outside the local cache, offline: refused now
     adapter = architecture(settings.denoiser, dtype=dtype)
     if adapter is None:
         return None
-    return _plan(settings, adapter, depth)
+    return _plan(settings, adapter, depth, pruner)
 
 
-def _plan(settings: SearchSettings, adapter: DenoiserAdapter, depth: bool) -> RunPlan:
+def _plan(settings: SearchSettings, adapter: DenoiserAdapter, depth: bool, pruner: Any = None) -> RunPlan:
     partition = StagePartition.from_scheduler(adapter.make_scheduler(settings.sampler), settings.steps,
                                               settings.num_stages)
-    levels_max = int(settings.levels or adapter.default_levels("depth" if depth else "width"))
+    default = pruner.default_levels(adapter) if pruner is not None else adapter.default_levels("depth" if depth else "width")
+    levels_max = int(settings.levels or default)
     target_level = settings.check_budget(levels_max, partition.steps_per_stage)  # sparsity → level: H known now
     settings.check_denoiser(adapter)
+    if pruner is not None and pruner.granularity is not None:
+        pruner.check_denoiser(adapter, levels_max)
+        if settings.cache_intervals is not None:
+            raise ValueError("cache_intervals budgets MACs, and unstructured / N:M levels do not change the MACs "
+                             "a dense kernel runs: search caching with a structured pruner, or drop cache_intervals")
     return RunPlan(adapter, partition, levels_max, target_level)
 
 
@@ -76,13 +84,13 @@ def check_existing_store(path: Path, plan: RunPlan, key_fields: dict | None = No
 
 
 def build_context(settings: SearchSettings, root_dir: Path, device: torch.device | str = "cpu", *,
-                  depth: bool = False) -> RunContext:
+                  depth: bool = False, pruner: Any = None) -> RunContext:
     """The run context of a run in `root_dir`: refuses what the settings cannot do on this denoiser
     (`plan_run`: from its config, before loading), then loads the denoiser on `device` and fixes the
     partition and H (default: the adapter's, for width or `depth` pruning)."""
-    plan_run(settings, depth=depth)
+    plan_run(settings, depth=depth, pruner=pruner)
     adapter = load_denoiser(settings.denoiser, device=device, dtype=getattr(torch, settings.dtype))
-    plan = _plan(settings, adapter, depth)  # the same, from the loaded denoiser (no config at hand before)
+    plan = _plan(settings, adapter, depth, pruner)  # the same, from the loaded denoiser (no config at hand before)
     partition, levels_max = plan.partition, plan.levels_max
     return RunContext(root_dir, store_path(settings, root_dir), adapter, partition, levels_max, plan.target_level,
                       settings.sampler, settings.steps, settings.guidance, settings.dtype, settings.fitness,

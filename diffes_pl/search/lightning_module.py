@@ -200,7 +200,8 @@ class DiffES(L.LightningModule):
         """The run context of a run in `root_dir` (`context`): loads the denoiser on `device` and fixes
         the partition and H the first time; later calls keep them and only rebind the folder."""
         if self.context is None:
-            self.context = build_context(self.settings, Path(root_dir), device, depth=self.pruner.depth)
+            self.context = build_context(self.settings, Path(root_dir), device, depth=self.pruner.depth,
+                                         pruner=self.pruner)
         elif self.context.root_dir != Path(root_dir):
             self.context = rebind_context(self.context, self.settings, Path(root_dir))
         return self.context
@@ -211,7 +212,7 @@ class DiffES(L.LightningModule):
         denoiser cannot serve, a store in the way with other stages or H, or — given the calibration
         `datamodule` — another key. Returns the plan (None: the config is not at hand before loading)."""
         if self._plan is None:
-            self._plan = plan_run(self.settings, depth=self.pruner.depth)
+            self._plan = plan_run(self.settings, depth=self.pruner.depth, pruner=self.pruner)
         if self._plan is not None:
             key_fields = None if datamodule is None else self.store_key_fields(datamodule)
             check_existing_store(self.store_folder(root_dir), self._plan, key_fields)
@@ -227,7 +228,7 @@ class DiffES(L.LightningModule):
         for a hub id with a shipped config. None where no config is at hand before loading."""
         from ..memory_plan import run_plan
 
-        plan = self._plan or plan_run(self.settings, depth=self.pruner.depth, weights=weights)
+        plan = self._plan or plan_run(self.settings, depth=self.pruner.depth, weights=weights, pruner=self.pruner)
         if plan is None:
             return None
         calibrate = datamodule is not None and not TrajectoryStore.exists(self.store_folder(root_dir))
@@ -246,7 +247,7 @@ class DiffES(L.LightningModule):
         device = trainer.strategy.root_device
         if (self.context is None and datamodule is not None
                 and not TrajectoryStore.exists(self.store_folder(trainer.default_root_dir))):
-            plan = self._plan or plan_run(self.settings, depth=self.pruner.depth)
+            plan = self._plan or plan_run(self.settings, depth=self.pruner.depth, pruner=self.pruner)
             if plan is not None:
                 self.pruner.calibrate_by(self.hparams.calibrate_by, plan.adapter, device,
                                          self.hparams.get("stream_weights"))
