@@ -37,7 +37,7 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
                        probe_seed: int = 99991, metrics=("ssim", "psnr"),
                        extra_metrics: dict[str, Callable[[FitnessInputs], float]] | None = None,
                        reference: tuple[torch.Tensor, torch.Tensor] | None = None,
-                       per_probe: tuple[str, ...] = ()) -> dict:
+                       per_probe: tuple[str, ...] = (), images: dict | None = None) -> dict:
     """{name: {levels, intervals, macs, mac_ratio, <metric>: value}} for the dense model (`dense`) and each
     schedule, on `num_probes` fresh probes seeded with `probe_seed`, sampled as the run samples.
     `per_probe`: metrics (of `metrics`) whose [P] per-probe values go in the row too, as
@@ -46,7 +46,8 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
     `extra_metrics`: more columns, {name: callable of the row's FitnessInputs} (e.g. digits-FID
     against another real set). `reference`: the (latents, images) the reference metrics compare
     with (`dense_outputs` of another context on the same probes); default this context's dense
-    model. `mac_ratio` is always against this context's dense model."""
+    model. `mac_ratio` is always against this context's dense model. `images`: a dict that receives
+    each row's decoded images [P, C, H, W] (for set-level statistics such as FID intervals)."""
     adapter, partition, store = context.adapter, context.partition, context.store
     engine, probes = _engine(context, num_probes, probe_seed)
     dense_latents, _ = engine.run(None)
@@ -58,9 +59,11 @@ def evaluate_schedules(context: RunContext, schedules: dict[str, Schedule], num_
     dense_macs = trajectory_macs(adapter, None, partition)
     for label, schedule in {"dense": None, **schedules}.items():
         latents = dense_latents if schedule is None else engine.run(schedule)[0]  # routed (+ cached)
-        images = dense_images if schedule is None else adapter.decode(latents.to(adapter.device)).cpu()
+        decoded = dense_images if schedule is None else adapter.decode(latents.to(adapter.device)).cpu()
         macs = trajectory_macs(adapter, schedule, partition, store=store)  # a router only to count a level-only one
-        inputs = FitnessInputs(images, latents, ref_images, ref_latents, probes.conditions)
+        if images is not None:
+            images[label] = decoded
+        inputs = FitnessInputs(decoded, latents, ref_images, ref_latents, probes.conditions)
         row = {"levels": None if schedule is None else schedule.levels,
                "intervals": None if schedule is None else schedule.intervals, "macs": macs,
                "mac_ratio": dense_macs / macs}
