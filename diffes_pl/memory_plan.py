@@ -199,6 +199,12 @@ def estimate_solver_bytes(adapter: Any, pruner: Any, levels_max: int) -> int:
     s = getattr(torch, hp.get("solver_dtype", "float64")).itemsize
     t = pruner.stat_dtype.itemsize
     exact = hp.get("mode", "fast") == "exact"
+    if pruner.granularity is not None:
+        # unstructured / N:M (`sparse_solver.obs_sparse`), one layer at a time: the caller's Hessian, the
+        # damped copy, H⁻¹ and its Cholesky factor (3·k²·s), and about six [o, k] buffers of the sweep and
+        # the conjugate-gradient refinement. An estimate from the code, not measured against allocations
+        return max(k * k * t + 3 * k * k * s + 6 * o * k * s
+                   for o, k in (tuple(lin.weight.shape) for lin in adapter.sparse_linears().values()))
     most = 0
     for group in adapter.unit_groups():
         layer = adapter.output_layer(group)
@@ -313,7 +319,7 @@ def plan_memory(adapter: Any, pruner: Any, *, levels_max: int, num_stages: int, 
         add("calibration: solving", "disk", "trajectory store", store_bytes, "a lower store_dtype or fewer stages")
 
     store = SimpleNamespace(depth=pruner.depth, levels_max=levels_max, compensated=pruner.compensated,
-                            sparse=pruner.granularity is not None)
+                            sparse=pruner.granularity is not None, granularity=pruner.granularity)
     uniform = None
     if target_level is not None and float(target_level).is_integer():
         uniform = Schedule.uniform(int(target_level), levels_max, [1] * num_stages)  # memory depends on levels only

@@ -11,7 +11,9 @@ reinstalls the dense modules, bit for bit.
 are plain slices of dense layers (q/k/v rows, first-projection rows, uncompensated output columns)
 of all stages become views of ONE buffer per dense layer, refilled in place when a stage starts;
 compensated OBS weights stay resident per stage. Memory is then about one pruned copy on top of the
-dense model instead of S.
+dense model instead of S. Sparse (unstructured / N:M) stores: one full-size buffer per routed linear,
+refilled at a stage boundary from the stage's mask (kept packed, 8 weights to a byte) and, compensated,
+its kept values.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from torch import nn
 from .denoisers.base import DenoiserAdapter, keep_from_order
 from .partition import StagePartition
 from .schedule import Schedule
-from .sparsity import masked_weight
+from .sparsity import masked_weight, pack_mask, unpack_mask
 from .trajectory import TrajectoryStore
 
 
@@ -77,9 +79,18 @@ def estimate_prepared_bytes(adapter: DenoiserAdapter, store: TrajectoryStore, sc
         return 0
     H = store.levels_max
     total = 0
-    if store.sparse:  # a full-size weight per pruned layer and stage (shared buffers: not built)
-        dense = sum(linear.weight.numel() * linear.weight.element_size() for linear in adapter.sparse_linears().values())
-        return dense * sum(1 for level in schedule.levels if level > 0)
+    if store.sparse:
+        # resident: a full-size weight per pruned layer and stage; shared: one buffer per layer, and per
+        # stage its mask packed 8 to a byte plus (compensated) the kept values
+        routed = [level for level in schedule.levels if level > 0]
+        linears = adapter.sparse_linears().values()
+        dense = sum(lin.weight.numel() * lin.weight.element_size() for lin in linears)
+        if resident or not routed:
+            return dense * len(routed)
+        granularity = store.granularity
+        per_stage = sum(-(-lin.weight.shape[1] // 8) * lin.weight.shape[0] + store.compensated * lin.weight.element_size()
+                        * granularity.kept(level, H, tuple(lin.weight.shape)) for lin in linears for level in routed)
+        return dense + per_stage
     for group in adapter.unit_groups():
         dense = sum(t.numel() * t.element_size() for t in adapter.dense_module(group).parameters())
         kept = [group.size - group.removed_at(level, H) for level in schedule.levels
@@ -118,10 +129,6 @@ class Router:
         self.device = torch.device(device) if device is not None else adapter.device
         self.resident = resident
         check_routable(schedule, store, adapter.identity())
-        if store.sparse and not resident:
-            raise RoutingError(f"the {store.pruner} store holds sparse (unstructured / N:M) weights, for which "
-                               "shared buffers (resident=False) are not built: route it resident "
-                               "(--model.resident_routing true)")
         self._check_memory()  # before any stage is prepared
         self.partition = StagePartition.from_dict(schedule.partition)
         self._stages: list[dict] = []
@@ -130,7 +137,8 @@ class Router:
             prepared = self._prepare(stage, level) if stages is None or stage in stages else None
             self._stages.append(prepared)
             if not resident:
-                self._refills.append(self._share(prepared) if prepared is not None else [])
+                share = self._share_sparse if store.sparse else self._share
+                self._refills.append(share(prepared) if prepared is not None else [])
         self._current: int | None = None
 
     # --- validation ----------------------------------------------------------------------------
@@ -183,13 +191,37 @@ class Router:
         groups: dict[str, nn.Module] = {}
         for group in adapter.unit_groups():
             dense = adapter.dense_module(group)
-            weights = {}
+            weights, sources = {}, {}
             for path in layers.get(group.name, []):
                 name = f"{group.name}.{path}"
                 weight = dense.get_submodule(path).weight.detach().to(self.device)
-                weights[path] = masked_weight(weight, store.removed(stage, name, level), store.values(stage, name, level))
-            groups[group.name] = adapter.sparse_module(group, weights).to(self.device)
+                removed, values = store.removed(stage, name, level), store.values(stage, name, level)
+                weights[path] = masked_weight(weight, removed, values)
+                if not self.resident:  # what a refill of the shared buffer needs (`_share_sparse`)
+                    packed = pack_mask(removed).to(self.device)
+                    sources[path] = (dense.get_submodule(path).weight, packed,  # the dense parameter: one buffer each
+                                     None if values is None else values.to(self.device, weight.dtype))
+            module = adapter.sparse_module(group, weights).to(self.device)
+            for path, source in sources.items():
+                module.get_submodule(path)._sparse_from = source
+            groups[group.name] = module
         return groups
+
+    def _share_sparse(self, prepared: dict) -> list[tuple]:
+        """Sparse stores: rebinds every routed linear's weight to ONE buffer per dense layer (shared by
+        the stages) and returns what `install` refills: (buffer, dense weight, packed mask, values)."""
+        buffers = self.__dict__.setdefault("_buffers", {})
+        refills = []
+        for module in prepared["groups"].values():
+            for linear in module.modules():
+                source = linear.__dict__.pop("_sparse_from", None)
+                if source is None:
+                    continue
+                dense, packed, values = source
+                buf = buffers.setdefault(id(dense), torch.empty_like(dense, device=self.device))
+                linear.weight = nn.Parameter(buf, requires_grad=False)  # the stage's own copy is freed
+                refills.append((buf, dense, packed, values))
+        return refills
 
     def _share(self, prepared: dict) -> list[tuple]:
         """Rebinds the stage's gathered weights to views of one buffer per dense layer and axis
@@ -231,7 +263,15 @@ class Router:
             raise RoutingError(f"stage {stage} was not prepared by this router (built with stages=…): build it "
                                "with that stage")
         groups, blocks = prepared["groups"], prepared["blocks"]
-        if not self.resident:
+        if not self.resident and self.store.sparse:
+            with torch.no_grad():
+                for buf, dense, packed, values in self._refills[stage]:
+                    kept = ~unpack_mask(packed, dense.shape[1])
+                    if values is None:
+                        buf.copy_(dense.to(self.device)).masked_fill_(~kept, 0)
+                    else:
+                        buf.zero_().masked_scatter_(kept, values)
+        elif not self.resident:
             with torch.no_grad():
                 for weight, axis, index, linear in self._refills[stage]:
                     out = linear.weight if axis == 0 else linear.weight.T  # a contiguous view of the buffer

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -77,13 +76,20 @@ def removed_mask(level_map: Tensor, level: int) -> Tensor:
 
 
 def pack_mask(mask: Tensor) -> Tensor:
-    """bool [out, in] → uint8 [out, ceil(in / 8)], 8 weights to a byte (numpy's packbits, big-endian)."""
-    return torch.from_numpy(np.packbits(mask.cpu().numpy(), axis=1))
+    """bool [out, in] → uint8 [out, ceil(in / 8)], 8 weights to a byte, first weight in the high bit
+    (numpy's `packbits` order), on the mask's device."""
+    out, n_in = mask.shape
+    bits = torch.nn.functional.pad(mask.to(torch.uint8), (0, -n_in % 8)).reshape(out, -1, 8)
+    return (bits << _SHIFTS.to(mask.device)).sum(dim=-1, dtype=torch.uint8)
 
 
 def unpack_mask(packed: Tensor, in_features: int) -> Tensor:
-    """`pack_mask`'s inverse: uint8 [out, ceil(in / 8)] → bool [out, in]."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), axis=1, count=in_features).astype(bool))
+    """`pack_mask`'s inverse: uint8 [out, ceil(in / 8)] → bool [out, in], on the packed mask's device."""
+    bits = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :in_features].bool()
+
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
 
 
 def level_weight(dense: Tensor, level_map: Tensor, level: int, values: Tensor | None = None) -> Tensor:

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import diffes_pl as dp
 from diffes_pl.partition import StagePartition
 from diffes_pl.pruners import SparseMagnitudePruner, SparseOBSPruner, SparseWandaPruner, build_store
-from diffes_pl.routing import Router, RoutingError
+from diffes_pl.routing import Router
 from diffes_pl.sparsity import Granularity, level_weight, removed_mask
 
 from helpers.pruner_reference import HandNoisedDigits
@@ -132,11 +132,28 @@ def test_routed_sampling_equals_masked_weights_on_the_dense_denoiser(which, leve
     assert tiny.is_dense()
 
 
-def test_sparse_stores_refuse_shared_buffers(wanda_store, tiny):
-    store, partition = wanda_store
-    schedule = dp.Schedule([2, 2], store.levels_max, 2, partition.steps_per_stage, partition=partition.to_dict())
-    with pytest.raises(RoutingError, match="route it resident"):
-        Router(tiny, store, schedule, resident=False)
+@pytest.mark.parametrize("which", ["wanda", "obs_nm"])
+def test_shared_buffers_route_like_resident_weights(which, wanda_store, obs_nm_store, tiny):
+    """resident=False (one buffer per linear, refilled at stage boundaries from the stage's packed mask
+    and values) samples exactly what resident routing samples, twice in a row, and holds less."""
+    store, partition = wanda_store if which == "wanda" else obs_nm_store
+    schedule = dp.Schedule([1, 3], store.levels_max, 2, partition.steps_per_stage, partition=partition.to_dict())
+    labels = [1, 6]
+    kw = dict(steps=STEPS, guidance=2.0, seed=0, output="latents")
+    with Router(tiny, store, schedule) as resident:
+        expected = dp.sample(tiny, labels, router=resident, **kw)
+        resident_bytes = resident.resident_bytes()
+    with Router(tiny, store, schedule, resident=False) as shared:
+        for _ in range(2):  # the second run refills buffers last filled by the other stage
+            assert torch.equal(dp.sample(tiny, labels, router=shared, **kw), expected)
+        shared_bytes = shared.resident_bytes()
+    dense = sum(lin.weight.numel() * 4 for lin in tiny.sparse_linears().values())
+    assert resident_bytes == 2 * dense and shared_bytes == dense  # two stages' weights vs one buffer
+    from diffes_pl.routing import estimate_prepared_bytes
+
+    assert estimate_prepared_bytes(tiny, store, schedule, resident=True) == resident_bytes
+    assert estimate_prepared_bytes(tiny, store, schedule, resident=False) > shared_bytes  # + masks and values
+    assert tiny.is_dense()
 
 
 @pytest.mark.parametrize("pruner", [lambda: SparseOBSPruner(granularity="n:m", m=4),
