@@ -18,8 +18,9 @@ MLP 1152→4608 and 4608→1152) on a CFG batch's tokens (2 × batch × 256), ea
 2:4 mask applied to a dense weight (the same dense kernel: what unstructured or N:M sparsity gives
 without a sparse kernel), and on CUDA with the weight in PyTorch's semi-structured format
 (`to_sparse_semi_structured`: cuSPARSELt / CUTLASS, fp16/bf16). The CPU has no 2:4 kernel: there the
-masked weight runs as fast as the dense one, and the script says so. The whole routed step with
-sparse weights waits for sparse routing. Writes benchmarks/results/latency_sparse_<device>.json.
+masked weight runs as fast as the dense one, and the script says so. Then a whole DiT-XL/2 call: dense,
+with every attention and MLP linear 2:4-masked (magnitude masks) installed as the router installs a
+sparse stage, and on CUDA those weights semi-structured. Writes benchmarks/results/latency_sparse_<device>.json.
 """
 from __future__ import annotations
 
@@ -115,6 +116,7 @@ def sparse_layers(args, device: torch.device, dtype: torch.dtype) -> None:
                 row[f"{kind} / dense"] = row[kind] / row["dense"]
             result["rows"].append(row)
             print(" · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    result["steps"] = whole_step(args, device, dtype, run, (n, m), semi)
     if semi is None:
         why = (f"no {args.sparsity} kernel on {device.type}" if device.type != "cuda" else
                "semi-structured kernels take float16 or bfloat16 (--dtype float16)")
@@ -125,6 +127,63 @@ def sparse_layers(args, device: torch.device, dtype: torch.dtype) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print("wrote", out)
+
+
+def whole_step(args, device: torch.device, dtype: torch.dtype, run, n_m: tuple[int, int], semi) -> list[dict]:
+    """One denoiser call of DiT-XL/2 (random weights) dense, with every attention and MLP linear at
+    n:m installed as the router installs a sparse stage (full-size masked weights, by reference), and
+    (CUDA, 2:4, fp16/bf16) with those weights as semi-structured sparse tensors."""
+    from diffes_pl.pruners.sparse_solver import magnitude_mask
+
+    adapter = dp.load_denoiser(args.model, weights=False, device=device, dtype=dtype)
+    masked = {}
+    for group in adapter.unit_groups():
+        weights = {}
+        for name, linear in adapter.sparse_linears().items():
+            if name.startswith(group.name + "."):
+                w = linear.weight.detach()
+                weights[name[len(group.name) + 1:]] = w * ~magnitude_mask(w.float().cpu(), n_m=n_m).to(device)
+        masked[group.name] = adapter.sparse_module(group, weights)
+    rows = []
+    for batch in args.batch_sizes:
+        latents = torch.randn(2 * batch, *adapter.latent_shape, device=device, dtype=dtype)
+        t = torch.full((2 * batch,), 500.0, device=device)
+        cond = adapter.example_condition(2 * batch, device)
+        fn = lambda: adapter.predict_noise(latents, t, cond)
+        row = {"what": "whole DiT step (CFG batch)", "batch": batch}
+        kinds = {"dense": None, f"{args.sparsity} masked dense": masked}
+        if semi is not None and n_m == (2, 4):
+            kinds[f"{args.sparsity} semi-structured"] = {
+                name: _semi(module, semi) for name, module in masked.items()}
+        with torch.inference_mode():
+            for kind, modules in kinds.items():
+                for group in adapter.unit_groups():
+                    adapter.install(group, adapter.dense_module(group) if modules is None else modules[group.name])
+                run(fn, args.warmup)
+                row[kind] = statistics.median(run(fn, args.repeats))
+        adapter.restore_dense()
+        for kind in list(kinds)[1:]:
+            row[f"{kind} / dense"] = row[kind] / row["dense"]
+        rows.append(row)
+        print(" · ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    return rows
+
+
+def _semi(module: torch.nn.Module, semi) -> torch.nn.Module:
+    """A copy of `module` whose linear weights are semi-structured sparse tensors."""
+    import copy
+
+    module = copy.copy(module)
+    module._modules = dict(module._modules)
+    for name, child in list(module.named_children()):
+        if isinstance(child, torch.nn.Linear):
+            new = copy.copy(child)
+            new._parameters = dict(child._parameters)
+            new.weight = torch.nn.Parameter(semi(child.weight.detach()), requires_grad=False)
+            module._modules[name] = new
+        else:
+            module._modules[name] = _semi(child, semi)
+    return module
 
 
 def main() -> None:
