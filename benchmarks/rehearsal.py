@@ -1,9 +1,21 @@
 """Rehearsal of a real architecture end to end, with random weights (issue 24, part 6).
 
-Builds the denoiser's real architecture from its shipped config with random weights (DiT-XL/2 with an
-SD-VAE-shaped random AutoencoderKL, saved as a local DiT folder), writes a small local image folder
-(random PNGs, one subfolder per class, read through `datasets`' imagefolder as `data.source`), then
-runs the CLI phases in turn, each in its own process:
+Builds the denoiser's real architecture from its shipped config with random weights and saves it as a
+local diffusers folder (`model.denoiser: <folder>`):
+- dit: DiT-XL/2-256 with an SD-VAE-shaped random AutoencoderKL (a DiT folder);
+- pixart / sd3 / sdxl: PixArt-Σ XL/2, SD3-Medium's MMDiT, SDXL-base's UNet at full size (every weight
+  of the shipped config; only `sample_size` is lowered, for 256 × 256 images, which no weight depends
+  on), an SD-shaped random VAE of the family's latent channels and random text encoders whose OUTPUT
+  widths are the real pipeline's (PixArt: T5 4096 = caption_channels; SD3: CLIP-L 768 + CLIP-G 1280
+  with projections = pooled 2048, T5 4096 = joint_attention_dim; SDXL: CLIP-L 768 + CLIP-G 1280 =
+  cross_attention_dim 2048, CLIP-G's projection 1280 = the pooled input) but only 2 layers deep (T5
+  with 8 heads of 64 and MLP 2048): the denoiser sees only their output widths. Tokenizers are
+  word-level ones built offline (`word_tokenizer`; CLIP padded to 77 tokens, T5 to the adapter's
+  text_len: 300 / 256). The folder is the family's pipeline folder (model_index.json).
+It writes a small local image folder (random PNGs read through `datasets`' imagefolder as
+`data.source`: one subfolder per class, or for the text families one folder with a metadata.jsonl
+`text` caption per image; the search probes prompts), then runs the CLI phases in turn, each in its
+own process:
 
     predict  calibration → trajectory store
     fit      the search (`--generations` generations; the store of `predict` is reused)
@@ -22,10 +34,21 @@ Writes benchmarks/results/rehearsal_<model>[_wanda]_<device>.json (or --out).
     python benchmarks/rehearsal.py --model tiny --stages 2 --steps 4 --out /tmp/r.json   # about a minute
     python benchmarks/rehearsal.py --device cuda                    # on a GPU
 
+    python benchmarks/rehearsal.py --model pixart --stages 2 --steps 4 --probes 1 --generations 1
+    python benchmarks/rehearsal.py --model sd3 --stages 1 --steps 2 --levels 10 --probes 1 --generations 1
+    python benchmarks/rehearsal.py --model sdxl --dtype bfloat16 --calibrate-by model --stat-dtype float32 \
+        --stages 1 --steps 2 --probes 1 --generations 1
+
 Random weights: the figures are time and memory, not quality (the fitness is SSIM to the dense model).
-`--model`: dit (DiT-XL/2-256), tiny (the built-in model; its shipped trained weights). The
-text-to-image families (sd3, pixart, sdxl) need text encoders the shipped configs do not describe, so
-the script refuses them with that reason (not yet built).
+`--model`: dit (DiT-XL/2-256), tiny (the built-in model; its shipped trained weights), pixart, sd3,
+sdxl (text-to-image, as above). `--dtype bfloat16` runs the CLI phases in bfloat16 (the folder is
+saved in float32). On a 24 GB CPU host, by the memory plan at 256 pixels, 1 stage, H = 10: SD3-Medium
+in float32 plans 10.7 GiB (`--levels 10`: its default H = 24 writes a 21 GiB store per stage); the
+SDXL UNet's transformer blocks do not run one after another, so `--calibrate-by block` re-runs the
+forward once per block (70 predict epochs a stage), and whole-model statistics in float64 beside
+float32 weights plan 34.9 GiB: hence bfloat16 weights and float32 statistics (18.0 GiB, which fits a
+24 GB host only with little else running; on this 2-core CPU its calibration did not finish within a
+session, so no SDXL figures are recorded).
 """
 from __future__ import annotations
 
@@ -42,8 +65,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = {"dit": "facebook/DiT-XL-2-256", "tiny": "tiny-digits"}
-NOT_YET = {"sd3": "SD3-Medium", "pixart": "PixArt-Σ", "sdxl": "SDXL"}
+MODELS = {"dit": "facebook/DiT-XL-2-256", "tiny": "tiny-digits",
+          "pixart": "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", "sd3": "stabilityai/stable-diffusion-3-medium-diffusers",
+          "sdxl": "stabilityai/stable-diffusion-xl-base-1.0"}
 PHASES = ("predict", "fit", "test")
 SOLVE_LINE = re.compile(r"^stage \d+: OBS solve ")  # obs.solve_summary's line, one per stage
 
@@ -123,42 +147,172 @@ def _run_phase(argv: list[str], report: Path) -> None:
     sys.exit(code)
 
 
-def _build_model(model: str, folder: Path) -> dict:
-    """The architecture with random weights, saved as a local diffusers DiT folder; returns its sizes."""
+# Words of the calibration captions and probe prompts: the offline word-level tokenizers know these
+# (no tokenizer can be downloaded); anything else is [UNK], which a random-weight run does not mind.
+WORDS = ("a an the of on in with at by near photo painting cat dog bird horse man woman astronaut bicycle bowl "
+         "fruit lighthouse table street wall kitchen coast red blue green wooden brick rocky sits stands runs "
+         "riding leaning mars rain morning light sunset oil").split()
+CAPTIONS = ["a red cat sits on the table", "a dog runs in the street", "a photo of a blue bird",
+            "a man with a green bicycle", "the woman stands near the wall", "a horse on the rocky coast",
+            "a bowl of fruit on a wooden table", "a lighthouse at sunset, oil painting"]
+PROMPTS = ["a photo of an astronaut riding a horse on mars",
+           "a red bicycle leaning against a brick wall in the rain"]
+# Per text-to-image family: the denoiser's shipped config, the pipeline class of the folder, the
+# denoiser's subfolder, the sample size (latent side) the rehearsal uses instead of the shipped one
+# (CPU: 256 × 256 images; weights do not depend on it), and the text encoders built for it. Widths
+# are the real pipeline's (they are what the denoiser takes); depth is 2 layers and T5's attention/MLP
+# are narrow, since the denoiser only sees the encoders' output widths.
+TEXT_FAMILIES = {
+    "pixart": {"config": "pixart_sigma_xl_2_1024_ms_transformer_config.json", "pipeline": "PixArtSigmaPipeline",
+               "sub": "transformer", "denoiser": "PixArtTransformer2DModel", "image_size": 256,
+               "encoders": [("T5", "text_encoder", "tokenizer", {"width": "caption_channels"})],
+               "vae": {"latent_channels": 4, "scaling_factor": 0.13025}},  # SDXL's VAE (what Σ ships)
+    "sd3": {"config": "sd3_medium_transformer_config.json", "pipeline": "StableDiffusion3Pipeline",
+            "sub": "transformer", "denoiser": "SD3Transformer2DModel", "image_size": 256,
+            # CLIP-L 768 + CLIP-G 1280: pooled 2048 = pooled_projection_dim, hidden padded to T5's 4096
+            "encoders": [("CLIPProj", "text_encoder", "tokenizer", {"width": 768}),
+                         ("CLIPProj", "text_encoder_2", "tokenizer_2", {"width": 1280}),
+                         ("T5", "text_encoder_3", "tokenizer_3", {"width": "joint_attention_dim"})],
+            "vae": {"latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609,
+                    "use_quant_conv": False, "use_post_quant_conv": False}},
+    "sdxl": {"config": "sdxl_base_unet_config.json", "pipeline": "StableDiffusionXLPipeline", "sub": "unet",
+             "denoiser": "UNet2DConditionModel", "image_size": 256,
+             # CLIP-L 768 + CLIP-G 1280 = cross_attention_dim 2048; CLIP-G's projection 1280 = the pooled input
+             "encoders": [("CLIP", "text_encoder", "tokenizer", {"width": 768}),
+                          ("CLIPProj", "text_encoder_2", "tokenizer_2", {"width": 1280})],
+             "vae": {"latent_channels": 4, "scaling_factor": 0.13025}},
+}
+ENCODER_LAYERS = 2
+SD_VAE = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2, "block_out_channels": (128, 256, 512, 512),
+          "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4}
+
+
+def word_tokenizer(max_length: int):
+    """A word-level fast tokenizer built offline ([PAD] 0, [UNK] 1, [EOS] 2 appended, then WORDS), as the
+    tests build theirs; saved with `save_pretrained`, AutoTokenizer loads it back from the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                                   model_max_length=max_length)
+
+
+def _text_encoder(kind: str, width: int, vocab: int, tiny: bool):
+    """A random CLIP text encoder (77 positions, heads of 64) or T5 encoder of hidden size `width`,
+    ENCODER_LAYERS deep; T5's attention (8 heads of 64) and MLP (2048) are narrow: only its output width
+    reaches the denoiser."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    heads = 2 if tiny else max(1, width // 64)
+    if kind == "T5":
+        return T5EncoderModel(T5Config(vocab_size=vocab, d_model=width, d_kv=8 if tiny else 64,
+                                       d_ff=2 * width if tiny else 2048, num_layers=ENCODER_LAYERS,
+                                       num_heads=heads if tiny else 8, pad_token_id=0, eos_token_id=2))
+    cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=4 * width,
+                         num_hidden_layers=ENCODER_LAYERS, num_attention_heads=heads, max_position_embeddings=77,
+                         projection_dim=width, pad_token_id=0, bos_token_id=0, eos_token_id=2)
+    return (CLIPTextModelWithProjection if kind == "CLIPProj" else CLIPTextModel)(cfg)
+
+
+def _build_model(model: str, folder: Path, tiny: dict | None = None) -> dict:
+    """The architecture with random weights, saved as a local diffusers folder; returns its sizes.
+
+    dit: DiTTransformer2DModel + an SD-VAE-shaped AutoencoderKL. pixart / sd3 / sdxl: the shipped
+    denoiser config (sample_size lowered to 256-pixel images; no weight depends on it), an SD-shaped VAE
+    of the family's latent channels, random text encoders of the widths the denoiser takes and offline
+    word-level tokenizers, saved as the family's diffusers pipeline folder (`model_index.json`).
+    `tiny` (tests only): overrides of the denoiser config and encoder widths, same code path."""
     import torch
-    from diffusers import AutoencoderKL, DiTTransformer2DModel
 
     from diffes_pl.denoisers.assets import asset_path
 
     torch.manual_seed(0)
-    config = json.loads(asset_path("dit_xl_2_256_config.json").read_text())
-    config.pop("_class_name", None)
-    denoiser = DiTTransformer2DModel(**config)
-    denoiser.save_pretrained(folder / "transformer")
-    # SD's VAE (stabilityai/sd-vae-ft-ema, what DiT ships): 4 resolutions, 4 latent channels, random weights
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, sample_size=256, scaling_factor=0.18215)
-    vae.save_pretrained(folder / "vae")
     count = lambda m: sum(p.numel() for p in m.parameters())
-    return {"denoiser_parameters": count(denoiser), "vae_parameters": count(vae)}
+    if model == "dit":
+        from diffusers import AutoencoderKL, DiTTransformer2DModel
+
+        config = json.loads(asset_path("dit_xl_2_256_config.json").read_text())
+        config.pop("_class_name", None)
+        denoiser = DiTTransformer2DModel(**config)
+        denoiser.save_pretrained(folder / "transformer")
+        # SD's VAE (stabilityai/sd-vae-ft-ema, what DiT ships): 4 resolutions, 4 latent channels, random weights
+        vae = AutoencoderKL(**SD_VAE, latent_channels=4, sample_size=256, scaling_factor=0.18215)
+        vae.save_pretrained(folder / "vae")
+        return {"denoiser_parameters": count(denoiser), "vae_parameters": count(vae)}
+    import diffusers
+    from diffusers import AutoencoderKL
+
+    spec = TEXT_FAMILIES[model]
+    tiny = tiny or {}
+    config = {k: v for k, v in json.loads(asset_path(spec["config"]).read_text()).items() if not k.startswith("_")}
+    config.update(tiny.get("denoiser", {}))
+    vae_kwargs = {**SD_VAE, **spec["vae"], **tiny.get("vae", {})}
+    factor = 2 ** (len(vae_kwargs["block_out_channels"]) - 1)
+    image_size = tiny.get("image_size", spec["image_size"])
+    if model != "sd3":  # PixArt and SDXL take the latent side from sample_size; SD3 from the VAE's
+        config["sample_size"] = image_size // factor
+    denoiser = getattr(diffusers, spec["denoiser"]).from_config(config)
+    denoiser.save_pretrained(folder / spec["sub"])
+    vae = AutoencoderKL(**vae_kwargs, sample_size=image_size, force_upcast=model != "sd3")
+    vae.save_pretrained(folder / "vae")
+    sizes = {"denoiser_parameters": count(denoiser), "vae_parameters": count(vae), "image_size": image_size,
+             "latent_side": image_size // factor, "text_encoders": {}}
+    for kind, enc_dir, tok_dir, dims in spec["encoders"]:
+        width = dims["width"]
+        width = int(config[width]) if isinstance(width, str) else int(tiny.get("widths", {}).get(enc_dir, width))
+        tok = word_tokenizer(77 if kind.startswith("CLIP") else 512)  # T5: padded to the adapter's text_len
+        encoder = _text_encoder(kind, width, len(tok), bool(tiny))
+        tok.save_pretrained(folder / tok_dir)
+        encoder.save_pretrained(folder / enc_dir)
+        sizes["text_encoders"][enc_dir] = {"class": type(encoder).__name__, "hidden_size": width,
+                                           "layers": ENCODER_LAYERS, "parameters": count(encoder)}
+    _check_widths(model, config, sizes["text_encoders"])
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": spec["pipeline"]}))
+    return sizes
 
 
-def _write_images(folder: Path, n: int, size: int, classes: int = 2) -> None:
-    """`n` random RGB PNGs of size × size in `classes` subfolders (imagefolder's labels)."""
+def _check_widths(model: str, config: dict, encoders: dict) -> None:
+    """Refuses encoders whose output widths the denoiser would not take (before a long run finds out)."""
+    widths = [e["hidden_size"] for e in encoders.values()]
+    if model == "sd3":
+        ok = widths[0] + widths[1] == config["pooled_projection_dim"] and widths[2] == config["joint_attention_dim"] \
+            and widths[0] + widths[1] <= widths[2]
+    elif model == "sdxl":
+        pooled = config["projection_class_embeddings_input_dim"] - 6 * config["addition_time_embed_dim"]
+        ok = sum(widths) == config["cross_attention_dim"] and widths[1] == pooled
+    else:
+        ok = widths == [config["caption_channels"]]
+    if not ok:
+        raise ValueError(f"rehearsal: {model} text encoder widths {widths} do not fit the denoiser config")
+
+
+def _write_images(folder: Path, n: int, size: int, classes: int = 2, captions: list[str] | None = None) -> None:
+    """`n` random RGB PNGs of size × size: in `classes` subfolders (imagefolder's labels), or with
+    `captions` in one folder whose metadata.jsonl gives each image its caption (imagefolder's `text`)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
+    rows = []
     for i in range(n):
-        sub = folder / f"class_{i % classes}"
+        sub = folder if captions else folder / f"class_{i % classes}"
         sub.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(sub / f"{i:04d}.png")
+        if captions:
+            rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": captions[i % len(captions)]}))
+    if captions:
+        (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
 
 
 # --- the driver ----------------------------------------------------------------------------------------
 
 def _config(args: argparse.Namespace, denoiser: str, images: Path, run: Path) -> dict:
+    text = args.model in TEXT_FAMILIES
+    data = ({"caption_column": "text", "label_column": None} if text else {"label_column": "label"})
     return {
         "seed_everything": 0,
         "trainer": {"accelerator": "gpu" if args.device == "cuda" else "cpu", "devices": 1,
@@ -166,12 +320,14 @@ def _config(args: argparse.Namespace, denoiser: str, images: Path, run: Path) ->
                     "default_root_dir": str(run)},
         "model": {"denoiser": denoiser,
                   "pruner": {"class_path": f"diffes_pl.pruners.{args.pruner}",
-                             "init_args": {"mode": "fast"} if args.pruner == "OBSPruner" else {}},
-                  "num_stages": args.stages, "steps": args.steps, "sampler": "ddim", "guidance": 1.5,
+                             "init_args": {**({"mode": "fast"} if args.pruner == "OBSPruner" else {}),
+                                           **({"stat_dtype": args.stat_dtype} if args.stat_dtype else {})}},
+                  **({"levels": args.levels} if args.levels else {}),
+                  "num_stages": args.stages, "steps": args.steps, "sampler": "flow_euler" if args.model == "sd3" else "ddim", "guidance": 1.5,
                   "sparsity": 0.5, "offspring": 2, "survivors": 2, "max_move": 2, "init": "hybrid",
-                  "metric": "ssim", "num_probes": args.probes, "probe_seed": 1234, "dtype": "float32",
-                  "calibrate_by": args.calibrate_by},
-        "data": {"source": str(images), "image_column": "image", "label_column": "label",
+                  "metric": "ssim", "num_probes": args.probes, "probe_seed": 1234, "dtype": args.dtype,
+                  "calibrate_by": args.calibrate_by, **({"prompts": PROMPTS} if text else {})},
+        "data": {"source": str(images), "image_column": "image", **data,
                  "nsamples": args.nsamples, "batch_size": min(args.nsamples, 8), "seed": 0},
     }
 
@@ -227,7 +383,7 @@ def _phase(name: str, cmd: list[str], work: Path, env: dict, log) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="dit", choices=[*MODELS, *NOT_YET], help="architecture to rehearse")
+    ap.add_argument("--model", default="dit", choices=list(MODELS), help="architecture to rehearse")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--pruner", default="OBSPruner", choices=["OBSPruner", "WandaPruner"],
                     help="OBS (the solve the issue times) or Wanda (no solve: the rest of the pipeline alone)")
@@ -238,6 +394,11 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=2, help="search probes")
     ap.add_argument("--generations", type=int, default=2)
     ap.add_argument("--eval-images", type=int, default=4, help="images per schedule in `diffes-pl test`")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="model.dtype of the CLI phases (the folder is saved in float32)")
+    ap.add_argument("--levels", type=int, default=None, help="model.levels (H; default: the pruner's)")
+    ap.add_argument("--stat-dtype", default=None, choices=["float64", "float32"],
+                    help="the pruner's stat_dtype (default: its own, float64)")
     ap.add_argument("--calibrate-by", default="block", choices=["auto", "model", "block"],
                     help="whole-model or block-by-block calibration (model.calibrate_by)")
     ap.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one, removed)")
@@ -255,10 +416,6 @@ def main() -> None:
         sizes["peak_host_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         (args._build / "sizes.json").write_text(json.dumps(sizes))
         return
-    if args.model in NOT_YET:
-        raise SystemExit(f"rehearsal: --model {args.model} ({NOT_YET[args.model]}) is not built yet: its pipeline "
-                         "needs text encoders whose shapes the shipped denoiser config does not give; "
-                         f"use --model {' or '.join(MODELS)}")
     if args.steps < args.stages:
         raise SystemExit(f"rehearsal: --steps {args.steps} must be ≥ --stages {args.stages}")
 
@@ -275,13 +432,21 @@ def main() -> None:
         result: dict = {"model": args.model, "architecture": MODELS[args.model], "device": args.device,
                         "pruner": args.pruner, "settings": {k: getattr(args, k) for k in (
                             "stages", "steps", "nsamples", "images", "probes", "generations", "eval_images",
-                            "calibrate_by")},
+                            "calibrate_by", "dtype", "levels", "stat_dtype")},
                         "phases": {}}
         log = lambda line: print(line, flush=True)
 
         images = work / "images"
-        size = 256 if args.model == "dit" else 32
-        _write_images(images, args.images, size)
+        size = 32 if args.model == "tiny" else 256
+        text = args.model in TEXT_FAMILIES
+        _write_images(images, args.images, size, captions=CAPTIONS if text else None)
+        result["image_size"] = size
+        if text:
+            result["random_parts"] = (
+                "denoiser (full shipped architecture, sample_size lowered for 256-pixel images), SD-shaped VAE, "
+                f"text encoders of the real output widths but {ENCODER_LAYERS} layers (T5: 8 heads of 64, MLP 2048) "
+                "and offline word-level tokenizers")
+            result["prompts"] = PROMPTS
         if args.model == "tiny":
             denoiser = MODELS["tiny"]
         else:

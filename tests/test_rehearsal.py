@@ -40,15 +40,70 @@ def test_rehearsal_records_every_phase(tmp_path):
         assert (tmp_path / "work" / f"{name}.log").is_file()
 
 
-def test_text_families_are_refused_with_the_reason(tmp_path, capsys):
+def _rehearsal():
     spec = importlib.util.spec_from_file_location("rehearsal", SCRIPT)
     rehearsal = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rehearsal)
-    sys_argv = sys.argv
-    sys.argv = [str(SCRIPT), "--model", "sd3", "--out", str(tmp_path / "r.json")]
-    try:
-        with pytest.raises(SystemExit, match="text encoders"):
-            rehearsal.main()
-    finally:
-        sys.argv = sys_argv
-    assert not (tmp_path / "r.json").exists()
+    return rehearsal
+
+
+TINY_VAE = {"block_out_channels": (8, 8), "down_block_types": ("DownEncoderBlock2D",) * 2,
+            "up_block_types": ("UpDecoderBlock2D",) * 2, "layers_per_block": 1, "norm_num_groups": 2}
+# The build step on reduced dims (`tiny`: the test-only override of the shipped config and encoder widths)
+TINY = {
+    "pixart": {"denoiser": {"num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 2,
+                            "cross_attention_dim": 16, "caption_channels": 16}},
+    "sd3": {"denoiser": {"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "joint_attention_dim": 32,
+                         "caption_projection_dim": 16, "pooled_projection_dim": 24, "pos_embed_max_size": 8},
+            "widths": {"text_encoder": 8, "text_encoder_2": 16}},
+    "sdxl": {"denoiser": {"block_out_channels": [32, 64], "layers_per_block": 1, "norm_num_groups": 8,
+                          "down_block_types": ["CrossAttnDownBlock2D"] * 2, "up_block_types": ["CrossAttnUpBlock2D"] * 2,
+                          "attention_head_dim": [2, 4], "transformer_layers_per_block": [1, 2],
+                          "cross_attention_dim": 32, "addition_time_embed_dim": 8,
+                          "projection_class_embeddings_input_dim": 6 * 8 + 16},
+             "widths": {"text_encoder": 16, "text_encoder_2": 16}},
+}
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3", "sdxl"])
+def test_text_family_build_loads_as_its_family_with_text_encoders(tmp_path, family):
+    """The build step writes a pipeline folder `load_denoiser` reads as the right family, with its VAE
+    and text encoders, whose prompt encodings the denoiser takes (here on reduced dims)."""
+    from diffes_pl import load_denoiser
+    from diffes_pl.denoisers import check_name
+
+    rehearsal = _rehearsal()
+    sizes = rehearsal._build_model(family, tmp_path / "model", tiny={**TINY[family], "vae": TINY_VAE, "image_size": 16})
+    assert str(check_name(str(tmp_path / "model"))) == f"{family}-folder"
+    adapter = load_denoiser(str(tmp_path / "model"))
+    assert adapter.family == family and adapter.vae is not None and adapter.has_text_encoders
+    assert adapter.latent_shape[1:] == (8, 8) and sizes["latent_side"] == 8  # 16-pixel images, VAE factor 2
+    cond = adapter.encode_prompts(rehearsal.PROMPTS)  # validate_condition: widths fit the denoiser
+    assert len(cond) == len(rehearsal.PROMPTS)
+    assert all(e["layers"] == rehearsal.ENCODER_LAYERS for e in sizes["text_encoders"].values())
+    assert sizes["denoiser_parameters"] == sum(p.numel() for p in adapter.denoiser.parameters())
+
+
+def test_text_family_encoders_must_fit_the_denoiser(tmp_path):
+    rehearsal = _rehearsal()
+    tiny = {**TINY["sd3"], "widths": {"text_encoder": 8, "text_encoder_2": 8}, "vae": TINY_VAE, "image_size": 16}
+    with pytest.raises(ValueError, match="do not fit"):  # 8 + 8 ≠ pooled_projection_dim 24
+        rehearsal._build_model("sd3", tmp_path / "model", tiny=tiny)
+
+
+def test_text_families_take_captions_and_prompts(tmp_path):
+    """A text family's run reads captions (imagefolder metadata.jsonl `text`) and probes prompts."""
+    import argparse
+
+    rehearsal = _rehearsal()
+    rehearsal._write_images(tmp_path / "images", 4, 8, captions=rehearsal.CAPTIONS)
+    rows = [json.loads(line) for line in (tmp_path / "images" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == rehearsal.CAPTIONS[:4] and all((tmp_path / "images" / r["file_name"]).is_file()
+                                                                      for r in rows)
+    args = argparse.Namespace(model="sd3", device="cpu", generations=1, pruner="OBSPruner", stages=1, steps=2, probes=2,
+                              calibrate_by="block", nsamples=2, dtype="float32", levels=10,
+                              stat_dtype=None)
+    config = rehearsal._config(args, "/m", tmp_path / "images", tmp_path / "run")
+    assert config["data"]["caption_column"] == "text" and config["data"]["label_column"] is None
+    assert config["model"]["prompts"] == rehearsal.PROMPTS and config["model"]["sampler"] == "flow_euler"
+    assert config["model"]["levels"] == 10 and config["model"]["pruner"]["init_args"] == {"mode": "fast"}
