@@ -188,17 +188,10 @@ SD_VAE = {"in_channels": 3, "out_channels": 3, "layers_per_block": 2, "block_out
 
 
 def word_tokenizer(max_length: int):
-    """A word-level fast tokenizer built offline ([PAD] 0, [UNK] 1, [EOS] 2 appended, then WORDS), as the
-    tests build theirs; saved with `save_pretrained`, AutoTokenizer loads it back from the folder."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """The offline word-level tokenizer of `WORDS` (`denoisers.text.word_tokenizer`, as the tests build theirs)."""
+    from diffes_pl.denoisers.text import word_tokenizer as build
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
-                                   model_max_length=max_length)
+    return build(WORDS, max_length)
 
 
 def _text_encoder(kind: str, width: int, vocab: int, tiny: bool):

@@ -48,15 +48,9 @@ WORDS = "a an the of on in with cat dog bird man woman red blue green photo sits
 
 def tiny_tokenizer(max_length: int):
     """A word-level tokenizer built offline ([PAD] 0, [UNK] 1, [EOS] 2 appended, then the words)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from diffes_pl.denoisers.text import word_tokenizer
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
-                                   model_max_length=max_length)
+    return word_tokenizer(WORDS, max_length)
 
 
 def _clip(hidden: int, projection: int | None = None):

@@ -209,3 +209,18 @@ class TextConditioned:
 
     def _encode_batch(self, encoders: TextEncoders, prompts: list[str]) -> TextCondition:
         raise NotImplementedError
+
+
+def word_tokenizer(words: Sequence[str], max_length: int) -> Any:
+    """A word-level fast tokenizer built offline: [PAD] 0, [UNK] 1, then `words`, with [EOS] 2 appended
+    to every text. For pipelines whose real tokenizer cannot be downloaded (the tests' tiny text models,
+    the rehearsal's random encoders); `save_pretrained` writes it and `AutoTokenizer` loads it back."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, **{w: i + 3 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                                   model_max_length=max_length)
