@@ -112,13 +112,18 @@ def test_config_parses_and_instantiates(path, tmp_path, no_network, monkeypatch)
             assert hp[key] == raw["model"][key], key
     assert 0 < hp.target_level <= hp.levels
     assert isinstance(model.pruner, Pruner)
+    pruner_name, _, granularity = pruner_name.partition("_")  # `_2of4` / `_unstructured`: single weights
+    if granularity:  # level 2 of 4 is 2:4; unstructured removes target/H of each layer's weights (half)
+        kind = {"2of4": "n:m", "unstructured": "unstructured"}[granularity]
+        assert model.pruner.granularity.kind == kind and hp.target_level / hp.levels == 0.5
+        assert granularity == "unstructured" or (model.pruner.granularity.m, hp.levels, hp.target_level) == (4, 4, 2)
     if pruner_name == "obsdiff":  # the OBS-Diff baseline: OBS, one stage, sequential timestep-weighted calibration
         assert model.pruner.passes > 1 and model.pruner.hparams.timestep_weighting and hp.num_stages == 1
         pruner_name = "obs"
     if pruner_name == "joint":  # the joint search (a level and a cache interval per stage) over OBS
         assert hp.cache_intervals and 1 in hp.cache_intervals and 0 < hp.mac_budget <= 1
         pruner_name = "obs"
-    assert model.pruner.name == pruner_name
+    assert model.pruner.name == pruner_name + ("_sparse" if granularity else "")
     assert type(model.pruner).__name__ == raw["model"]["pruner"]["class_path"].rsplit(".", 1)[1]
     for key, value in (raw["model"]["pruner"].get("init_args") or {}).items():
         assert model.pruner.hparams[key] == value
