@@ -165,7 +165,8 @@ class Router:
             skipped = store.block_order(stage)[:level].tolist()
             return {"blocks": {i: self._skipped(i) for i in skipped}, "groups": {}}
         if store.sparse:
-            return {"blocks": {}, "groups": self._prepare_sparse(stage, level)}
+            groups, sources = self._prepare_sparse(stage, level)
+            return {"blocks": {}, "groups": groups, "sources": sources}
         groups: dict[str, nn.Module] = {}
         for group in adapter.unit_groups():
             removed = group.removed_at(level, H)
@@ -179,19 +180,21 @@ class Router:
             groups[group.name] = module.to(self.device)
         return {"blocks": {}, "groups": groups}
 
-    def _prepare_sparse(self, stage: int, level: int) -> dict[str, nn.Module]:
+    def _prepare_sparse(self, stage: int, level: int) -> tuple[dict[str, nn.Module], list[tuple]]:
         """Per unit group, its module with each linear layer's weight at `level` (zeros where removed,
-        the stored compensated values where kept): full-size weights, installed by reference."""
+        the stored compensated values where kept): full-size weights, installed by reference. Shared
+        buffers: also what a refill needs, per routed linear (linear, dense weight, packed mask, values)."""
         adapter, store = self.adapter, self.store
+        sources: list[tuple] = []
         if level == 0:
-            return {}
+            return {}, sources
         layers: dict[str, list[str]] = {}
         for layer in adapter.sparse_layers():
             layers.setdefault(layer.group, []).extend(layer.paths)
         groups: dict[str, nn.Module] = {}
         for group in adapter.unit_groups():
             dense = adapter.dense_module(group)
-            weights, sources = {}, {}
+            weights, refill = {}, {}
             for path in layers.get(group.name, []):
                 name = f"{group.name}.{path}"
                 weight = dense.get_submodule(path).weight.detach().to(self.device)
@@ -199,28 +202,22 @@ class Router:
                 weights[path] = masked_weight(weight, removed, values)
                 if not self.resident:  # what a refill of the shared buffer needs (`_share_sparse`)
                     packed = pack_mask(removed).to(self.device)
-                    sources[path] = (dense.get_submodule(path).weight, packed,  # the dense parameter: one buffer each
-                                     None if values is None else values.to(self.device, weight.dtype))
+                    refill[path] = (dense.get_submodule(path).weight, packed,  # the dense parameter: one buffer each
+                                    None if values is None else values.to(self.device, weight.dtype))
             module = adapter.sparse_module(group, weights).to(self.device)
-            for path, source in sources.items():
-                module.get_submodule(path)._sparse_from = source
+            sources += [(module.get_submodule(path), *source) for path, source in refill.items()]
             groups[group.name] = module
-        return groups
+        return groups, sources
 
     def _share_sparse(self, prepared: dict) -> list[tuple]:
         """Sparse stores: rebinds every routed linear's weight to ONE buffer per dense layer (shared by
         the stages) and returns what `install` refills: (buffer, dense weight, packed mask, values)."""
         buffers = self.__dict__.setdefault("_buffers", {})
         refills = []
-        for module in prepared["groups"].values():
-            for linear in module.modules():
-                source = linear.__dict__.pop("_sparse_from", None)
-                if source is None:
-                    continue
-                dense, packed, values = source
-                buf = buffers.setdefault(id(dense), torch.empty_like(dense, device=self.device))
-                linear.weight = nn.Parameter(buf, requires_grad=False)  # the stage's own copy is freed
-                refills.append((buf, dense, packed, values))
+        for linear, dense, packed, values in prepared.pop("sources"):
+            buf = buffers.setdefault(id(dense), torch.empty_like(dense, device=self.device))
+            linear.weight = nn.Parameter(buf, requires_grad=False)  # the stage's own copy is freed
+            refills.append((buf, dense, packed, values))
         return refills
 
     def _share(self, prepared: dict) -> list[tuple]:
