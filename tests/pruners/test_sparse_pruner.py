@@ -44,10 +44,8 @@ def obs_nm_store(tiny, tmp_path_factory):
 
 
 def _layers(adapter):
-    for layer in adapter.sparse_layers():
-        group = next(g for g in adapter.unit_groups() if g.name == layer.group)
-        for path, name in zip(layer.paths, layer.names()):
-            yield name, adapter.dense_module(group).get_submodule(path).weight.detach()
+    for name, linear in adapter.sparse_linears().items():
+        yield name, linear.weight.detach()
 
 
 def test_the_built_in_model_declares_every_linear_of_its_groups(tiny):
@@ -110,13 +108,9 @@ def test_routed_sampling_equals_masked_weights_on_the_dense_denoiser(which, leve
                 return
             self.clear()
             self.stage, level = stage, levels[stage]
-            for layer in tiny.sparse_layers():
-                group = next(g for g in tiny.unit_groups() if g.name == layer.group)
-                for path, name in zip(layer.paths, layer.names()):
-                    linear = tiny.dense_module(group).get_submodule(path)
-                    w = level_weight(linear.weight, store.level_map(stage, name), level, store.values(stage, name, level))
-                    self.handles.append(linear.register_forward_hook(
-                        lambda m, args, out, w=w: F.linear(args[0], w, m.bias)))
+            for name, linear in tiny.sparse_linears().items():
+                w = level_weight(linear.weight, store.level_map(stage, name), level, store.values(stage, name, level))
+                self.handles.append(linear.register_forward_hook(lambda m, args, out, w=w: F.linear(args[0], w, m.bias)))
 
         def clear(self):
             for h in self.handles:
@@ -183,12 +177,11 @@ def test_obsdiff_sequential_groups_calibrate_on_the_earlier_groups_pruned(tiny, 
 def _shared_inputs_hold(adapter, call):
     """Runs `call` with pre-hooks on every linear of every declared set; each set's inputs are one tensor."""
     seen, handles = {}, []
+    linears = adapter.sparse_linears()
     for layer in adapter.sparse_layers():
-        group = next(g for g in adapter.unit_groups() if g.name == layer.group)
-        for path in layer.paths:
-            linear = adapter.dense_module(group).get_submodule(path)
-            handles.append(linear.register_forward_pre_hook(
-                lambda _m, args, k=layer.key, p=path: seen.setdefault(k, {}).setdefault(p, args[0])))
+        for name in layer.names():
+            handles.append(linears[name].register_forward_pre_hook(
+                lambda _m, args, k=layer.key, n=name: seen.setdefault(k, {}).setdefault(n, args[0])))
     try:
         with torch.no_grad():
             call()
