@@ -152,4 +152,5 @@ def build_search(settings: SearchSettings, context: RunContext) -> EvolutionaryS
     return EvolutionarySearch(engine, settings.fitness, space=build_space(settings, context),
                               offspring=settings.offspring, survivors=settings.survivors, max_move=settings.max_move,
                               moves_per_child=settings.moves_per_child, init=settings.init, seeds=settings.seeds or [],
-                              seed=settings.search_seed, racing=racing, batch_candidates=settings.batch_candidates)
+                              seed=settings.search_seed, racing=racing, batch_candidates=settings.batch_candidates,
+                              proposal=settings.proposal)

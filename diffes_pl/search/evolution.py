@@ -42,6 +42,9 @@ from .space import Individual, SearchSpace, select
 Pending = list[tuple[Individual, Individual | None]]
 # sums a tensor over the processes of a run (each process fills only its own slots; None: one process)
 Reduce = Callable[[Tensor], Tensor]
+# how a generation's new schedules are made: mutants of the survivors (Diff-ES), fresh random draws
+# (random search), or the best schedule's whole one-move neighbourhood (greedy hill climbing)
+PROPOSALS = ("evolution", "random", "greedy")
 
 
 @dataclass
@@ -97,6 +100,15 @@ class EvolutionarySearch:
         max_move: largest move. moves_per_child: moves applied per child.
         init: initial population (one of `space.inits`). seeds: user schedules put into it.
         seed: seed of the search's own generator (population, mutation).
+        proposal: how each generation's new schedules are made (`PROPOSALS`). "evolution": the initial
+            population, then `offspring` mutants of the survivors. The other two are the baselines,
+            searched by the same loop (same probes, fitness, racing, cost meter and checkpoint), so
+            that "equal evaluations" means the same thing for all three: "random" draws
+            `offspring + survivors` random budget-meeting schedules, then `offspring` fresh ones each
+            generation; "greedy" starts from the uniform schedule (or the first of `seeds`) and each
+            generation evaluates every schedule one move of size 1 away from the best one not yet
+            evaluated (best-improvement hill climbing in whole neighbourhood rounds; once the best
+            has no new neighbour, a generation evaluates nothing).
         racing: score children on a probe subset first (`racing.Racing`); None: every child on all
             probes. The metric must give per-probe values, and the engine's probe batch must divide
             every rung (`Racing.batch_divisor`).
@@ -111,8 +123,15 @@ class EvolutionarySearch:
 
     def __init__(self, engine: RolloutEngine, metric: Metric, *, space: SearchSpace, offspring: int, survivors: int,
                  max_move: int, moves_per_child: int = 1, init: str = "hybrid", seeds: Sequence[Any] = (),
-                 seed: int = 0, racing: Racing | None = None, batch_candidates: bool = False) -> None:
+                 seed: int = 0, racing: Racing | None = None, batch_candidates: bool = False,
+                 proposal: str = "evolution") -> None:
+        if proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {', '.join(PROPOSALS)} (got {proposal!r})")
         self.engine, self.metric, self.space = engine, metric, space
+        self.proposal = proposal
+        if proposal == "greedy" and "uniform" not in space.inits:
+            raise ValueError("the greedy proposal climbs from the uniform schedule, which this search space does not "
+                             f"make (it makes {', '.join(space.inits)}): use it with the level-only search")
         self.num_probes = len(engine.probes.noise)
         self.racing = racing
         if racing is not None:
@@ -171,11 +190,34 @@ class EvolutionarySearch:
     def candidates(self) -> list[tuple[Individual, Individual | None]]:
         """This generation's (schedule, parent) pairs: the initial population (no parents), then
         `offspring` mutants of the survivors."""
-        if self.generation == 0 and not self.survivors:
+        first = self.generation == 0 and not self.survivors
+        if self.proposal == "greedy":
+            if first:
+                return [(self.space.initial_population(1, self.generator, init="uniform", seeds=self.seeds[:1])[0],
+                         None)]
+            known = self.known()
+            return [(ind, self.best) for ind in self.space.neighbours(self.best, 1) if ind not in known]
+        if self.proposal == "random":
+            return [(ind, None) for ind in self._random_new(self.offspring + self.num_survivors if first
+                                                            else self.offspring, first)]
+        if first:
             return [(ind, None) for ind in self.space.initial_population(
                 self.offspring + self.num_survivors, self.generator, init=self.init, seeds=self.seeds)]
         return self.space.next_generation(self.survivors, self.offspring, self.generator, self.max_move,
                                           self.moves_per_child, self.known())
+
+    def _random_new(self, n: int, first: bool, max_draws: int = 32) -> list[Individual]:
+        """n random budget-meeting schedules not evaluated yet (the user's seeds first in the first
+        generation); fewer only if `max_draws` draws of n find no more (a nearly exhausted space)."""
+        known, out = self.known(), []
+        for draw in range(max_draws):
+            seeds = self.seeds if first and draw == 0 else ()
+            for ind in self.space.initial_population(n, self.generator, init="random", seeds=seeds):
+                if ind not in known and ind not in out and len(out) < n:
+                    out.append(ind)
+            if len(out) == n:
+                break
+        return out
 
     def known(self) -> set[Individual]:
         """Schedules evaluated already (raced out included): mutation draws new ones in their place."""
@@ -385,7 +427,7 @@ class EvolutionarySearch:
         self.survivors = select(pool, self.num_survivors, higher_is_better=True)
         self.entries = {ind: self.entries[ind] for ind in self.survivors if ind in self.entries}
         self.per_probe = {ind: self.per_probe[ind] for ind in self.survivors if ind in self.per_probe}
-        records = self.archive[len(self.archive) - n:]
+        records = self.archive[len(self.archive) - n:] if n else []  # greedy at a local optimum: none
         self.nfe_history = self.nfe_history + [sum(r["nfe"] for r in records)]
         self.cost_history = self.cost_history + [{"probe_steps": sum(r["probe_steps"] for r in records),
                                                   "macs": sum(r["macs_spent"] for r in records)}]

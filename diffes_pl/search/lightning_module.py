@@ -81,6 +81,7 @@ class DiffES(L.LightningModule):
         stop_patience: int | None = None,
         stop_delta: float = 0.0,
         batch_candidates: bool = False,
+        proposal: str = "evolution",
     ) -> None:
         """
         Args:
@@ -107,8 +108,8 @@ class DiffES(L.LightningModule):
             init: initial population: hybrid (uniform + patterned + random), uniform, random, patterned.
             seeds: user schedules put into the initial population (a joint search: [levels, intervals]
                 pairs, or plain levels meaning cache interval 1 in every stage).
-            metric: fitness: ssim, psnr, latent_mse, class_accuracy, digits_fid, topiq, clipiqa, or
-                `package.module:function`.
+            metric: fitness: ssim, psnr, latent_mse, class_accuracy, class_confidence, ssim_confidence,
+                digits_fid, topiq, clipiqa, or `package.module:function`.
             num_probes: probes (seeded noise + labels) the fitness is measured on.
             probe_seed: seed of the probes.
             probe_batch_size: probes per denoiser call (default: all probes at once, or, with
@@ -170,6 +171,12 @@ class DiffES(L.LightningModule):
                 (their latents concatenated, `probe_batch_size` rows per call — chosen from free GPU
                 memory when not given), shared prefixes run once. For GPUs; fitness equals one by one
                 up to float rounding. Multistep samplers (dpm) run one by one.
+            proposal: how each generation's new schedules are made: `evolution` (Diff-ES: mutants of the
+                survivors), or a baseline searched by the same loop, with the same probes, fitness,
+                racing and cost meter, so that its evaluations compare one for one: `random` (fresh
+                random budget-meeting schedules every generation: random search) or `greedy` (the
+                best schedule's whole one-move neighbourhood each generation, from the uniform
+                schedule: best-improvement hill climbing; level-only search).
         """
         super().__init__()
         if calibrate_by not in CALIBRATE_BY:

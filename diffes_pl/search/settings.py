@@ -28,6 +28,7 @@ from ..partition import split_steps
 from ..schedule import check_target
 from .joint_space import JOINT_INITS, interval_rate_problem
 from .level_space import INITS
+from .evolution import PROPOSALS
 from .racing import Racing
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -70,6 +71,7 @@ class SearchSettings:
     stop_patience: int | None = None
     stop_delta: float = 0.0
     batch_candidates: bool = False
+    proposal: str = "evolution"
     sparsity: float | None = None
     fitness: Metric = field(init=False, repr=False, compare=False)
 
@@ -122,6 +124,11 @@ class SearchSettings:
                             "null runs every generation")
         if not self.stop_delta >= 0:
             problems.append(f"stop_delta must be ≥ 0 (got {self.stop_delta!r})")
+        if self.proposal not in PROPOSALS:
+            problems.append(f"proposal must be one of {', '.join(PROPOSALS)} (got {self.proposal!r})")
+        elif self.proposal == "greedy" and self.cache_intervals is not None:
+            problems.append("proposal greedy climbs from the uniform level schedule: it is for the level-only search "
+                            "(remove cache_intervals, or use proposal evolution or random)")
         if self.dtype not in DTYPES:
             problems.append(f"dtype must be float32, float16 or bfloat16 (got {self.dtype!r})")
         return problems

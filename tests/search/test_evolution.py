@@ -73,3 +73,68 @@ def test_the_checkpoint_holds_the_search_and_counts_generations_as_steps(fitted)
     assert [c["probe_steps"] for c in checkpoint["diffes"]["cost_history"]] == \
         [sum(r["probe_steps"] for r in module.search.archive if r["generation"] == g) for g in range(2)]
     assert checkpoint["diffes"]["archive"] == module.search.archive
+
+
+def proposal_search(context, proposal: str, racing=None) -> EvolutionarySearch:
+    probes = Probes.make(context.adapter, SETTINGS["num_probes"], 1234)
+    engine = RolloutEngine(context.adapter, context.store, context.partition, probes, sampler="ddim", guidance=2.0)
+    space = level_space(context.adapter, context.store, context.partition, context.target_level)
+    return EvolutionarySearch(engine, get_metric("ssim"), space=space, offspring=SETTINGS["offspring"],
+                              survivors=SETTINGS["survivors"], max_move=SETTINGS["max_move"], seed=0,
+                              proposal=proposal, racing=racing)
+
+
+def test_random_proposal_evaluates_as_many_fresh_random_schedules(fitted):
+    """Random search by the same loop: 6 + 2 random budget-meeting schedules, then 6 new ones per
+    generation, none a mutant (no parent), as many evaluations per generation as the evolution's."""
+    module, _ = fitted
+    evolution, random_ = plain_search(module.context), proposal_search(module.context, "random")
+    for _ in range(3):
+        evolution.step(), random_.step()
+    per_generation = lambda s: [sum(r["generation"] == g for r in s.archive) for g in range(3)]  # noqa: E731
+    assert per_generation(random_) == [8, 6, 6] == per_generation(evolution)
+    assert all(r["parent"] is None for r in random_.archive)
+    assert len({tuple(r["levels"]) for r in random_.archive}) == 20
+    for record in random_.archive:
+        assert budget_met(record["levels"], [2, 2, 2, 2], 4)
+    ranked = sorted(random_.fitness.items(), key=lambda kv: -kv[1])
+    assert random_.best == ranked[0][0]  # the best of everything drawn
+
+
+def test_greedy_proposal_is_best_improvement_hill_climbing(fitted):
+    """Greedy by the same loop, against a brute-force climb on the search's own fitness values: round 0
+    is the uniform schedule, each round evaluates the whole one-level neighbourhood of the best not yet
+    evaluated and moves to its best only if it improves; at a local optimum a round evaluates nothing
+    and costs nothing."""
+    from diffes_pl.search import level_space as ls
+
+    module, _ = fitted
+    search = proposal_search(module.context, "greedy")
+    search.step()
+    current = (4, 4, 4, 4)
+    assert [tuple(r["levels"]) for r in search.archive] == [current]
+    seen = {current}
+    for _ in range(8):
+        statistics = search.step()
+        round_ = [tuple(r["levels"]) for r in search.archive if r["generation"] == search.generation - 1]
+        expected = [n for n in ls.neighbours(current, 8, [2, 2, 2, 2], 1) if n not in seen]
+        assert round_ == expected
+        seen |= set(expected)
+        best = max([current, *expected], key=lambda ind: (search.fitness[ind], tuple(-x for x in ind)))
+        assert search.best == best
+        if best == current:  # local optimum: the next round has nothing new
+            statistics = search.step()
+            assert statistics["evaluated"] == 0 and statistics["probe_steps"] == 0
+            break
+        current = best
+    else:
+        pytest.fail("greedy did not reach a local optimum in 8 rounds of a 4-stage space")
+
+
+def test_proposal_settings_are_refused_with_the_reason():
+    from diffes_pl.search.lightning_module import DiffES
+
+    with pytest.raises(ValueError, match="proposal must be one of evolution, random, greedy"):
+        DiffES(proposal="annealing")
+    with pytest.raises(ValueError, match="proposal greedy .* level-only search"):
+        DiffES(proposal="greedy", cache_intervals=[1, 2])
