@@ -62,6 +62,15 @@ def class_hits(images: Tensor, labels: Tensor) -> Tensor:
     return (clf(images * 2 - 1).argmax(dim=1) == labels.to(images.device)).float()
 
 
+@torch.no_grad()
+def label_probability(images: Tensor, labels: Tensor) -> Tensor:
+    """[N] the digits classifier's softmax probability of each image's conditioning label (images
+    [N, 1, 8, 8] in [0, 1])."""
+    clf = load_digits_classifier(images.device)
+    probabilities = clf(images * 2 - 1).softmax(dim=1)  # [N, 10]
+    return probabilities.gather(1, labels.to(images.device).long().view(-1, 1)).squeeze(1)
+
+
 def class_accuracy(images: Tensor, labels: Tensor) -> float:
     """Share of images [N, 1, 8, 8] in [0, 1] the digits classifier reads as their conditioning label."""
     return float(class_hits(images, labels).mean())

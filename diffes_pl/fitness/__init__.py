@@ -2,7 +2,8 @@
 
 Reference metrics compare with the dense model's output on the same probes (SSIM, PSNR, latent
 MSE: no downloads). No-reference metrics score the images alone (TOPIQ-NR, CLIP-IQA via pyiqa; their
-weights must be in pyiqa's cache, see fitness/iqa.py). For the built-in model: class accuracy and digits-FID. A user callable is named as
+weights must be in pyiqa's cache, see fitness/iqa.py). For the built-in model: class accuracy, the
+classifier's confidence in the label (alone and times SSIM) and digits-FID. A user callable is named as
 `package.module:function` and receives a `FitnessInputs`.
 """
 from __future__ import annotations
@@ -63,6 +64,16 @@ def _class_hits(x: FitnessInputs) -> Tensor:
     return class_hits(x.images, x.conditions)
 
 
+def _label_probability(x: FitnessInputs) -> Tensor:
+    from ..evaluation.digits_features import label_probability
+
+    return label_probability(x.images, x.conditions)  # [P]
+
+
+def _ssim_times_label_probability(x: FitnessInputs) -> Tensor:
+    return _ssim_per_probe(x).double() * _label_probability(x).double().to(x.images.device)  # [P]
+
+
 @functools.lru_cache(maxsize=1)
 def _train_digits_fid():
     """digits-FID against the training digits, built once per process (real features extracted once)."""
@@ -83,6 +94,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("latent_mse", _latent_mse, False, _negative_latent_mse),
     Metric("class_accuracy", _class_accuracy, True, _class_hits),
     Metric("digits_fid", _digits_fid, False),
+    # no-reference (a stand-in for CLIP-IQA / TOPIQ on the built-in model): the digits classifier's
+    # probability of each probe's conditioning label, and that times the probe's SSIM vs dense
+    Metric("class_confidence", lambda x: _label_probability(x).mean(), True, _label_probability),
+    Metric("ssim_confidence", lambda x: _ssim_times_label_probability(x).mean(), True, _ssim_times_label_probability),
 ]}
 IQA = {"topiq": ("topiq_nr", True), "clipiqa": ("clipiqa", True)}
 

@@ -35,7 +35,8 @@ class Metric:
         """[P] float64 per-probe values (higher is better); ValueError if the metric has none."""
         if self.per_probe is None:
             raise ValueError(f"fitness metric {self.name!r} has no per-probe values, so it cannot be raced: use ssim, "
-                             "psnr, latent_mse, class_accuracy, topiq or clipiqa, or turn racing off (race_probes: null)")
+                             "psnr, latent_mse, class_accuracy, class_confidence, ssim_confidence, topiq or clipiqa, "
+                             "or turn racing off (race_probes: null)")
         return self.per_probe(inputs).detach().double().cpu().reshape(-1)
 
     def score(self, value: float) -> float:

@@ -40,6 +40,32 @@ def test_fid_of_disjoint_real_halves_is_small(digits):
     assert M.fid_from_features(net.extract(images)["features"], net.extract(noise)["features"]) > 200
 
 
+def test_confidence_fitnesses_are_the_label_probability_and_its_product_with_ssim(digits):
+    """class_confidence = mean softmax probability of each probe's label (computed here from the
+    classifier's logits); ssim_confidence = mean of per-probe SSIM × that probability; both raceable,
+    and a wrong label lowers the confidence of real digits."""
+    from diffes_pl.data.digits import load_digits_split
+    from diffes_pl.evaluation.digits_classifier import load_digits_classifier
+    from diffes_pl.fitness import FitnessInputs, get_metric
+
+    images, labels = load_digits_split("test")
+    images, labels = (images[:32] + 1) / 2, labels[:32]
+    blurred = torch.nn.functional.avg_pool2d(images, 3, stride=1, padding=1, count_include_pad=False)
+    inputs = FitnessInputs(blurred, blurred, images, images, labels)
+    with torch.no_grad():
+        probability = load_digits_classifier()(blurred * 2 - 1).softmax(dim=1)[torch.arange(32), labels]
+    confidence, combined, ssim = (get_metric(n) for n in ("class_confidence", "ssim_confidence", "ssim"))
+    assert torch.allclose(confidence.probe_values(inputs), probability.double(), atol=1e-6)
+    assert confidence(inputs) == pytest.approx(float(probability.mean()), abs=1e-6)
+    product = ssim.probe_values(inputs) * probability.double()
+    assert torch.allclose(combined.probe_values(inputs), product, atol=1e-6)
+    assert combined(inputs) == pytest.approx(float(product.mean()), abs=1e-6)
+    assert 0 < float(product.mean()) < float(probability.mean()) < 1  # blurring lowers both
+    wrong = FitnessInputs(images, images, images, images, (labels + 1) % 10)
+    right = FitnessInputs(images, images, images, images, labels)
+    assert confidence(wrong) < 0.1 < 0.9 < confidence(right)
+
+
 def test_fitness_digits_fid_extracts_the_real_digits_once(digits, monkeypatch):
     """The digits_fid fitness keeps the real digits' statistics (reset_real_features=False): each call
     equals a freshly built FID on the same inputs, calls in a row do not leak into each other, and
