@@ -3,8 +3,10 @@ random / greedy baselines at the same number of fitness evaluations as a finishe
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,18 +18,81 @@ TINY = ["--model.num_stages", "4", "--model.steps", "8", "--model.num_probes", "
         "--model.survivors", "2", "--model.max_move", "2", "--data.nsamples", "4", "--data.batch_size", "4"]
 
 
-def fit(common: list[str], run: Path) -> None:
-    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped; a finished run is
-    extended, from its last checkpoint, when `--trainer.max_epochs` asks for more generations than it ran
-    and it did not stop on convergence)."""
+def _fit_command(common: list[str], run: Path) -> list[str] | None:
+    """The `diffes-pl fit` command that finishes the run in `run`, or None when it finished there (a
+    finished run is extended, from its last checkpoint, when `--trainer.max_epochs` asks for more
+    generations than it ran and it did not stop on convergence)."""
     done = run / "schedule.json"
     if done.exists():
         extra = json.loads(done.read_text())["extra"]
         wanted = int(common[common.index("--trainer.max_epochs") + 1]) if "--trainer.max_epochs" in common else 0
         if extra.get("finished") and (extra.get("stopped") or extra.get("generations", 0) >= wanted):
-            return
+            return None
     resume = ["--ckpt_path", "last"] if (run / "checkpoints" / "last.ckpt").exists() else []
-    subprocess.run([sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume], check=True)
+    return [sys.executable, "-m", "diffes_pl.cli", "fit", *common, *resume]
+
+
+def _running_elsewhere(run: Path) -> bool:
+    """Whether another benchmark process is fitting into `run` now (its fit.pid names a live process)."""
+    try:
+        os.kill(int((run / "fit.pid").read_text()), 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return False
+    return True
+
+
+def _start(command: list[str], run: Path, **kwargs) -> subprocess.Popen:
+    run.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen(command, **kwargs)
+    (run / "fit.pid").write_text(str(proc.pid))
+    return proc
+
+
+def fit(common: list[str], run: Path) -> None:
+    """`diffes-pl fit` into `run` unless it finished there (resumed when it stopped); waits first while
+    another benchmark fits into the same folder (two benchmarks sharing runs)."""
+    while _running_elsewhere(run):
+        time.sleep(10)
+    command = _fit_command(common, run)
+    if command is not None and _start(command, run).wait():
+        raise subprocess.CalledProcessError(1, command)
+
+
+def _log(run: Path):
+    """The run's fit.log, appended to (the folder made if new)."""
+    run.mkdir(parents=True, exist_ok=True)
+    return open(run / "fit.log", "a")
+
+
+def fit_many(runs: list[tuple[list[str], Path]], jobs: int = 1) -> None:
+    """`fit` for several (common, run) pairs, `jobs` at a time, each process on one thread when
+    jobs > 1 (its output in <run>/fit.log). Raises after all finished if any failed."""
+    if jobs <= 1:
+        for common, run in runs:
+            fit(common, run)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    todo = [(c, r) for c, r in runs if _fit_command(c, r) is not None]
+    running: list[tuple[subprocess.Popen, Path]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < jobs:
+            ready = [i for i, (_, r) in enumerate(todo) if not _running_elsewhere(r)]
+            if not ready:
+                break
+            common, run = todo.pop(ready[0])
+            command = _fit_command(common, run)  # another process may have finished it meanwhile
+            if command is not None:
+                with _log(run) as log:
+                    running.append((_start(command, run, stdout=log, stderr=subprocess.STDOUT, env=env), run))
+        time.sleep(2)
+        for proc, run in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, run))
+                if proc.returncode:
+                    failed.append(f"{run} (exit {proc.returncode}, see {run / 'fit.log'})")
+    if failed:
+        raise RuntimeError("diffes-pl fit failed: " + "; ".join(failed))
 
 
 def load_run(common: list[str]):

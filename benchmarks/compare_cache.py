@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from _evidence import write_report
 from _runs import TINY as SMOKE
 from _runs import fit
 
@@ -181,9 +182,7 @@ def main() -> None:
         print(f"joint search − stacking, paired over the {paired['probes']} probes: SSIM {paired['ssim_mean']:+.5f} "
               f"± {paired['ssim_se']:.5f} (s.e.); joint better on {paired['probes_better']}, worse on "
               f"{paired['probes_worse']}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
-    print("wrote", out)
+    write_report(out, report)
 
 
 if __name__ == "__main__":

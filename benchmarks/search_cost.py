@@ -1,21 +1,26 @@
-"""What the search costs, and what racing and stopping when converged save (issue 14).
+"""What the search costs, and what racing and stopping when converged save, each alone and together,
+over search seeds (issue 14; issue 26 part 6).
 
-    python benchmarks/search_cost.py                    # built-in model, 100 generations, three searches (~25 min, 2 cores)
+    python benchmarks/search_cost.py --jobs 2           # built-in model, 3 seeds × 4 searches of ≤ 100 generations (hours on 2 cores)
     python benchmarks/search_cost.py --tiny             # smoke run: proves the script works; numbers meaningless
     python benchmarks/search_cost.py --device cuda      # + the DiT-XL/2 search timed directly on the GPU
 
-Rows (the default search of `configs/tiny_obs.yaml` — OBS 50 %, 10 stages of 2 steps, 16 + 4
-individuals, 64 probes — for `--generations` generations, all on one shared store):
-- default: every child scored on all 64 probes (today's search);
-- racing (`--variants m,z,patience`): children scored on the first m probes first, finished only if
-  they can still reach the worst survivor (confidence z; `search/racing.py`); m = 8/16 races in rungs
-  (8 probes, then 16, then all; a child must pass at every rung); with patience > 0 also
-  stopping when converged: after `patience` generations without an improvement of the best fitness
-  by more than `--delta`.
+Rows (the search of `configs/tiny_obs.yaml` — OBS 50 %, 10 stages of 2 steps, 16 + 4 individuals, 64
+probes — all on one shared store, each for every search seed `--seeds`):
+- default: `--generations` (100, the paper's) generations, every child scored on all 64 probes;
+- shipped config: the same search for `--shipped-generations` (30: configs/tiny_obs.yaml's max_epochs)
+  — the default run's first 30 generations (the search is deterministic, so that prefix IS the
+  30-generation run): its best schedule and its cost, read from the archive;
+- `--variants race,z,patience`: stop when converged alone (`-,1,10`: no racing, patience 10), racing
+  alone (`8/16,1,0`: children scored on 8 probes, then 16, finished on all 64 only if they can still
+  reach the worst survivor with confidence z; `search/racing.py`), and both (`8/16,1,10`); stopping
+  after `patience` generations without an improvement of the best fitness by more than `--delta`.
 Cost is the runs' own meter (schedule.json `extra.cost`: probe-steps — one probe through one
-denoiser step, the CFG pair once — and denoiser MACs, the dense reference rollout included). Quality:
-each final schedule scored on `--eval-probes` probes no search saw (another seed): SSIM and PSNR vs
-dense, class accuracy, digits-FID.
+denoiser step, the CFG pair once — and denoiser MACs, the dense reference rollout included); the
+factor against the default and against the shipped config is taken per seed, then summarised
+(mean ± std over seeds). Quality: each seed's final schedule on its own block of TEST probes
+(`_evidence.py`), SSIM vs dense per seed and pooled, and the paired difference to the default's
+schedules (SSIM per probe, KID / FID of the digits features, 95 %).
 
 Projection to DiT-XL/2 (OBS 50 %, the paper's search: 100 generations, 64 probes, 20 steps, 16 + 4):
 the search's work in probe-steps is taken from the built-in model's run with the same settings (same
@@ -32,7 +37,7 @@ Writes benchmarks/results/search_cost.json (`--tiny`: search_cost_tiny.json).
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import statistics
 import tempfile
 import time
@@ -40,7 +45,11 @@ from pathlib import Path
 
 import torch
 
-from _runs import TINY, fit, load_run
+from _evidence import (add_probe_arguments, block_seed, compare, heldout_features, score_block, summarise,
+                       write_report)
+from _runs import TINY, fit_many, load_run
+
+from diffes_pl.evaluation.intervals import across_seeds
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_HOURS = 17.3  # DiT OBS 50 %, 100 generations, one L40S (paper)
@@ -95,114 +104,165 @@ def dit_search_seconds(device: torch.device, dtype: torch.dtype, generations: in
             "hours_per_100_generations": seconds / generations * 100 / 3600}
 
 
+def prefix_row(run: Path, generations: int, reference_probe_steps: int, reference_macs: int) -> dict:
+    """The search of `run` as if it had stopped after `generations` (no convergence stop: a prefix of
+    the same deterministic run, which `diffes-pl fit --trainer.max_epochs <generations>` reproduces —
+    a run stopped and resumed equals the uninterrupted one, tests/search/test_resume.py): the best
+    fully evaluated schedule of those generations and what they cost."""
+    from diffes_pl.search.archive_file import read_evaluations
+
+    records = [r for r in read_evaluations(run / "evaluations.jsonl") if r["generation"] < generations]
+    best = max((r for r in records if not r.get("raced_out")), key=lambda r: r["fitness"])
+    cost = {"probe_steps": reference_probe_steps + sum(r["probe_steps"] for r in records),
+            "macs": reference_macs + sum(r["macs_spent"] for r in records)}
+    return {"levels": best["levels"], "fitness": best["fitness"], "cost": cost, "generations": generations,
+            "evaluated": len(records), "raced_out": sum(bool(r.get("raced_out")) for r in records)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/tiny_obs.yaml"))
     parser.add_argument("--runs", default=str(ROOT / "runs/search_cost"))
     parser.add_argument("--generations", type=int, default=100)
-    parser.add_argument("--variants", nargs="+", default=["16,1,0", "16,1,20", "8,1,10", "8,0.5,10", "8/16,1,10", "8/16,0.5,10"],
-                        help="racing rows as race_probes,race_confidence,stop_patience (0: no stop)")
+    parser.add_argument("--shipped-generations", type=int, default=30,
+                        help="the shipped config's max_epochs: its row is the default run's first N generations")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="search seeds (one probe block each)")
+    parser.add_argument("--variants", nargs="+", default=["-,1,10", "8/16,1,0", "8/16,1,10"],
+                        help="rows as race_probes,race_confidence,stop_patience (race_probes -: no racing; "
+                             "stop_patience 0: no stop)")
     parser.add_argument("--delta", type=float, default=1e-4, help="stop_delta of the rows that stop")
-    parser.add_argument("--eval-probes", type=int, default=500)
-    parser.add_argument("--eval-seed", type=int, default=99991)
+    parser.add_argument("--jobs", type=int, default=1, help="searches run at once (each on one thread when > 1)")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    add_probe_arguments(parser, probes=200)
     parser.add_argument("--device", default="cpu", help="where the DiT-XL/2 step (and with cuda, the search) is timed")
     parser.add_argument("--dtype", default=None, help="DiT-XL/2 dtype (default float32 on CPU, float16 on CUDA)")
     parser.add_argument("--dit-batch", type=int, default=4, help="probes per DiT-XL/2 step timed (CFG doubles it)")
     parser.add_argument("--dit-repeats", type=int, default=3)
     parser.add_argument("--dit-generations", type=int, default=100, help="with --device cuda: generations timed")
-    parser.add_argument("--tiny", action="store_true", help="smoke setting: 4 stages, 2 generations, 16 probes")
+    parser.add_argument("--tiny", action="store_true", help="smoke setting: 4 stages, 3 generations, 2 seeds, 12 probes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.tiny:
-        args.generations, args.eval_probes, args.variants, args.dit_repeats, args.dit_batch = 2, 16, ["4,1,1"], 1, 1
+        args.generations, args.shipped_generations, args.eval_probes, args.dit_repeats, args.dit_batch = 3, 2, 12, 1, 1
+        args.seeds, args.variants, args.n_boot = args.seeds[:2], ["-,1,1", "4,1,0", "4,1,1"], 100
     extra = [*TINY, "--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_probes", "12"] if args.tiny else []
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
     out = Path(args.out or Path(__file__).parent / "results" / f"search_cost{'_tiny' if args.tiny else ''}.json")
-    rows, slug = {"default": []}, {"default": "default"}
+    rows, slug = {f"default ({args.generations} generations)": []}, {}
+    slug[next(iter(rows))] = "default"
     for variant in args.variants:
         m, z, patience = variant.split(",")
-        rungs = [int(r) for r in m.split("/")]  # 8/16: rungs (racing.Racing)
-        name = (f"racing {m} probes first, z = {float(z):g}" if len(rungs) == 1 else
-                f"racing in rungs {' → '.join(map(str, rungs))} probes, z = {float(z):g}")
-        options = ["--model.race_probes", str(rungs[0] if len(rungs) == 1 else rungs), "--model.race_confidence",
-                   str(float(z))]
-        slug_ = f"race{'-'.join(map(str, rungs))}-z{float(z):g}"
+        options, parts, slug_ = [], [], []
+        if m != "-":
+            rungs = [int(r) for r in m.split("/")]  # 8/16: rungs (racing.Racing)
+            parts.append(f"racing {' → '.join(map(str, rungs))} probes, z = {float(z):g}")
+            options += ["--model.race_probes", str(rungs[0] if len(rungs) == 1 else rungs),
+                        "--model.race_confidence", str(float(z))]
+            slug_.append(f"race{'-'.join(map(str, rungs))}-z{float(z):g}")
         if int(patience):
-            name += f" + stop when converged (patience {patience}, delta {args.delta:g})"
+            parts.append(f"stop when converged (patience {patience}, delta {args.delta:g})")
             options += ["--model.stop_patience", patience, "--model.stop_delta", str(args.delta)]
-            slug_ += f"-stop{patience}"
-        rows[name], slug[name] = options, slug_
+            slug_.append(f"stop{patience}")
+        name = " + ".join(parts) if parts else "default"
+        rows[name], slug[name] = options, "-".join(slug_) or "default"
 
-    def common(name: str) -> list[str]:
-        return ["--config", args.config, *extra, "--trainer.default_root_dir", str(runs / slug[name]),
+    def common(name: str, seed: int) -> list[str]:
+        return ["--config", args.config, *extra, "--trainer.default_root_dir", str(runs / f"seed{seed}" / slug[name]),
                 "--trainer.max_epochs", str(args.generations), "--model.store", str(runs / "store"),
-                "--trainer.callbacks", "[]", *rows[name]]
+                "--trainer.callbacks", "[]", "--model.search_seed", str(seed), *rows[name]]
 
-    started = {}
-    for name in rows:
-        t = time.perf_counter()
-        fit(common(name), runs / slug[name])
-        started[name] = time.perf_counter() - t
+    default = next(iter(rows))
+    fit_many([(common(default, args.seeds[0]), runs / f"seed{args.seeds[0]}" / "default")], 1)  # the store, alone
+    fit_many([(common(name, seed), runs / f"seed{seed}" / slug[name]) for seed in args.seeds for name in rows],
+             args.jobs)
 
-    from diffes_pl.schedule import Schedule
-    from diffes_pl.search.holdout import evaluate_schedules
-
-    module, context, _ = load_run(common("default"))
-    schedules = {name: Schedule.load(runs / slug[name] / "schedule.json") for name in rows}
-    results = evaluate_schedules(context, schedules, num_probes=args.eval_probes, probe_seed=args.eval_seed)
     from diffes_pl.macs import count_macs
+    from diffes_pl.schedule import Schedule
     from diffes_pl.search.archive_file import read_evaluations
 
+    module, context, _ = load_run(common(default, args.seeds[0]))
     dense_step = count_macs(context.adapter)  # batch 1, the built-in model
-    report = {"config": args.config, "tiny": args.tiny, "generations": args.generations,
-              "eval_probes": args.eval_probes, "rows": {}}
-    base = schedules["default"].extra["cost"]
-    for name, schedule in schedules.items():
-        cost = schedule.extra["cost"]
-        records = read_evaluations(runs / slug[name] / "evaluations.jsonl")
-        row = {**results[name], "cost": cost, "generations_run": schedule.extra["generations"],
-               "stopped": schedule.extra.get("stopped"), "search_fitness": schedule.fitness,
-               "evaluated": len(records), "raced_out": sum(bool(r.get("raced_out")) for r in records),
-               "fewer_probe_steps": base["probe_steps"] / cost["probe_steps"],
-               "fewer_macs": base["macs"] / cost["macs"],
-               "mac_fraction_per_probe_step": cost["macs"] / (cost["probe_steps"] * dense_step * 2),
-               "wall_s_this_run": started[name]}
-        row["ssim_vs_default"] = row["ssim"] - results["default"]["ssim"]
-        report["rows"][name] = row
-    report["dense"] = results["dense"]
+    shipped = f"shipped config ({args.shipped_generations} generations)"
+    real = heldout_features()
+    blocks: dict[str, list[dict]] = {}
+    per_seed: dict[str, list[dict]] = {}
+    for b, seed in enumerate(args.seeds):
+        schedules = {name: Schedule.load(runs / f"seed{seed}" / slug[name] / "schedule.json") for name in rows}
+        base = schedules[default]
+        ref = base.extra["cost"]
+        prefix = prefix_row(runs / f"seed{seed}" / "default", args.shipped_generations, ref["reference_probe_steps"],
+                            ref["reference_macs"])
+        schedules[shipped] = dataclasses.replace(base, levels=list(prefix["levels"]), fitness=prefix["fitness"])
+        scored = score_block(context, schedules, args.eval_probes, block_seed(args.probe_set, b), real)
+        for name, schedule in schedules.items():
+            if name == shipped:
+                cost, generations, evaluated, raced_out = (prefix["cost"], prefix["generations"], prefix["evaluated"],
+                                                           prefix["raced_out"])
+                fitness, stopped = prefix["fitness"], None
+            else:
+                records = read_evaluations(runs / f"seed{seed}" / slug[name] / "evaluations.jsonl")
+                cost, generations = schedule.extra["cost"], schedule.extra["generations"]
+                evaluated, raced_out = len(records), sum(bool(r.get("raced_out")) for r in records)
+                fitness, stopped = schedule.fitness, schedule.extra.get("stopped")
+            per_seed.setdefault(name, []).append({
+                "search_seed": seed, "levels": scored[name]["levels"], "search_fitness": fitness,
+                "generations_run": generations, "stopped": stopped, "evaluated": evaluated, "raced_out": raced_out,
+                "cost": cost, "mac_fraction_per_probe_step": cost["macs"] / (cost["probe_steps"] * dense_step * 2)})
+            blocks.setdefault(name, []).append(scored[name])
+        blocks.setdefault("dense", []).append(scored["dense"])
+    report = {"config": args.config, "tiny": args.tiny, "generations": args.generations, "seeds": args.seeds,
+              "probe_set": args.probe_set, "eval_probes": args.eval_probes, "n_boot": args.n_boot,
+              "probe_seeds": [block_seed(args.probe_set, b) for b in range(len(args.seeds))], "rows": {}}
+    summaries = {name: summarise(blks, real, args.n_boot) for name, blks in blocks.items()}
+    for name in [default, shipped, *list(rows)[1:]]:
+        seeds_ = per_seed[name]
+        fewer = [d["cost"]["probe_steps"] / r["cost"]["probe_steps"] for r, d in zip(seeds_, per_seed[default])]
+        fewer_shipped = [d["cost"]["probe_steps"] / r["cost"]["probe_steps"] for r, d in zip(seeds_, per_seed[shipped])]
+        report["rows"][name] = {
+            "searches": seeds_, **{k: v for k, v in summaries[name].items() if k != "features"},
+            "fewer_probe_steps_than_default": across_seeds(fewer),
+            "fewer_probe_steps_than_shipped": across_seeds(fewer_shipped),
+            "probe_steps": across_seeds([r["cost"]["probe_steps"] for r in seeds_]),
+            "generations_run": across_seeds([r["generations_run"] for r in seeds_]),
+            "vs_default": None if name == default else compare(summaries[name], summaries[default], real, args.n_boot)}
+    report["dense"] = {k: v for k, v in summaries["dense"].items() if k != "features"}
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("float16" if device.type == "cuda" else "float32"))
     step = dit_step_seconds(device, dtype, args.dit_batch, args.dit_repeats)
     report["dit_xl2_step"] = {**step, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                               "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads()}
-    for name, row in report["rows"].items():
-        seconds = row["cost"]["probe_steps"] * row["mac_fraction_per_probe_step"] * step["probe_step_s"]
-        row["projected_dit_xl2_hours"] = seconds / 3600
+    for row in report["rows"].values():
+        hours = [r["cost"]["probe_steps"] * r["mac_fraction_per_probe_step"] * step["probe_step_s"] / 3600
+                 for r in row["searches"]]
+        row["projected_dit_xl2_hours"] = across_seeds(hours)
     if device.type == "cuda":
+        race = next((v for v in args.variants if not v.startswith("-")), "8,1,0").split(",")
+        rungs = [int(r) for r in race[0].split("/")]
         report["dit_xl2_measured"] = {
             "default": dit_search_seconds(device, dtype, args.dit_generations, None, 32),
             "racing": dit_search_seconds(device, dtype, args.dit_generations,
-                                         (int(args.variants[0].split(",")[0]), float(args.variants[0].split(",")[1])),
-                                         32)}
+                                         (rungs[0] if len(rungs) == 1 else tuple(rungs), float(race[1])), 32)}
 
-    print(f"\nBuilt-in model, {args.config}, {args.generations} generations; quality on {args.eval_probes} unseen "
-          f"probes{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
-    print(f"{'search':82s} {'gens':>4s} {'evals':>5s} {'out':>4s} {'probe-steps':>11s} {'fewer':>6s} {'TMAC':>7s} "
-          f"{'SSIM':>7s} {'ΔSSIM':>8s} {'PSNR':>6s} {'DiT h*':>7s}")
+    print(f"\nBuilt-in model, {args.config}; {len(args.seeds)} search seeds; quality on {args.probe_set} probes "
+          f"{len(args.seeds)} × {args.eval_probes}{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
+    print(f"{'search':70s} {'gens':>6s} {'probe-steps':>12s} {'vs default':>13s} {'vs shipped':>13s} "
+          f"{'SSIM':>15s} {'ΔSSIM vs default [95 % CI]':>28s} {'DiT h*':>7s}")
     for name, row in report["rows"].items():
-        print(f"{name:82s} {row['generations_run']:4d} {row['evaluated']:5d} {row['raced_out']:4d} "
-              f"{row['cost']['probe_steps']:11d} {row['fewer_probe_steps']:5.2f}x {row['cost']['macs'] / 1e12:7.2f} "
-              f"{row['ssim']:7.4f} {row['ssim_vs_default']:+8.4f} {row['psnr']:6.2f} {row['projected_dit_xl2_hours']:7.2f}")
+        f, g, v = row["fewer_probe_steps_than_default"], row["fewer_probe_steps_than_shipped"], row["vs_default"]
+        a = row["across_seeds"]["ssim"]
+        delta = "-" if v is None else (f"{v['ssim']['mean_diff']:+.4f} [{v['ssim']['low']:+.4f},{v['ssim']['high']:+.4f}]"
+                                       f" {v['ssim']['decision']}")
+        print(f"{name:70s} {row['generations_run']['mean']:6.1f} {row['probe_steps']['mean']:12.0f} "
+              f"{f['mean']:6.2f}±{f['std']:4.2f}x {g['mean']:6.2f}±{g['std']:4.2f}x {a['mean']:7.4f}±{a['std']:.4f} "
+              f"{delta:>28s} {row['projected_dit_xl2_hours']['mean']:7.2f}")
     print(f"* projected DiT-XL/2 OBS 50 % search, denoiser time only, at {report['dit_xl2_step']['probe_step_s']:.3f} s "
           f"per dense probe-step ({report['dit_xl2_step']['device']}, {report['dit_xl2_step']['dtype']}, batch "
           f"{args.dit_batch}); the paper: {PAPER_HOURS} h on an L40S")
     for name, measured in report.get("dit_xl2_measured", {}).items():
         print(f"measured on {report['dit_xl2_step']['device']}: {name} {measured['hours_per_100_generations']:.2f} h per "
               f"100 generations ({measured['generations']} timed)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, default=str) + "\n")
-    print("wrote", out)
+    write_report(out, report)
 
 
 if __name__ == "__main__":

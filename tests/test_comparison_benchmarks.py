@@ -1,0 +1,108 @@
+"""The seeded comparison benchmarks (issue 26): their shared statistics (benchmarks/_evidence.py), the
+stacking frontier's interpolation, and smoke runs of search_cost.py, fitness_ablation.py and
+cache_frontier.py that check what each report must hold (per-seed rows on their own TEST probe
+blocks, the 30-generation row as the default run's prefix, decisions with their test)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers.search_runs import ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def _run(script: str, tmp_path: Path, *extra: str) -> dict:
+    out = tmp_path / f"{script}.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--tiny", "--runs", str(tmp_path / "runs"),
+           "--out", str(out), *extra]
+    done = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "TINY SMOKE RUN" in done.stdout
+    return json.loads(out.read_text())
+
+
+def test_frontier_interpolation_is_linear_between_the_bracketing_points():
+    from cache_frontier import interpolate
+
+    points = [(0.6, [0.9, 1.0]), (0.4, [0.7, 0.6])]  # unsorted on purpose
+    assert interpolate(points, 0.5) == pytest.approx([0.8, 0.8])
+    assert interpolate(points, 0.45) == pytest.approx([0.75, 0.7])
+    assert interpolate(points, 0.6) == pytest.approx([0.9, 1.0])
+    assert interpolate(points, 0.39) is None and interpolate(points, 0.61) is None
+
+
+def test_kid_on_standardised_features_separates_real_from_blurred_digits():
+    """Two draws of real digits score ≈ 0 and far below blurred digits; the raw-feature KID of the same
+    draws is hundreds of times noisier (why `_evidence.kid` standardises)."""
+    from _evidence import features, heldout_features, kid
+
+    from diffes_pl.data.digits import load_digits_split
+    from diffes_pl.evaluation.intervals import kid_from_features
+
+    real = heldout_features()
+    train = (load_digits_split("train")[0] + 1) / 2
+    same = kid(real, features(train[:600]))
+    blurred = torch.nn.functional.avg_pool2d(train[:600], 3, stride=1, padding=1, count_include_pad=False)
+    assert abs(same) < 0.05 and kid(real, features(blurred)) > 5
+    raw_same = kid_from_features(real, features(train[:600]), subset_size=100, subsets=20)[0]
+    assert abs(raw_same) > 20 * abs(same)
+
+
+def test_search_cost_rows_over_seeds(tmp_path):
+    report = _run("search_cost", tmp_path)
+    rows = report["rows"]
+    names = list(rows)
+    assert names[0] == "default (3 generations)" and names[1] == "shipped config (2 generations)"
+    assert report["probe_seeds"] == [7_300_001, 7_300_002] and len(names) == 5
+    runs = tmp_path / "runs_tiny"
+    for b, seed in enumerate(report["seeds"]):
+        # the shipped row is the default run's first 2 generations: its cost is theirs plus the reference
+        lines = [json.loads(x) for x in (runs / f"seed{seed}" / "default" / "evaluations.jsonl").read_text().splitlines()]
+        default = rows[names[0]]["searches"][b]
+        shipped = rows[names[1]]["searches"][b]
+        first = [r for r in lines if r["generation"] < 2]
+        reference = default["cost"]["probe_steps"] - sum(r["probe_steps"] for r in lines)
+        assert shipped["cost"]["probe_steps"] == reference + sum(r["probe_steps"] for r in first)
+        assert shipped["levels"] == max((r for r in first if not r.get("raced_out")), key=lambda r: r["fitness"])["levels"]
+        assert shipped["generations_run"] == 2 and default["generations_run"] == 3
+    for name, row in rows.items():
+        assert [s["probe_seed"] for s in row["per_seed"]] == report["probe_seeds"], name
+        f = row["fewer_probe_steps_than_default"]
+        assert f["n"] == 2 and f["mean"] > 0, name
+        if name == names[0]:
+            assert f["mean"] == 1.0 and row["vs_default"] is None
+        else:
+            assert row["vs_default"]["ssim"]["decision"] in ("win", "tie", "loss"), name
+    assert rows[names[-1]]["fewer_probe_steps_than_default"]["mean"] > 1  # racing + stop saves
+
+
+def test_fitness_ablation_smoke(tmp_path):
+    report = _run("fitness_ablation", tmp_path)
+    assert list(report["rows"]) == ["dense", "uniform", "fitness ssim", "fitness class_confidence",
+                                    "fitness ssim_confidence"]
+    assert set(report["decisions"]["ssim"]) == {"uniform"}
+    assert set(report["decisions"]["class_confidence"]) == {"uniform", "fitness ssim"}
+    for name, row in report["rows"].items():
+        assert len(row["per_seed"]) == 2 and row["pooled"]["kid_low"] <= row["pooled"]["kid_high"], name
+    fitness = report["rows"]["fitness class_confidence"]["search_fitness"]
+    assert all(0 < f <= 1 for f in fitness)
+
+
+def test_cache_frontier_smoke(tmp_path):
+    report = _run("cache_frontier", tmp_path)
+    rows = report["rows"]
+    assert "cache-only k=2" in rows and "joint @ 0.45" in rows and "stacking k=2 @ 0.75" in rows
+    for budget in report["budgets"]:
+        for curve in ("level-only", "stacking k=2", "joint"):
+            for fraction in rows[f"{curve} @ {budget:g}"]["mac_fraction"]:
+                assert fraction <= budget + 0.02, (curve, budget)  # the MAC budget (its stated band)
+        d = report["joint_vs_stacking_frontier"][f"{budget:g}"]
+        assert d["decision"] in ("win", "tie", "loss", "outside")
+        if d["decision"] != "outside":
+            assert d["position"] == {"win": "above", "tie": "on", "loss": "below"}[d["decision"]]
+            assert d["n"] == 2 * report["eval_probes"]
