@@ -10,10 +10,13 @@ reports. A benchmark scoring several search seeds uses one block of probes per s
 each row has one image per probe of the pooled set and two rows pair probe by probe.
 
 Decisions (`evaluation/intervals.py`, 95 %): per-probe SSIM vs dense by a paired bootstrap interval
-and a sign-flip test; KID (on standardised features, see `kid`) and FID of the digits classifier's
-128-d features against the 297 held-out digits by `distribution_difference` (the same probe indices for both rows in every replicate, the
-real digits resampled once per replicate for both). "win" / "loss" only when the interval and the
-test agree; otherwise "tie".
+and a sign-flip test; KID (on standardised features, see `kid`) by `kid_difference` and FID by
+`distribution_difference` (basic interval), both of the digits classifier's 128-d features against
+the 297 held-out digits, the same probe indices for both rows in every replicate and the real digits
+resampled once per replicate for both. "win" / "loss" only when the interval and the test agree;
+otherwise "tie". Why not the generic bootstrap for both: a naive resample pairs copies of one row
+in KID's unbiased estimator (several times KID itself), and FID's percentile interval carries a
+resampling bias that differs between rows of different spread (`intervals.py`, tested there).
 """
 from __future__ import annotations
 
@@ -25,12 +28,13 @@ from pathlib import Path
 
 import torch
 
-from diffes_pl.evaluation.intervals import (across_seeds, bootstrap_interval, distribution_difference, kid_from_features,
-                                            paired_difference)
+from diffes_pl.evaluation.intervals import (across_seeds, distribution_difference, kid_difference, kid_interval,
+                                            kid_unbiased, paired_difference, standardise)
 from diffes_pl.evaluation.metrics import fid_from_features
 
 PROBE_SEEDS = {"validation": 99991, "test": 7_300_001}
-KID_SUBSET, KID_SUBSETS = 100, 20
+# names the estimators behind every interval and decision: a table cached under another one is rescored
+STATISTICS = "kid_unbiased on standardised features, count bootstrap; fid basic bootstrap; ssim paired + sign-flip"
 
 
 def add_search_arguments(parser, probes: int) -> None:
@@ -79,22 +83,16 @@ def heldout_features() -> torch.Tensor:
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor) -> float:
-    """KID mean (torchmetrics' estimator) on `KID_SUBSETS` subsets of ≤ `KID_SUBSET` rows, of the
-    features standardised by the real set's per-dimension mean and std. Why: the cubic kernel
-    (xᵀy/d + 1)³ on the raw digits features (norm ≈ 34) is dominated by their scale — two draws of
-    real digits (600 training vs the 297 held-out) are then −2.1 to −3.0 apart while a 3×3 blur of
-    real digits scores 525; standardised, the same draws give −0.017 to −0.019 and the blur 9.6."""
-    mean, std = real.mean(dim=0), real.std(dim=0).clamp_min(1e-8)
-    real, fake = (real - mean) / std, (fake - mean) / std
-    return kid_from_features(real, fake, subset_size=min(KID_SUBSET, len(real), len(fake)), subsets=KID_SUBSETS,
-                             seed=0)[0]
+    """KID (`kid_unbiased`: torchmetrics' kernel and estimator on all rows, no subset noise) of the
+    features standardised by the real set's per-dimension mean and std (`standardise`: why)."""
+    return kid_unbiased(*standardise(real, fake))
 
 
 def row_statistics(feats: torch.Tensor, real: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
-    """A row's KID (with its percentile bootstrap interval: generated and real rows resampled) and FID
-    (no interval: FID's resampling bias in 128-d puts every resample above the estimate, see
-    `bootstrap_interval`; its differences are `compare`'s)."""
-    interval = bootstrap_interval(kid, real, feats, n_boot=n_boot, seed=seed)
+    """A row's KID with its percentile bootstrap interval (`kid_interval`: generated and real rows
+    resampled, no row paired with its own copy) and FID (no interval: FID's resampling bias in 128-d
+    puts every resample above the estimate, see `bootstrap_interval`; its differences are `compare`'s)."""
+    interval = kid_interval(*standardise(real, feats), n_boot=n_boot, seed=seed)
     return {"kid": interval.value, "kid_low": interval.low, "kid_high": interval.high,
             "fid": fid_from_features(real, feats)}
 
@@ -102,12 +100,12 @@ def row_statistics(feats: torch.Tensor, real: torch.Tensor, n_boot: int, seed: i
 def compare(a: dict, b: dict, real: torch.Tensor, n_boot: int, seed: int = 0) -> dict:
     """Row a against row b on the same pooled probes: SSIM (per probe), KID and FID decisions.
     a, b: {"ssim_per_probe": [n], "features": [n, d]}."""
-    out = {"ssim": paired_difference(torch.as_tensor(a["ssim_per_probe"]), torch.as_tensor(b["ssim_per_probe"]),
-                                     n_boot=n_boot, seed=seed).to_dict()}
-    for name, metric in (("kid", kid), ("fid", fid_from_features)):
-        out[name] = distribution_difference(real, a["features"], b["features"], metric, n_boot=n_boot,
-                                            seed=seed).to_dict()
-    return out
+    return {"ssim": paired_difference(torch.as_tensor(a["ssim_per_probe"]), torch.as_tensor(b["ssim_per_probe"]),
+                                      n_boot=n_boot, seed=seed).to_dict(),
+            "kid": kid_difference(*standardise(real, a["features"], b["features"]), n_boot=n_boot,
+                                  seed=seed).to_dict(),
+            "fid": distribution_difference(real, a["features"], b["features"], fid_from_features, n_boot=n_boot,
+                                           seed=seed).to_dict()}
 
 
 def score_block(context, schedules: dict, num_probes: int, probe_seed: int, real: torch.Tensor) -> dict[str, dict]:

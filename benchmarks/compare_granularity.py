@@ -14,8 +14,9 @@ SSIM and PSNR vs the dense model, class accuracy and digits-FID of the decoded d
 equivalent; structured is the only one a dense kernel runs faster, 2:4 needs a sparse kernel).
 Differences are called only by a paired test at 95 % (`evaluation/intervals.py`): per-probe SSIM of the
 searched schedules (pooled over seeds per probe) against the uniform and the one-shot model (paired
-bootstrap interval + sign-flip test), and KID of the digits classifier's features against the held-out
-real digits (`distribution_difference`: the same probe indices for both, per seed).
+bootstrap interval + sign-flip test), and KID of the digits classifier's standardised features against
+the held-out real digits (`_evidence.kid`; decided by `kid_difference`: the same probe indices for both,
+per seed).
 Prints a table; writes benchmarks/results/compare_granularity.json (per seed, per probe and the mean).
 """
 from __future__ import annotations
@@ -24,11 +25,12 @@ import argparse
 import json
 from pathlib import Path
 
+from _evidence import kid
 from _runs import fit, load_run
 
 from diffes_pl.data.digits import load_digits_split
 from diffes_pl.evaluation.digits_features import DigitsFeatures
-from diffes_pl.evaluation.intervals import across_seeds, distribution_difference, kid_from_features, pooled_paired
+from diffes_pl.evaluation.intervals import across_seeds, kid_difference, pooled_paired, standardise
 from diffes_pl.evaluation.metrics import fid_from_features
 from diffes_pl.schedule import Schedule
 from diffes_pl.search.holdout import evaluate_schedules
@@ -47,10 +49,6 @@ def _uniform(context, module) -> Schedule:
                             partition=partition.to_dict(), pruner=store.pruner, store_key=store.key)
 
 
-def _kid(real, fake) -> float:
-    return kid_from_features(real, fake, subset_size=min(100, len(fake)), subsets=10, seed=0)[0]
-
-
 def _statistics(rows: dict, features: dict, real, seeds: int, n_boot: int) -> dict:
     """Paired decisions of the searched schedules against the uniform and the one-shot model."""
     searched = [f"searched seed {s}" for s in range(seeds)]
@@ -58,7 +56,7 @@ def _statistics(rows: dict, features: dict, real, seeds: int, n_boot: int) -> di
     for base in ("uniform", "one-shot"):
         ssim = pooled_paired([rows[s]["ssim_per_probe"] for s in searched],
                              [rows[base]["ssim_per_probe"]] * seeds, n_boot=n_boot, seed=0)
-        kid = {s: distribution_difference(real, features[s], features[base], _kid, n_boot=n_boot, seed=i).to_dict()
+        kid = {s: kid_difference(*standardise(real, features[s], features[base]), n_boot=n_boot, seed=i).to_dict()
                for i, s in enumerate(searched)}
         out[f"searched vs {base}"] = {"ssim": ssim.to_dict(), "kid_per_seed": kid}
     return out
@@ -109,7 +107,7 @@ def main() -> None:
             rows.update({k: v for k, v in got.items() if k != "dense"})
         features = {label: net(x).detach() for label, x in images.items()}
         for label, row in rows.items():  # held-out digits: FID and KID of the classifier's features
-            row["test_fid"], row["test_kid"] = fid_from_features(real, features[label]), _kid(real, features[label])
+            row["test_fid"], row["test_kid"] = fid_from_features(real, features[label]), kid(real, features[label])
         seeds = [rows[f"searched seed {s}"] for s in range(args.seeds)]
         rows["searched (mean over seeds)"] = {
             key: across_seeds([r[key] for r in seeds]) for key in ("ssim", "psnr", "class_accuracy", "test_fid", "test_kid")}

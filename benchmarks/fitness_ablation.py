@@ -2,7 +2,7 @@
 searched over seeds and scored on held-out SSIM, KID / FID and accuracy (issue 26 part 7; the shape of
 the paper's Tables 4 and 8 on the built-in model).
 
-    python benchmarks/fitness_ablation.py --jobs 2      # OBS 50 %, 3 seeds × 30 generations per fitness (~1 h on 2 cores)
+    python benchmarks/fitness_ablation.py --jobs 2      # OBS 50 %, 3 seeds × 30 generations per fitness (~2 h on 2 cores)
     python benchmarks/fitness_ablation.py --tiny        # smoke run: numbers meaningless
 
 Setting: paper_tables' obs-50 (configs/tiny_obs.yaml, level 4 of 8, 10 stages of 2 DDIM steps, racing
@@ -11,8 +11,13 @@ runs (same folders under `--runs`: nothing is searched twice). Fitnesses (`--met
 - ssim: SSIM vs the dense model on the same probes (the default; reference-based);
 - class_confidence: the digits classifier's probability of each probe's conditioning label — no
   reference, the built-in model's stand-in for CLIP-IQA / TOPIQ;
-- ssim_confidence: per probe SSIM × that probability (both at once).
-All three are raceable (per-probe values), so every search costs alike.
+- ssim_confidence: per probe SSIM × that probability (both at once);
+- digits_kid: KID of the probes' digits-classifier features (standardised) against the TRAINING
+  digits — distribution-aware, and never the held-out digits the table reports on;
+- ssim_minus_kid: mean SSIM − that KID (comparable units here: SSIM spans ≈ 0.03 between schedules,
+  KID ≈ 0.01–0.07).
+The first three are raced (per-probe values); the KID fitnesses are set statistics, so their
+searches score every child on all 64 probes (same generations, more probe-steps: see `probe_steps`).
 Scored on paper_tables' TEST probe blocks (block b for seed b; uniform on every block): SSIM vs dense,
 class accuracy, KID [95 % CI] and FID against the 297 held-out real digits; decisions (paired, 95 %)
 of every fitness against SSIM and against uniform. Writes benchmarks/results/fitness_ablation.json.
@@ -27,8 +32,10 @@ from _evidence import (add_search_arguments, block_seed, compare, heldout_featur
                        score_block, summarise, to_json, write_report)
 from _runs import TINY, fit_many, load_run
 
+from diffes_pl.fitness import get_metric
+
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("ssim", "class_confidence", "ssim_confidence")
+METRICS = ("ssim", "class_confidence", "ssim_confidence", "digits_kid", "ssim_minus_kid")
 
 
 def run_folder(root: Path, metric: str, seed: int) -> Path:
@@ -51,11 +58,11 @@ def main() -> None:
     folder = runs / "obs-50"
     base = ["--config", str(ROOT / "configs/tiny_obs.yaml"), *(TINY if args.tiny else []),
             "--model.store", str(runs / "obs-store"), "--model.target_level", "4", "--trainer.callbacks", "[]",
-            "--model.race_probes", args.race, "--trainer.max_epochs", str(args.generations),
-            "--model.proposal", "evolution"]
+            "--trainer.max_epochs", str(args.generations), "--model.proposal", "evolution"]
 
     def common(metric: str, seed: int) -> list[str]:
-        return [*base, "--trainer.default_root_dir", str(run_folder(folder, metric, seed)),
+        race = args.race if get_metric(metric).per_probe is not None else "null"
+        return [*base, "--trainer.default_root_dir", str(run_folder(folder, metric, seed)), "--model.race_probes", race,
                 "--model.search_seed", str(seed), *([] if metric == "ssim" else ["--model.metric", metric])]
 
     jobs = [(common(m, s), run_folder(folder, m, s)) for s in args.seeds for m in args.metrics]
@@ -79,7 +86,9 @@ def main() -> None:
     for row, blks in blocks.items():
         rows[row] = {"levels": [blk["levels"] for blk in blks], **summarise(blks, real, args.n_boot)}
         if row.startswith("fitness "):
-            rows[row]["search_fitness"] = [s.fitness for s in searched[row.removeprefix("fitness ")]]
+            found = searched[row.removeprefix("fitness ")]
+            rows[row]["search_fitness"] = [s.fitness for s in found]
+            rows[row]["probe_steps"] = [s.extra["cost"]["probe_steps"] for s in found]
     decisions = {}
     for m in args.metrics:
         against = [r for r in ("uniform", "fitness ssim") if r != f"fitness {m}" and r in rows]

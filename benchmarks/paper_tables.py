@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 from _evidence import (add_search_arguments, block_seed, compare, heldout_features, print_decisions, print_rows,
-                       score_block, summarise, to_json)
+                       STATISTICS, score_block, summarise, to_json)
 from _runs import TINY, fit, fit_many, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def run_setting(name: str, args, extra: list[str], runs: Path) -> tuple[dict, bo
     folder = runs / name
     cached = folder / "table.json"
     wanted = {"eval_probes": args.eval_probes, "probe_set": args.probe_set, "generations": args.generations,
-              "seeds": args.seeds, "race": args.race}
+              "seeds": args.seeds, "race": args.race, "statistics": STATISTICS}
     if cached.exists():
         table = json.loads(cached.read_text())
         if all(table.get(k) == v for k, v in wanted.items()):

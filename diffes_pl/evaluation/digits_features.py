@@ -55,6 +55,23 @@ class DigitsFID:
         return float(self.metric.compute())
 
 
+class DigitsKID:
+    """KID of many fake sets against ONE real set, as a fitness needs it: `kid_unbiased` (torchmetrics'
+    kernel, all rows) of the digits classifier's features standardised by the real set's
+    per-dimension mean and std (`intervals.standardise`: why). The real features are extracted once."""
+
+    def __init__(self, real: Tensor) -> None:
+        self.features = DigitsFeatures().eval()
+        with torch.no_grad():
+            self.real_raw = self.features(real.float().cpu())  # [N, 128]
+
+    @torch.no_grad()
+    def __call__(self, fake: Tensor) -> float:
+        from .intervals import kid_unbiased, standardise
+
+        return kid_unbiased(*standardise(self.real_raw, self.features(fake.float().cpu())))
+
+
 @torch.no_grad()
 def class_hits(images: Tensor, labels: Tensor) -> Tensor:
     """[N] 1.0 where the digits classifier reads image [1, 8, 8] (in [0, 1]) as its conditioning label."""

@@ -109,7 +109,7 @@ class DiffES(L.LightningModule):
             seeds: user schedules put into the initial population (a joint search: [levels, intervals]
                 pairs, or plain levels meaning cache interval 1 in every stage).
             metric: fitness: ssim, psnr, latent_mse, class_accuracy, class_confidence, ssim_confidence,
-                digits_fid, topiq, clipiqa, or `package.module:function`.
+                digits_fid, digits_kid, ssim_minus_kid, topiq, clipiqa, or `package.module:function`.
             num_probes: probes (seeded noise + labels) the fitness is measured on.
             probe_seed: seed of the probes.
             probe_batch_size: probes per denoiser call (default: all probes at once, or, with

@@ -256,6 +256,85 @@ def test_distribution_difference_ties_on_two_draws_of_one_distribution():
     assert c.decision == "tie" and c.low < 0 < c.high and c.p_value > 0.05
 
 
+def test_distribution_difference_basic_interval_brackets_the_true_fid_difference():
+    """FID's resampling bias grows with a method's spread: for N(0, I) vs N(0, 1.3² I) generators the
+    percentile interval of the paired difference misses the true difference (−d·0.09), the basic
+    (reflected) interval, the default, covers it."""
+    d = 32
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        real = torch.randn(200, d, generator=g, dtype=torch.float64)
+        a = torch.randn(300, d, generator=g, dtype=torch.float64)
+        b = torch.randn(300, d, generator=g, dtype=torch.float64) * 1.3
+        basic = I.distribution_difference(real, a, b, fid_from_features, n_boot=200)
+        pct = I.distribution_difference(real, a, b, fid_from_features, n_boot=200, method="percentile")
+        assert basic.mean_diff == pct.mean_diff
+        assert basic.low < -d * 0.09 < basic.high and basic.decision == "win"
+        assert pct.high < -d * 0.09
+    with pytest.raises(ValueError, match="method"):
+        I.distribution_difference(real, a, b, fid_from_features, method="bca")
+
+
+def _mmd_brute(x, y, pairs_x, pairs_y):
+    """Unbiased MMD² by explicit sums over the allowed within-set pairs and all cross pairs."""
+    k = lambda u, v: (float(u @ v) / len(u) + 1.0) ** 3  # noqa: E731
+    kxx = np.mean([k(x[i], x[j]) for i, j in pairs_x])
+    kyy = np.mean([k(y[i], y[j]) for i, j in pairs_y])
+    kxy = np.mean([k(u, v) for u in x for v in y])
+    return kxx + kyy - 2 * kxy
+
+
+def test_kid_unbiased_equals_torchmetrics_estimator_and_brute_force():
+    real, fake = gaussians(14, d=5, shift=0.4, seed=7)
+    assert I.kid_unbiased(real, fake) == pytest.approx(I.kid_from_features(real, fake, 14, 1)[0], rel=1e-10)
+    fake = fake[:9]  # N ≠ M: torchmetrics cannot, the U-statistic can
+    distinct = lambda n: [(i, j) for i in range(n) for j in range(n) if i != j]  # noqa: E731
+    assert I.kid_unbiased(real, fake) == pytest.approx(_mmd_brute(real, fake, distinct(14), distinct(9)), rel=1e-10)
+
+
+def test_kid_resample_never_pairs_a_row_with_its_own_copy():
+    """Replicate 0 of `kid_interval` equals the brute-force U-statistic of the resampled multisets
+    over pairs of copies of DIFFERENT original rows (the counts are redrawn from the same seed)."""
+    real, fake = gaussians(10, d=4, shift=0.3, seed=8)
+    fake = fake[:7]
+    iv = I.kid_interval(real, fake, n_boot=100, seed=5)
+    rng = np.random.default_rng(5)
+    w = rng.multinomial(10, np.full(10, 0.1), size=100)[0]  # all real counts are drawn first
+    v = rng.multinomial(7, np.full(7, 1 / 7), size=100)[0]
+    rows_r = [i for i in range(10) for _ in range(w[i])]
+    rows_f = [i for i in range(7) for _ in range(v[i])]
+    assert w.max() > 1 and v.max() > 1  # the case at issue: the resample holds copies
+    allowed = lambda rows: [(a, b) for a in range(len(rows)) for b in range(len(rows)) if rows[a] != rows[b]]  # noqa: E731
+    brute = _mmd_brute(real[rows_r], fake[rows_f], allowed(rows_r), allowed(rows_f))
+    assert iv.boot[0] == pytest.approx(brute, rel=1e-9)
+
+
+def test_kid_interval_brackets_the_estimate_where_the_naive_resample_does_not():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(150, 64, generator=g, dtype=torch.float64)
+    fake = torch.randn(120, 64, generator=g, dtype=torch.float64) * 1.1
+    iv = I.kid_interval(real, fake, n_boot=200)
+    assert iv.value == I.kid_unbiased(real, fake)
+    assert iv.contains_value and abs(iv.boot.mean() - iv.value) < 0.1 * iv.width
+    naive = I.bootstrap_interval(I.kid_unbiased, real, fake, n_boot=100)
+    assert naive.low > iv.high  # copies paired with themselves: every naive resample far above
+
+
+def test_kid_difference_decisions():
+    real, near = gaussians(150, d=8, shift=0.1, seed=0)
+    _, far = gaussians(150, d=8, shift=0.8, seed=1)
+    c = I.kid_difference(real, near, far, n_boot=200)
+    assert c.mean_diff == pytest.approx(I.kid_unbiased(real, near) - I.kid_unbiased(real, far), rel=1e-12)
+    assert c.decision == "win" and c.high < 0 and c.test == "bootstrap" and c.n == 150
+    assert I.kid_difference(real, far, near, n_boot=200).decision == "loss"
+    same = I.kid_difference(real, near, near.clone(), n_boot=100)
+    assert same.decision == "tie" and same.p_value == 1.0 and same.mean_diff == 0.0
+    _, other = gaussians(150, d=8, shift=0.1, seed=2)
+    assert I.kid_difference(real, near, other, n_boot=200).decision == "tie"
+    with pytest.raises(ValueError, match=r"\[150, 8\] and \[149, 8\]"):
+        I.kid_difference(real, near, far[:149])
+
+
 # --- validation ------------------------------------------------------------------------------------
 
 def test_input_validation():

@@ -86,11 +86,38 @@ def test_fitness_digits_fid_extracts_the_real_digits_once(digits, monkeypatch):
     loads = []
     real_split = digits_data.load_digits_split
     monkeypatch.setattr(digits_data, "load_digits_split", lambda split: loads.append(split) or real_split(split))
-    fitness._train_digits_fid.cache_clear()
+    fitness._against_training_digits.cache_clear()
     metric = fitness.get_metric("digits_fid")
     got = [metric(fitness.FitnessInputs(f, None, None, None, None)) for f in fakes]
     assert got == pytest.approx(fresh, abs=1e-6) and loads == ["train"]
-    fitness._train_digits_fid.cache_clear()
+    fitness._against_training_digits.cache_clear()
+
+
+def test_fitness_digits_kid_against_the_training_digits(digits):
+    """digits_kid is `kid_unbiased` of the standardised digits features against the training digits
+    (recomputed here from the parts); real digits score near 0, noise far above, and ssim_minus_kid
+    is SSIM minus it. Neither is raceable (set-level)."""
+    from diffes_pl import fitness
+    from diffes_pl.data import digits as digits_data
+    from diffes_pl.evaluation.digits_features import DigitsFeatures
+    from diffes_pl.evaluation.intervals import kid_unbiased, standardise
+
+    images, _ = digits
+    noise = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    real = (digits_data.load_digits_split("train")[0] + 1) / 2
+    net = DigitsFeatures().eval()
+    metric = fitness.get_metric("digits_kid")
+    got = [metric(fitness.FitnessInputs(f, None, None, None, None)) for f in (images[:100], noise)]
+    expected = [kid_unbiased(*standardise(net(real), net(f))) for f in (images[:100], noise)]
+    assert got == pytest.approx(expected, rel=1e-9)
+    assert abs(got[0]) < 0.05 and got[1] > 1.0 and not metric.higher_is_better
+    blurred = torch.nn.functional.avg_pool2d(images[:100], 3, stride=1, padding=1, count_include_pad=False)
+    inputs = fitness.FitnessInputs(blurred, None, images[:100], None, None)
+    combined = fitness.get_metric("ssim_minus_kid")
+    assert combined(inputs) == pytest.approx(fitness.get_metric("ssim")(inputs) - metric(inputs), rel=1e-9)
+    for name in ("digits_kid", "ssim_minus_kid"):
+        with pytest.raises(ValueError, match="cannot be raced"):
+            fitness.get_metric(name).probe_values(inputs)
 
 
 # --- Inception Score --------------------------------------------------------------------------------
