@@ -3,11 +3,12 @@ searched over seeds and scored on held-out SSIM, KID / FID and accuracy (issue 2
 the paper's Tables 4 and 8 on the built-in model).
 
     python benchmarks/fitness_ablation.py --jobs 2      # OBS 50 %, 3 seeds × 30 generations per fitness (~2 h on 2 cores)
+    python benchmarks/fitness_ablation.py --setting wanda-50 --metrics ssim digits_kid ssim_minus_kid
     python benchmarks/fitness_ablation.py --tiny        # smoke run: numbers meaningless
 
-Setting: paper_tables' obs-50 (configs/tiny_obs.yaml, level 4 of 8, 10 stages of 2 DDIM steps, racing
-8 → 16 → 64 probes, 30 generations), on its trajectory store and, for the SSIM rows, its very Diff-ES
-runs (same folders under `--runs`: nothing is searched twice). Fitnesses (`--metrics`):
+Setting (`--setting`, one of paper_tables' settings; default obs-50: configs/tiny_obs.yaml, level 4
+of 8, 10 stages of 2 DDIM steps, racing 8 → 16 → 64 probes, 30 generations), on its trajectory store
+and, for the SSIM rows, its very Diff-ES runs (same folders under `--runs`: nothing is searched twice). Fitnesses (`--metrics`):
 - ssim: SSIM vs the dense model on the same probes (the default; reference-based);
 - class_confidence: the digits classifier's probability of each probe's conditioning label — no
   reference, the built-in model's stand-in for CLIP-IQA / TOPIQ;
@@ -18,9 +19,11 @@ runs (same folders under `--runs`: nothing is searched twice). Fitnesses (`--met
   KID ≈ 0.01–0.07).
 The first three are raced (per-probe values); the KID fitnesses are set statistics, so their
 searches score every child on all 64 probes (same generations, more probe-steps: see `probe_steps`).
-Scored on paper_tables' TEST probe blocks (block b for seed b; uniform on every block): SSIM vs dense,
-class accuracy, KID [95 % CI] and FID against the 297 held-out real digits; decisions (paired, 95 %)
-of every fitness against SSIM and against uniform. Writes benchmarks/results/fitness_ablation.json.
+Scored on paper_tables' TEST probe blocks (block b for seed b; uniform and the MosaicDiff heuristic on
+every block, paper_tables' random search of seed b — the same 484 evaluations, SSIM fitness — on
+block b): SSIM vs dense, class accuracy, KID [95 % CI] and FID against the 297 held-out real digits;
+decisions (paired, 95 %) of every fitness against uniform, the heuristic, random search and SSIM. Writes benchmarks/results/fitness_ablation.json
+(another setting: fitness_ablation_<setting>.json).
 """
 from __future__ import annotations
 
@@ -31,11 +34,13 @@ import torch
 from _evidence import (add_search_arguments, block_seed, compare, heldout_features, print_decisions, print_rows,
                        score_block, summarise, to_json, write_report)
 from _runs import TINY, fit_many, load_run
+from paper_tables import SETTINGS, setting_arguments
 
 from diffes_pl.fitness import get_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("ssim", "class_confidence", "ssim_confidence", "digits_kid", "ssim_minus_kid")
+BASELINES = ("uniform", "mosaicdiff heuristic", "random search")
 
 
 def run_folder(root: Path, metric: str, seed: int) -> Path:
@@ -45,6 +50,7 @@ def run_folder(root: Path, metric: str, seed: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--setting", choices=list(SETTINGS), default="obs-50", help="a paper_tables setting")
     parser.add_argument("--metrics", nargs="+", default=list(METRICS))
     add_search_arguments(parser, probes=200)
     parser.add_argument("--tiny", action="store_true", help="smoke setting: 4 stages, 2 generations, 2 seeds")
@@ -54,32 +60,39 @@ def main() -> None:
     if args.tiny:
         args.generations, args.eval_probes, args.seeds, args.n_boot, args.race = 2, 12, args.seeds[:2], 100, "[2,4]"
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
-    out = Path(args.out or Path(__file__).parent / "results" / f"fitness_ablation{'_tiny' if args.tiny else ''}.json")
-    folder = runs / "obs-50"
-    base = ["--config", str(ROOT / "configs/tiny_obs.yaml"), *(TINY if args.tiny else []),
-            "--model.store", str(runs / "obs-store"), "--model.target_level", "4", "--trainer.callbacks", "[]",
-            "--trainer.max_epochs", str(args.generations), "--model.proposal", "evolution"]
+    suffix = ("" if args.setting == "obs-50" else f"_{args.setting}") + ("_tiny" if args.tiny else "")
+    out = Path(args.out or Path(__file__).parent / "results" / f"fitness_ablation{suffix}.json")
+    folder = runs / args.setting
+    target = SETTINGS[args.setting][1]
+    base = [*setting_arguments(args.setting, runs, TINY if args.tiny else []),
+            "--trainer.max_epochs", str(args.generations)]
 
-    def common(metric: str, seed: int) -> list[str]:
+    def common(metric: str, seed: int, proposal: str = "evolution") -> list[str]:
         race = args.race if get_metric(metric).per_probe is not None else "null"
-        return [*base, "--trainer.default_root_dir", str(run_folder(folder, metric, seed)), "--model.race_probes", race,
+        run = run_folder(folder, metric, seed) if proposal == "evolution" else folder / f"{proposal}-{seed}"
+        return [*base, "--trainer.default_root_dir", str(run), "--model.race_probes", race, "--model.proposal", proposal,
                 "--model.search_seed", str(seed), *([] if metric == "ssim" else ["--model.metric", metric])]
 
     jobs = [(common(m, s), run_folder(folder, m, s)) for s in args.seeds for m in args.metrics]
+    # paper_tables' random search (same folders): the baseline at equal evaluations
+    jobs += [(common("ssim", s, "random"), folder / f"random-{s}") for s in args.seeds]
     fit_many(jobs[:1], 1)  # the store (if paper_tables has not built it), alone
     fit_many(jobs[1:], args.jobs)
     _, context, _ = load_run(common(args.metrics[0], args.seeds[0]))
 
     from diffes_pl.schedule import Schedule
+    from diffes_pl.search import baselines
 
-    partition = context.partition
-    uniform = Schedule([4] * partition.num_stages, context.levels_max, 4, partition.steps_per_stage,
-                       partition=partition.to_dict())
+    partition, H = context.partition, context.levels_max
+    w, S = partition.steps_per_stage, partition.num_stages
+    mk = lambda levels: Schedule(list(levels), H, target, w, partition=partition.to_dict())  # noqa: E731
+    fixed = {"uniform": mk([target] * S), "mosaicdiff heuristic": mk(baselines.mosaicdiff_schedule(S, H, target, w))}
     real = heldout_features()
     blocks: dict[str, list[dict]] = {}
     searched = {m: [Schedule.load(run_folder(folder, m, s) / "schedule.json") for s in args.seeds] for m in args.metrics}
+    random = [Schedule.load(folder / f"random-{s}" / "schedule.json") for s in args.seeds]
     for b in range(len(args.seeds)):
-        schedules = {"uniform": uniform, **{f"fitness {m}": searched[m][b] for m in args.metrics}}
+        schedules = {**fixed, "random search": random[b], **{f"fitness {m}": searched[m][b] for m in args.metrics}}
         for row, result in score_block(context, schedules, args.eval_probes, block_seed(args.probe_set, b), real).items():
             blocks.setdefault(row, []).append(result)
     rows = {}
@@ -91,13 +104,13 @@ def main() -> None:
             rows[row]["probe_steps"] = [s.extra["cost"]["probe_steps"] for s in found]
     decisions = {}
     for m in args.metrics:
-        against = [r for r in ("uniform", "fitness ssim") if r != f"fitness {m}" and r in rows]
+        against = [r for r in (*BASELINES, "fitness ssim") if r != f"fitness {m}" and r in rows]
         decisions[m] = {r: compare(rows[f"fitness {m}"], rows[r], real, n_boot=args.n_boot) for r in against}
-    report = {"tiny": args.tiny, "setting": "obs-50", "generations": args.generations, "seeds": args.seeds,
+    report = {"tiny": args.tiny, "setting": args.setting, "generations": args.generations, "seeds": args.seeds,
               "race": args.race, "probe_set": args.probe_set, "eval_probes": args.eval_probes, "n_boot": args.n_boot,
               "probe_seeds": [block_seed(args.probe_set, b) for b in range(len(args.seeds))],
               "rows": to_json(rows), "decisions": decisions}
-    print(f"\nFitness ablation, OBS 50 %, {len(args.seeds)} seeds × {args.generations} generations; {args.probe_set} "
+    print(f"\nFitness ablation, {args.setting}, {len(args.seeds)} seeds × {args.generations} generations; {args.probe_set} "
           f"probes {len(args.seeds)} × {args.eval_probes}{' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
     print_rows(rows)
     for m, d in decisions.items():

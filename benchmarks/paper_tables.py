@@ -92,12 +92,18 @@ def greedy_generations(context, target: int, planned: int) -> int:
     return 1 + max(1, (planned - 1) // size)
 
 
+def setting_arguments(name: str, runs: Path, extra: list[str]) -> list[str]:
+    """The `diffes-pl fit` arguments every search of setting `name` shares: its config, its pruner's
+    shared store under `runs`, its target level (no run folder, generations, seed or racing)."""
+    pruner, target = SETTINGS[name]
+    return ["--config", str(ROOT / f"configs/tiny_{pruner}.yaml"), *extra, "--model.store", str(runs / f"{pruner}-store"),
+            "--model.target_level", str(target), "--trainer.callbacks", "[]"]
+
+
 def search_runs(name: str, args, extra: list[str], folder: Path, runs: Path) -> dict:
     """Runs every search of a setting (resumable); {row: [run folder per seed]} and the common arguments."""
     pruner, target = SETTINGS[name]
-    config = str(ROOT / f"configs/tiny_{pruner}.yaml")
-    base = ["--config", config, *extra, "--model.store", str(runs / f"{pruner}-store"),
-            "--model.target_level", str(target), "--trainer.callbacks", "[]", "--model.race_probes", args.race]
+    base = [*setting_arguments(name, runs, extra), "--model.race_probes", args.race]
 
     def common(row: str, seed: int, generations: int) -> list[str]:
         return [*base, "--trainer.default_root_dir", str(folder / f"{SEARCHES[row]}-{seed}"),

@@ -82,15 +82,21 @@ def test_search_cost_rows_over_seeds(tmp_path):
 
 
 def test_fitness_ablation_smoke(tmp_path):
-    report = _run("fitness_ablation", tmp_path)
-    assert list(report["rows"]) == ["dense", "uniform", "fitness ssim", "fitness class_confidence",
-                                    "fitness ssim_confidence"]
-    assert set(report["decisions"]["ssim"]) == {"uniform"}
-    assert set(report["decisions"]["class_confidence"]) == {"uniform", "fitness ssim"}
+    report = _run("fitness_ablation", tmp_path, "--setting", "wanda-50", "--metrics", "ssim", "class_confidence",
+                  "digits_kid")
+    assert report["setting"] == "wanda-50"
+    baselines = ["uniform", "mosaicdiff heuristic", "random search"]
+    assert list(report["rows"]) == ["dense", *baselines, "fitness ssim", "fitness class_confidence",
+                                    "fitness digits_kid"]
+    assert set(report["decisions"]["ssim"]) == set(baselines)
+    assert set(report["decisions"]["digits_kid"]) == {*baselines, "fitness ssim"}
     for name, row in report["rows"].items():
         assert len(row["per_seed"]) == 2 and row["pooled"]["kid_low"] <= row["pooled"]["kid_high"], name
-    fitness = report["rows"]["fitness class_confidence"]["search_fitness"]
-    assert all(0 < f <= 1 for f in fitness)
+    rows = report["rows"]
+    assert all(0 < f <= 1 for f in rows["fitness class_confidence"]["search_fitness"])
+    # the KID fitness is a set statistic: no racing, so every child is scored on all probes
+    config = (tmp_path / "runs_tiny" / "wanda-50" / "evolution-digits_kid-0" / "config.yaml").read_text()
+    assert "race_probes: null" in config and "metric: digits_kid" in config
 
 
 def test_cache_frontier_smoke(tmp_path):

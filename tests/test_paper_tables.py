@@ -63,3 +63,34 @@ def test_paper_tables_smoke(tmp_path):
             d = table["diffes_vs"][other][metric]
             assert d["decision"] in ("win", "tie", "loss") and 0 <= d["p_value"] <= 1, (other, metric)
             assert d["n"] == 2 * P
+
+    # fitness_proxy.py reads the same archives: the Diff-ES seed-0 pick scored on the same block
+    # gives paper_tables' very SSIM / KID / FID for that seed
+    proxy_out = tmp_path / "proxy.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks/fitness_proxy.py"), "--tiny", "--setting", "obs-50",
+           "--runs", str(tmp_path / "runs"), "--out", str(proxy_out)]
+    done = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    proxy = json.loads(proxy_out.read_text())
+    assert proxy["probe_seed"] == table["probe_seeds"][0] and proxy["eval_probes"] == P
+    picked = {tuple(s["levels"]): s for s in proxy["schedules"]}
+    assert len(picked) == len(proxy["schedules"]) >= 3  # distinct
+    best = picked[tuple(rows["Diff-ES"]["levels"][0])]
+    for metric in ("ssim", "kid", "fid"):
+        assert best[metric] == pytest.approx(rows["Diff-ES"]["per_seed"][0][metric], rel=1e-6, abs=1e-9), metric
+    for c in proxy["spearman_fitness_vs"].values():
+        assert -1 <= c["low"] <= c["high"] <= 1
+
+
+def test_spearman_matches_scipy_with_ties():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import numpy as np
+    from fitness_proxy import spearman
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 5, 40).astype(float)  # many ties
+    y = x + rng.normal(size=40)
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic, rel=1e-12)
+    assert spearman(x, -y) == pytest.approx(-spearman(x, y), rel=1e-12)
+    assert np.isnan(spearman(np.ones(5), np.arange(5.0)))
