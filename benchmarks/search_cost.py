@@ -166,14 +166,16 @@ def main() -> None:
         name = " + ".join(parts) if parts else "default"
         rows[name], slug[name] = options, "-".join(slug_) or "default"
 
-    def common(name: str, seed: int) -> list[str]:
-        return ["--config", args.config, *extra, "--trainer.default_root_dir", str(runs / f"seed{seed}" / slug[name]),
-                "--trainer.max_epochs", str(args.generations), "--model.store", str(runs / "store"),
+    def common(name: str, seed: int, run: Path | None = None, generations: int | None = None) -> list[str]:
+        return ["--config", args.config, *extra,
+                "--trainer.default_root_dir", str(run or runs / f"seed{seed}" / slug[name]),
+                "--trainer.max_epochs", str(generations or args.generations), "--model.store", str(runs / "store"),
                 "--trainer.callbacks", "[]", "--model.search_seed", str(seed), *rows[name]]
 
     default = next(iter(rows))
-    fit_many([(common(default, args.seeds[0]), runs / f"seed{args.seeds[0]}" / "default")], 1)  # the store, alone
-    fit_many([(common(name, seed), runs / f"seed{seed}" / slug[name]) for seed in args.seeds for name in rows],
+    # the shared store, alone, by a one-generation run of its own: the searches then run `--jobs` at a time
+    fit_many([(common(default, args.seeds[0], runs / "store-build", 1), runs / "store-build")], 1)
+    fit_many([(common(name, seed), runs / f"seed{seed}" / slug[name]) for name in rows for seed in args.seeds],
              args.jobs)
 
     from diffes_pl.macs import count_macs

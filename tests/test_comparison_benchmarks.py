@@ -36,6 +36,20 @@ def test_frontier_interpolation_is_linear_between_the_bracketing_points():
     assert interpolate(points, 0.39) is None and interpolate(points, 0.61) is None
 
 
+def test_frontier_reference_outside_the_range_counts_one_way_only():
+    from cache_frontier import frontier_reference, position
+
+    points = [(0.6, [0.9, 1.0]), (0.4, [0.7, 0.6])]
+    assert frontier_reference(points, 0.5) == (pytest.approx([0.8, 0.8]), "inside")
+    assert frontier_reference(points, 0.35) == ([0.7, 0.6], "cheaper")
+    assert frontier_reference(points, 0.65) == ([0.9, 1.0], "dearer")
+    # better at fewer MACs than the cheapest point: above; worse there proves nothing
+    assert position("win", ["inside", "cheaper"]) == "above" and position("loss", ["cheaper"]) == "outside"
+    # worse at more MACs than the dearest point: below; better there proves nothing
+    assert position("loss", ["dearer", "inside"]) == "below" and position("win", ["dearer"]) == "outside"
+    assert position("tie", ["inside", "inside"]) == "on" and position("tie", ["inside", "cheaper"]) == "outside"
+
+
 def test_kid_on_standardised_features_separates_real_from_blurred_digits():
     """Two draws of real digits score ≈ 0 and far below blurred digits; the raw-feature KID of the same
     draws is hundreds of times noisier (why `_evidence.kid` standardises)."""
@@ -108,7 +122,10 @@ def test_cache_frontier_smoke(tmp_path):
             for fraction in rows[f"{curve} @ {budget:g}"]["mac_fraction"]:
                 assert fraction <= budget + 0.02, (curve, budget)  # the MAC budget (its stated band)
         d = report["joint_vs_stacking_frontier"][f"{budget:g}"]
-        assert d["decision"] in ("win", "tie", "loss", "outside")
-        if d["decision"] != "outside":
+        assert d["decision"] in ("win", "tie", "loss") and d["n"] == 2 * report["eval_probes"]
+        assert len(d["sides"]) == 2 and set(d["sides"]) <= {"inside", "cheaper", "dearer"}
+        if set(d["sides"]) == {"inside"}:
             assert d["position"] == {"win": "above", "tie": "on", "loss": "below"}[d["decision"]]
-            assert d["n"] == 2 * report["eval_probes"]
+        same = report["joint_vs_stacking_same_budget"][f"{budget:g}"]
+        assert all(same[m]["decision"] in ("win", "tie", "loss") for m in ("ssim", "kid", "fid"))
+        assert same["joint_mac_fraction"] == rows[f"joint @ {budget:g}"]["mac_fraction"]
