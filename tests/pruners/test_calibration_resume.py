@@ -286,7 +286,7 @@ def test_two_processes_stop_mid_stage_together(tmp_path):
     env = {**ENV, "SIGNAL_AT": "SIGTERM 1 0", "BATCH_LOG": str(batches)}
     code, out, err = run_group(cmd, env=env, cwd=run.parent, timeout=120, what="the 2-process stop")
     assert code == 143, out[-2000:] + err[-3000:]
-    assert err.strip().splitlines()[-1] == (
+    assert "Traceback" not in err and last_line_of_ours(err) == (
         f"diffes-pl: stopped by SIGTERM during `predict`; calibration stage 0 of {STAGES} kept in "
         f"{run / '.store.partial'}: run the command again to resume at stage 1")
     ran = batches.read_text().splitlines()
@@ -305,6 +305,13 @@ def carried(log: Path, rank: str = "") -> list[tuple[int, int]]:
     """(stage, block) of each carried block that finished, in order (of `rank`, e.g. "rank0", under DDP)."""
     return [tuple(map(int, line.split()[1:3])) for line in log.read_text().splitlines()
             if line.startswith("block ") and line.split()[3:] == ([rank] if rank else [])]
+
+
+def last_line_of_ours(err: str) -> str:
+    """The last line diffes-pl wrote to a 2-process run's stderr. Rank 1 writes to the same pipe and may
+    outlive rank 0 by a moment; what the C++ runtime may print as a rank's process exits is not this
+    test's subject (the CLI ends its process group before exiting to keep that quiet)."""
+    return [line for line in err.strip().splitlines() if line.startswith("diffes-pl:")][-1]
 
 
 def ddp(run: Path, config: str, env: dict, timeout: int = 180) -> tuple[int, str, str]:
@@ -390,7 +397,7 @@ def test_two_processes_stop_together_between_blocks(tmp_path):
     run.parent.mkdir(exist_ok=True)
     code, out, err = ddp(run, "configs/tiny_obs.yaml", {"SIGNAL_AT_BLOCK": "SIGTERM 1 1", "BATCH_LOG": str(log)})
     assert code == 143, out[-2000:] + err[-3000:]
-    assert err.strip().splitlines()[-1] == (
+    assert "Traceback" not in err and last_line_of_ours(err) == (
         f"diffes-pl: stopped by SIGTERM during `predict`; calibration stage 0 and block 0 of stage 1 of {STAGES} "
         f"kept in {run / '.store.partial'}: run the command again to resume at stage 1, block 1")
     for rank in ("rank0", "rank1"):
