@@ -14,7 +14,12 @@ probes — all on one shared store, each for every search seed `--seeds`):
 - `--variants race,z,patience`: stop when converged alone (`-,1,10`: no racing, patience 10), racing
   alone (`8/16,1,0`: children scored on 8 probes, then 16, finished on all 64 only if they can still
   reach the worst survivor with confidence z; `search/racing.py`), and both (`8/16,1,10`); stopping
-  after `patience` generations without an improvement of the best fitness by more than `--delta`.
+  after `patience` generations without an improvement of the best fitness by more than `--delta`;
+- `--replay-patience P…`: every row that does not stop (the default, racing alone) replayed with a
+  convergence stop of patience P — no new search: a stop only decides where the same deterministic
+  run ends, so the stopped run IS the prefix that `replay_stop` (Lightning's EarlyStopping rule on the
+  best fitness after each generation) picks. The replay is checked against every measured stop row:
+  same generations and cost, or the script fails.
 Cost is the runs' own meter (schedule.json `extra.cost`: probe-steps — one probe through one
 denoiser step, the CFG pair once — and denoiser MACs, the dense reference rollout included); the
 factor against the default and against the shipped config is taken per seed, then summarised
@@ -119,6 +124,32 @@ def prefix_row(run: Path, generations: int, reference_probe_steps: int, referenc
             "evaluated": len(records), "raced_out": sum(bool(r.get("raced_out")) for r in records)}
 
 
+def best_after_each_generation(records: list[dict], generations: int) -> list[float]:
+    """The best fully evaluated fitness after generations 0 … generations−1 (raced-out children were
+    never fully scored, so they cannot be the best): what the search logs for its stop each epoch."""
+    best, out = float("-inf"), []
+    for g in range(generations):
+        best = max([best, *(r["fitness"] for r in records if r["generation"] == g and not r.get("raced_out"))])
+        out.append(best)
+    return out
+
+
+def replay_stop(records: list[dict], generations: int, patience: int, delta: float) -> int:
+    """How many generations the run of `records` would have run with `stop_patience` = patience and
+    `stop_delta` = delta: Lightning's EarlyStopping (mode max) on the best fitness after each
+    generation — an epoch improves when it beats the last improving one by more than delta; the
+    search stops after `patience` epochs in a row that do not."""
+    best, wait = float("-inf"), 0
+    for g, current in enumerate(best_after_each_generation(records, generations)):
+        if current - delta > best:
+            best, wait = current, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return g + 1
+    return generations
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(ROOT / "configs/tiny_obs.yaml"))
@@ -131,6 +162,8 @@ def main() -> None:
                         help="rows as race_probes,race_confidence,stop_patience (race_probes -: no racing; "
                              "stop_patience 0: no stop)")
     parser.add_argument("--delta", type=float, default=1e-4, help="stop_delta of the rows that stop")
+    parser.add_argument("--replay-patience", type=int, nargs="*", default=[20, 30, 40],
+                        help="patiences replayed on the archives of the rows that do not stop (no new search)")
     parser.add_argument("--jobs", type=int, default=1, help="searches run at once (each on one thread when > 1)")
     parser.add_argument("--n-boot", type=int, default=1000)
     add_probe_arguments(parser, probes=200)
@@ -145,10 +178,11 @@ def main() -> None:
     if args.tiny:
         args.generations, args.shipped_generations, args.eval_probes, args.dit_repeats, args.dit_batch = 3, 2, 12, 1, 1
         args.seeds, args.variants, args.n_boot = args.seeds[:2], ["-,1,1", "4,1,0", "4,1,1"], 100
+        args.replay_patience = [2]
     extra = [*TINY, "--model.pruner", "diffes_pl.pruners.WandaPruner", "--model.num_probes", "12"] if args.tiny else []
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
     out = Path(args.out or Path(__file__).parent / "results" / f"search_cost{'_tiny' if args.tiny else ''}.json")
-    rows, slug = {f"default ({args.generations} generations)": []}, {}
+    rows, slug, stops = {f"default ({args.generations} generations)": []}, {}, {}
     slug[next(iter(rows))] = "default"
     for variant in args.variants:
         m, z, patience = variant.split(",")
@@ -165,6 +199,13 @@ def main() -> None:
             slug_.append(f"stop{patience}")
         name = " + ".join(parts) if parts else "default"
         rows[name], slug[name] = options, "-".join(slug_) or "default"
+        stops[name] = (int(patience), " + ".join(parts[:1] if m != "-" else []))
+    stops[next(iter(rows))] = (0, "")
+    # replayed rows: {name: (the no-stop row whose archive is cut, patience)}
+    stop_name = lambda race, patience: " + ".join(  # noqa: E731 — the measured rows' own naming
+        [*([race] if race else []), f"stop when converged (patience {patience}, delta {args.delta:g})"])
+    replayed = {f"{stop_name(race, p)}, replayed": (source, p) for source, (patience, race) in stops.items()
+                if patience == 0 for p in args.replay_patience}
 
     def common(name: str, seed: int, run: Path | None = None, generations: int | None = None) -> list[str]:
         return ["--config", args.config, *extra,
@@ -187,6 +228,7 @@ def main() -> None:
     shipped = f"shipped config ({args.shipped_generations} generations)"
     real = heldout_features()
     blocks: dict[str, list[dict]] = {}
+    replay_checks: list[dict] = []
     per_seed: dict[str, list[dict]] = {}
     for b, seed in enumerate(args.seeds):
         schedules = {name: Schedule.load(runs / f"seed{seed}" / slug[name] / "schedule.json") for name in rows}
@@ -195,14 +237,35 @@ def main() -> None:
         prefix = prefix_row(runs / f"seed{seed}" / "default", args.shipped_generations, ref["reference_probe_steps"],
                             ref["reference_macs"])
         schedules[shipped] = dataclasses.replace(base, levels=list(prefix["levels"]), fitness=prefix["fitness"])
+        archives = {name: read_evaluations(runs / f"seed{seed}" / slug[name] / "evaluations.jsonl") for name in rows}
+        prefixes = {shipped: prefix}
+        for name, (source, patience) in replayed.items():
+            cut = replay_stop(archives[source], args.generations, patience, args.delta)
+            prefixes[name] = prefix_row(runs / f"seed{seed}" / slug[source], cut, ref["reference_probe_steps"],
+                                        ref["reference_macs"])
+            schedules[name] = dataclasses.replace(base, levels=list(prefixes[name]["levels"]),
+                                                  fitness=prefixes[name]["fitness"])
+        for name, (patience, race) in stops.items():  # the replay must reproduce every measured stop
+            source = next((n for n, (p, r) in stops.items() if p == 0 and r == race), None)
+            if patience and source is not None:
+                cut = replay_stop(archives[source], args.generations, patience, args.delta)
+                measured = (schedules[name].extra["generations"], schedules[name].extra["cost"]["probe_steps"])
+                got = prefix_row(runs / f"seed{seed}" / slug[source], cut, ref["reference_probe_steps"],
+                                 ref["reference_macs"])
+                replay_checks.append({"row": name, "search_seed": seed, "measured": measured,
+                                      "replayed": (cut, got["cost"]["probe_steps"])})
+                if (cut, got["cost"]["probe_steps"]) != measured:
+                    raise RuntimeError(f"replaying {name!r} on {source!r}'s archive (seed {seed}) gives "
+                                       f"{cut} generations, {got['cost']['probe_steps']} probe-steps; the run "
+                                       f"measured {measured}: the replay no longer matches the search's stop")
         scored = score_block(context, schedules, args.eval_probes, block_seed(args.probe_set, b), real)
         for name, schedule in schedules.items():
-            if name == shipped:
-                cost, generations, evaluated, raced_out = (prefix["cost"], prefix["generations"], prefix["evaluated"],
-                                                           prefix["raced_out"])
-                fitness, stopped = prefix["fitness"], None
+            if name in prefixes:
+                cut = prefixes[name]
+                cost, generations, evaluated, raced_out = cut["cost"], cut["generations"], cut["evaluated"], cut["raced_out"]
+                fitness, stopped = cut["fitness"], None
             else:
-                records = read_evaluations(runs / f"seed{seed}" / slug[name] / "evaluations.jsonl")
+                records = archives[name]
                 cost, generations = schedule.extra["cost"], schedule.extra["generations"]
                 evaluated, raced_out = len(records), sum(bool(r.get("raced_out")) for r in records)
                 fitness, stopped = schedule.fitness, schedule.extra.get("stopped")
@@ -214,9 +277,10 @@ def main() -> None:
         blocks.setdefault("dense", []).append(scored["dense"])
     report = {"config": args.config, "tiny": args.tiny, "generations": args.generations, "seeds": args.seeds,
               "probe_set": args.probe_set, "eval_probes": args.eval_probes, "n_boot": args.n_boot,
-              "probe_seeds": [block_seed(args.probe_set, b) for b in range(len(args.seeds))], "rows": {}}
+              "probe_seeds": [block_seed(args.probe_set, b) for b in range(len(args.seeds))],
+              "replay_checks": replay_checks, "rows": {}}
     summaries = {name: summarise(blks, real, args.n_boot) for name, blks in blocks.items()}
-    for name in [default, shipped, *list(rows)[1:]]:
+    for name in [default, shipped, *list(rows)[1:], *replayed]:
         seeds_ = per_seed[name]
         fewer = [d["cost"]["probe_steps"] / r["cost"]["probe_steps"] for r, d in zip(seeds_, per_seed[default])]
         fewer_shipped = [d["cost"]["probe_steps"] / r["cost"]["probe_steps"] for r, d in zip(seeds_, per_seed[shipped])]

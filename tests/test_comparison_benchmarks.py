@@ -72,7 +72,12 @@ def test_search_cost_rows_over_seeds(tmp_path):
     rows = report["rows"]
     names = list(rows)
     assert names[0] == "default (3 generations)" and names[1] == "shipped config (2 generations)"
-    assert report["probe_seeds"] == [7_300_001, 7_300_002] and len(names) == 5
+    assert report["probe_seeds"] == [7_300_001, 7_300_002] and len(names) == 7
+    assert set(names[-2:]) == {"stop when converged (patience 2, delta 0.0001), replayed",
+                               "racing 4 probes, z = 1 + stop when converged (patience 2, delta 0.0001), replayed"}
+    # both measured stop rows (alone, with racing), both seeds: the replay ends where the run did
+    checks = report["replay_checks"]
+    assert len(checks) == 4 and all(c["replayed"] == c["measured"] for c in checks)
     runs = tmp_path / "runs_tiny"
     for b, seed in enumerate(report["seeds"]):
         # the shipped row is the default run's first 2 generations: its cost is theirs plus the reference
@@ -92,7 +97,31 @@ def test_search_cost_rows_over_seeds(tmp_path):
             assert f["mean"] == 1.0 and row["vs_default"] is None
         else:
             assert row["vs_default"]["ssim"]["decision"] in ("win", "tie", "loss"), name
-    assert rows[names[-1]]["fewer_probe_steps_than_default"]["mean"] > 1  # racing + stop saves
+    both = "racing 4 probes, z = 1 + stop when converged (patience 1, delta 0.0001)"
+    assert rows[both]["fewer_probe_steps_than_default"]["mean"] > 1  # racing + stop saves
+
+
+def test_replayed_stop_is_lightnings_early_stopping():
+    """`replay_stop` against Lightning's EarlyStopping fed the same best-so-far fitness each epoch, on
+    random archives (raced-out children carry higher fitness on purpose: never the best)."""
+    from lightning.pytorch.callbacks import EarlyStopping
+    from search_cost import replay_stop
+
+    gen, stopped_early = torch.Generator().manual_seed(0), 0
+    for trial in range(40):
+        generations, patience, delta = 30, 1 + trial % 6, [0.0, 1e-3, 1e-2][trial % 3]
+        records = [{"generation": g, "fitness": float(torch.rand((), generator=gen)) * (0.5 + g / 60),
+                    "raced_out": bool(torch.rand((), generator=gen) < 0.3)} for g in range(generations) for _ in range(3)]
+        records += [{"generation": g, "fitness": 5.0, "raced_out": True} for g in range(0, generations, 7)]
+        stopper, best, expected = EarlyStopping("fitness", mode="max", patience=patience, min_delta=delta), -1.0, generations
+        for g in range(generations):
+            best = max([best, *(r["fitness"] for r in records if r["generation"] == g and not r["raced_out"])])
+            if stopper._evaluate_stopping_criteria(torch.tensor(best))[0]:
+                expected = g + 1
+                break
+        assert replay_stop(records, generations, patience, delta) == expected, trial
+        stopped_early += expected < generations
+    assert 10 < stopped_early < 40  # both outcomes exercised
 
 
 def test_fitness_ablation_smoke(tmp_path):

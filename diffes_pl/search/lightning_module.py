@@ -164,7 +164,9 @@ class DiffES(L.LightningModule):
             stop_patience: stop the search after this many generations in which the best fitness did
                 not improve by more than `stop_delta` (Lightning's EarlyStopping on `best_fitness`; the
                 checkpoint and schedule.json record why it stopped). None (default): run every
-                generation, so results stay comparable.
+                generation, so results stay comparable. With racing, keep it long (40 on the
+                demo): racing can stall the climb for 30 generations, and patience 10 stopped one
+                search in three on a worse schedule (benchmarks/RESULTS.md, "Search cost in parts").
             stop_delta: the improvement of the best fitness that counts (with stop_patience).
             batch_candidates: evaluate a generation's children together, stage by stage: children
                 continuing with the same level (and cache interval) in a stage share its denoiser calls
