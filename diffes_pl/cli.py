@@ -381,22 +381,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
             StoreMismatchError, DamagedFileError, ValueError, FileNotFoundError, OSError, ImportError)
 
 
-def _release_process_group() -> None:
-    """Ends this rank's process group, if a strategy opened one. Lightning leaves it open; at interpreter
-    exit its transport threads are then torn down unjoined and the C++ runtime may print "terminate
-    called ..." after the run's last line. Called only where every rank stopped at the same boundary
-    (no collective in flight), so the local teardown cannot wait on a peer."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def main(args: Any = None) -> None:
     try:
         DiffESCLI(args=args)
     except Terminated as err:
-        _release_process_group()  # ranks agreed on the stop: none is inside a collective
         if str(err):
             print(f"diffes-pl: {err}", file=sys.stderr)
         sys.exit(err.code)  # 128 + the signal (143 SIGTERM, 130 Ctrl-C): the job did not finish
@@ -406,7 +394,6 @@ def main(args: Any = None) -> None:
             cause = cause.__cause__
         print(f"diffes-pl: error: {type(cause).__name__}: {cause}", file=sys.stderr)
         sys.exit(2)
-    _release_process_group()  # the subcommand ended on every rank
 
 
 if __name__ == "__main__":
