@@ -183,6 +183,10 @@ def main() -> None:
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
     out = Path(args.out or Path(__file__).parent / "results" / f"search_cost{'_tiny' if args.tiny else ''}.json")
     rows, slug, stops = {f"default ({args.generations} generations)": []}, {}, {}
+
+    def stop_part(patience) -> str:  # one naming for the measured stop rows and the replayed ones
+        return f"stop when converged (patience {patience}, delta {args.delta:g})"
+
     slug[next(iter(rows))] = "default"
     for variant in args.variants:
         m, z, patience = variant.split(",")
@@ -194,18 +198,16 @@ def main() -> None:
                         "--model.race_confidence", str(float(z))]
             slug_.append(f"race{'-'.join(map(str, rungs))}-z{float(z):g}")
         if int(patience):
-            parts.append(f"stop when converged (patience {patience}, delta {args.delta:g})")
+            parts.append(stop_part(patience))
             options += ["--model.stop_patience", patience, "--model.stop_delta", str(args.delta)]
             slug_.append(f"stop{patience}")
         name = " + ".join(parts) if parts else "default"
         rows[name], slug[name] = options, "-".join(slug_) or "default"
-        stops[name] = (int(patience), " + ".join(parts[:1] if m != "-" else []))
+        stops[name] = (int(patience), parts[0] if m != "-" else "")  # (patience, its racing part)
     stops[next(iter(rows))] = (0, "")
     # replayed rows: {name: (the no-stop row whose archive is cut, patience)}
-    stop_name = lambda race, patience: " + ".join(  # noqa: E731 — the measured rows' own naming
-        [*([race] if race else []), f"stop when converged (patience {patience}, delta {args.delta:g})"])
-    replayed = {f"{stop_name(race, p)}, replayed": (source, p) for source, (patience, race) in stops.items()
-                if patience == 0 for p in args.replay_patience}
+    replayed = {f"{' + '.join(filter(None, [race, stop_part(p)]))}, replayed": (source, p)
+                for source, (patience, race) in stops.items() if patience == 0 for p in args.replay_patience}
 
     def common(name: str, seed: int, run: Path | None = None, generations: int | None = None) -> list[str]:
         return ["--config", args.config, *extra,
