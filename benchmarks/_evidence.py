@@ -34,7 +34,8 @@ from diffes_pl.evaluation.metrics import fid_from_features
 
 PROBE_SEEDS = {"validation": 99991, "test": 7_300_001}
 # names the estimators behind every interval and decision: a table cached under another one is rescored
-STATISTICS = "kid_unbiased on standardised features, count bootstrap; fid basic bootstrap; ssim paired + sign-flip"
+STATISTICS = ("kid_unbiased on standardised features (constant ones at the mean scale), count bootstrap; "
+              "fid basic bootstrap; ssim paired + sign-flip")
 
 
 def add_search_arguments(parser, probes: int) -> None:
@@ -108,20 +109,42 @@ def compare(a: dict, b: dict, real: torch.Tensor, n_boot: int, seed: int = 0) ->
                                            seed=seed).to_dict()}
 
 
-def score_block(context, schedules: dict, num_probes: int, probe_seed: int, real: torch.Tensor) -> dict[str, dict]:
+def score_block(context, schedules: dict, num_probes: int, probe_seed: int, real: torch.Tensor,
+                metrics: tuple[str, ...] = ("ssim", "psnr")) -> dict[str, dict]:
     """`evaluate_schedules` on one probe block, each row with its digits features and KID / FID
-    against `real`: {row: {levels, ssim, psnr, class_accuracy, ssim_per_probe, features, kid, fid, …}}."""
+    against `real`: {row: {levels, ssim, psnr, class_accuracy, ssim_per_probe, features, kid, fid, …}}
+    (`metrics`: the fitness metrics computed on the block, SSIM among them)."""
     from diffes_pl.search.holdout import evaluate_schedules
 
     images: dict = {}
     results = evaluate_schedules(context, schedules, num_probes=num_probes, probe_seed=probe_seed,
-                                 per_probe=("ssim",), images=images)
+                                 metrics=metrics, per_probe=("ssim",), images=images)
     for row, result in results.items():
         result["features"] = features(images[row])
         result["images"] = images[row]
         result.update(probe_seed=probe_seed, kid=kid(real, result["features"]),
                       fid=fid_from_features(real, result["features"]))
     return results
+
+
+def same_images(blocks: dict[str, list[dict]], earlier_rows: dict, what: str) -> None:
+    """A rescore scores the very images the report scored: raise if any row's per-block SSIM moved
+    (another store, model or probe set), naming the rows and the fix."""
+    moved = [row for row in blocks if row in earlier_rows and any(
+        abs(blk["ssim"] - e["ssim"]) > 1e-6 for blk, e in zip(blocks[row], earlier_rows[row]["per_seed"]))]
+    if moved:
+        raise RuntimeError(f"--rescore of {what}: SSIM of {', '.join(moved)} differs from the report's, so these are "
+                           "not the images it scored (another store or model?): rerun without --rescore")
+
+
+def earlier_report(out, rescore: bool) -> dict | None:
+    """The report `--rescore` scores again (None without it); SystemExit naming the fix when absent."""
+    if not rescore:
+        return None
+    if not out.exists():
+        raise SystemExit(f"--rescore needs the report to score again: {out} does not exist (run without --rescore, "
+                         "or name it with --out)")
+    return json.loads(out.read_text())
 
 
 SUMMARISED = ("ssim", "psnr", "class_accuracy", "kid", "fid")

@@ -4,6 +4,7 @@ the paper's Tables 4 and 8 on the built-in model).
 
     python benchmarks/fitness_ablation.py --jobs 2      # OBS 50 %, 3 seeds × 30 generations per fitness (~2 h on 2 cores)
     python benchmarks/fitness_ablation.py --setting wanda-50 --metrics ssim digits_kid ssim_minus_kid
+    python benchmarks/fitness_ablation.py --setting wanda-50 --rescore   # its report's schedules scored again, no search
     python benchmarks/fitness_ablation.py --tiny        # smoke run: numbers meaningless
 
 Setting (`--setting`, one of paper_tables' settings; default obs-50: configs/tiny_obs.yaml, level 4
@@ -31,10 +32,10 @@ import argparse
 from pathlib import Path
 
 import torch
-from _evidence import (add_search_arguments, block_seed, compare, heldout_features, print_decisions, print_rows,
-                       score_block, summarise, to_json, write_report)
+from _evidence import (add_search_arguments, block_seed, compare, earlier_report, heldout_features, print_decisions,
+                       print_rows, same_images, score_block, summarise, to_json, write_report)
 from _runs import TINY, fit_many, load_run
-from paper_tables import SETTINGS, setting_arguments
+from paper_tables import SETTINGS, open_setting, schedule_of, setting_arguments
 
 from diffes_pl.fitness import get_metric
 
@@ -56,12 +57,18 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="smoke setting: 4 stages, 2 generations, 2 seeds")
     parser.add_argument("--runs", default=str(ROOT / "runs/paper_tables"), help="paper_tables' runs (shared)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the schedules of the report (--out) again with the current statistics, no search")
     args = parser.parse_args()
     if args.tiny:
         args.generations, args.eval_probes, args.seeds, args.n_boot, args.race = 2, 12, args.seeds[:2], 100, "[2,4]"
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
     suffix = ("" if args.setting == "obs-50" else f"_{args.setting}") + ("_tiny" if args.tiny else "")
     out = Path(args.out or Path(__file__).parent / "results" / f"fitness_ablation{suffix}.json")
+    earlier = earlier_report(out, args.rescore)
+    if earlier is not None:  # the report's fitnesses, seeds and probes
+        args.metrics = [m for m in METRICS if f"fitness {m}" in earlier["rows"]]
+        args.seeds, args.eval_probes, args.generations = earlier["seeds"], earlier["eval_probes"], earlier["generations"]
     folder = runs / args.setting
     target = SETTINGS[args.setting][1]
     base = [*setting_arguments(args.setting, runs, TINY if args.tiny else []),
@@ -73,35 +80,45 @@ def main() -> None:
         return [*base, "--trainer.default_root_dir", str(run), "--model.race_probes", race, "--model.proposal", proposal,
                 "--model.search_seed", str(seed), *([] if metric == "ssim" else ["--model.metric", metric])]
 
-    jobs = [(common(m, s), run_folder(folder, m, s)) for s in args.seeds for m in args.metrics]
-    # paper_tables' random search (same folders): the baseline at equal evaluations
-    jobs += [(common("ssim", s, "random"), folder / f"random-{s}") for s in args.seeds]
-    fit_many(jobs[:1], 1)  # the store (if paper_tables has not built it), alone
-    fit_many(jobs[1:], args.jobs)
-    _, context, _ = load_run(common(args.metrics[0], args.seeds[0]))
-
     from diffes_pl.schedule import Schedule
     from diffes_pl.search import baselines
 
+    if earlier is None:
+        jobs = [(common(m, s), run_folder(folder, m, s)) for s in args.seeds for m in args.metrics]
+        # paper_tables' random search (same folders): the baseline at equal evaluations
+        jobs += [(common("ssim", s, "random"), folder / f"random-{s}") for s in args.seeds]
+        fit_many(jobs[:1], 1)  # the store (if paper_tables has not built it), alone
+        fit_many(jobs[1:], args.jobs)
+        _, context, _ = load_run(common(args.metrics[0], args.seeds[0]))
+        searched = {m: [Schedule.load(run_folder(folder, m, s) / "schedule.json") for s in args.seeds]
+                    for m in args.metrics}
+        spent = {m: {"search_fitness": [s.fitness for s in searched[m]],
+                     "probe_steps": [s.extra["cost"]["probe_steps"] for s in searched[m]]} for m in args.metrics}
+        random = [Schedule.load(folder / f"random-{s}" / "schedule.json") for s in args.seeds]
+    else:  # the report's schedules on the setting's store (built by one generation if missing)
+        _, context, _ = open_setting(args.setting, args, TINY if args.tiny else [], folder, runs)
+        rows = earlier["rows"]
+        searched = {m: [schedule_of(context, target, lv) for lv in rows[f"fitness {m}"]["levels"]] for m in args.metrics}
+        spent = {m: {k: rows[f"fitness {m}"][k] for k in ("search_fitness", "probe_steps")} for m in args.metrics}
+        random = [schedule_of(context, target, lv) for lv in rows["random search"]["levels"]]
+
     partition, H = context.partition, context.levels_max
     w, S = partition.steps_per_stage, partition.num_stages
-    mk = lambda levels: Schedule(list(levels), H, target, w, partition=partition.to_dict())  # noqa: E731
-    fixed = {"uniform": mk([target] * S), "mosaicdiff heuristic": mk(baselines.mosaicdiff_schedule(S, H, target, w))}
+    fixed = {"uniform": schedule_of(context, target, [target] * S),
+             "mosaicdiff heuristic": schedule_of(context, target, baselines.mosaicdiff_schedule(S, H, target, w))}
     real = heldout_features()
     blocks: dict[str, list[dict]] = {}
-    searched = {m: [Schedule.load(run_folder(folder, m, s) / "schedule.json") for s in args.seeds] for m in args.metrics}
-    random = [Schedule.load(folder / f"random-{s}" / "schedule.json") for s in args.seeds]
     for b in range(len(args.seeds)):
         schedules = {**fixed, "random search": random[b], **{f"fitness {m}": searched[m][b] for m in args.metrics}}
         for row, result in score_block(context, schedules, args.eval_probes, block_seed(args.probe_set, b), real).items():
             blocks.setdefault(row, []).append(result)
+    if earlier is not None:
+        same_images(blocks, earlier["rows"], f"fitness_ablation {args.setting}")
     rows = {}
     for row, blks in blocks.items():
         rows[row] = {"levels": [blk["levels"] for blk in blks], **summarise(blks, real, args.n_boot)}
         if row.startswith("fitness "):
-            found = searched[row.removeprefix("fitness ")]
-            rows[row]["search_fitness"] = [s.fitness for s in found]
-            rows[row]["probe_steps"] = [s.extra["cost"]["probe_steps"] for s in found]
+            rows[row].update(spent[row.removeprefix("fitness ")])
     decisions = {}
     for m in args.metrics:
         against = [r for r in (*BASELINES, "fitness ssim") if r != f"fitness {m}" and r in rows]

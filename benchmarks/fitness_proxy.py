@@ -1,6 +1,7 @@
 """Does the search's fitness rank schedules as held-out distribution quality does? (issue 26 part 8)
 
     python benchmarks/fitness_proxy.py --setting wanda-50     # after paper_tables.py ran that setting
+    python benchmarks/fitness_proxy.py --setting depth-2of6 --metric ssim_minus_kid   # after fitness_ablation.py
     python benchmarks/fitness_proxy.py --tiny                 # smoke run: numbers meaningless
 
 The schedules are the ones paper_tables' searches of `--setting` already evaluated (Diff-ES and random
@@ -13,8 +14,14 @@ score (KID and FID negated, so that ρ > 0 means "higher fitness, better held-ou
 percentile bootstrap interval over schedules (95 %), and the spread of the held-out scores next to
 the noise of one score (KID's bootstrap interval on the dense row).
 If ρ(fitness, held-out SSIM) is high but ρ(fitness, −KID) is not, more search on this fitness buys
-fidelity to the dense model and no distribution quality. Writes
-benchmarks/results/fitness_proxy_<setting>.json.
+fidelity to the dense model and no distribution quality.
+`--metric` (default ssim): another fitness of fitness_ablation.py, whose Diff-ES archive (its only search)
+is read instead. Each schedule's fitness is also recomputed on the test block ("retest": the same
+metric, e.g. KID against the TRAINING digits, on other probes): ρ(search fitness, retest) is how well
+the fitness on the search's 64 probes ranks schedules at all, and the search's pick's drop from its
+search fitness to its retest (next to the others' mean drop) is the winner's curse of selecting on a
+noisy estimate. Writes benchmarks/results/fitness_proxy_<setting>.json (another metric:
+fitness_proxy_<setting>_<metric>.json).
 """
 from __future__ import annotations
 
@@ -25,12 +32,13 @@ import numpy as np
 import torch
 from _evidence import add_probe_arguments, block_seed, heldout_features, row_statistics, score_block, write_report
 from _runs import TINY, load_run
+from fitness_ablation import METRICS, run_folder
 from paper_tables import SETTINGS, setting_arguments
 
+from diffes_pl.fitness import get_metric
 from diffes_pl.search.archive_file import read_evaluations
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("evolution", "random")
 
 
 def ranks(x: np.ndarray) -> np.ndarray:
@@ -80,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--setting", choices=list(SETTINGS), default="wanda-50")
     parser.add_argument("--seed", type=int, default=0, help="search seed whose archives are read (and probe block)")
+    parser.add_argument("--metric", choices=METRICS, default="ssim", help="whose Diff-ES archive is read")
     parser.add_argument("--schedules", type=int, default=24)
     parser.add_argument("--n-boot", type=int, default=1000)
     add_probe_arguments(parser, probes=200)
@@ -90,10 +99,15 @@ def main() -> None:
     if args.tiny:
         args.eval_probes, args.n_boot, args.schedules = 12, 100, 6
     runs = Path(args.runs + ("_tiny" if args.tiny else ""))
-    out = Path(args.out or Path(__file__).parent / "results" /
-               f"fitness_proxy_{args.setting}{'_tiny' if args.tiny else ''}.json")
+    metric = get_metric(args.metric)
+    suffix = ("" if args.metric == "ssim" else f"_{args.metric}") + ("_tiny" if args.tiny else "")
+    out = Path(args.out or Path(__file__).parent / "results" / f"fitness_proxy_{args.setting}{suffix}.json")
     folder = runs / args.setting
-    evaluations = {s: read_evaluations(folder / f"{s}-{args.seed}" / "evaluations.jsonl") for s in SOURCES}
+    # random search optimised SSIM: its archive's fitness is another metric's
+    sources = {"evolution": run_folder(folder, args.metric, args.seed),
+               **({"random": folder / f"random-{args.seed}"} if args.metric == "ssim" else {})}
+    evaluations = {s: [{**r, "fitness": metric.score(r["fitness"])} for r in read_evaluations(f / "evaluations.jsonl")]
+                   for s, f in sources.items()}  # oriented: higher is better
     chosen = pick(evaluations, args.schedules)
     first = [*setting_arguments(args.setting, runs, TINY if args.tiny else []),
              "--trainer.default_root_dir", str(folder / f"evolution-{args.seed}")]
@@ -107,31 +121,45 @@ def main() -> None:
         for r in chosen}
     real = heldout_features()
     probe_seed = block_seed(args.probe_set, args.seed)
-    scored = score_block(context, schedules, args.eval_probes, probe_seed, real)
+    metrics = tuple(dict.fromkeys(("ssim", "psnr", args.metric)))
+    scored = score_block(context, schedules, args.eval_probes, probe_seed, real, metrics=metrics)
     dense_kid = row_statistics(scored["dense"]["features"], real, args.n_boot)
     fitness = np.array([r["fitness"] for r in chosen])
+    retest = np.array([metric.score(scored[name][args.metric]) for name in schedules])
+    best = max((i for i, r in enumerate(chosen) if r["source"] == "evolution"), key=lambda i: fitness[i])  # its pick
+    drop = fitness - retest
     held = {"ssim": np.array([scored[name]["ssim"] for name in schedules]),
             "-kid": -np.array([scored[name]["kid"] for name in schedules]),
             "-fid": -np.array([scored[name]["fid"] for name in schedules])}
     correlations = {k: rho_interval(fitness, v, args.n_boot) for k, v in held.items()}
-    report = {"tiny": args.tiny, "setting": args.setting, "search_seed": args.seed, "probe_set": args.probe_set,
+    correlations["retest"] = rho_interval(fitness, retest, args.n_boot)
+    curse = {"pick_levels": chosen[best]["levels"], "pick_search_fitness": float(fitness[best]),
+             "pick_retest": float(retest[best]), "pick_drop": float(drop[best]),
+             "others_mean_drop": float(np.delete(drop, best).mean()),
+             "retest_rank_of_pick": int((retest > retest[best]).sum()) + 1}
+    report = {"tiny": args.tiny, "setting": args.setting, "metric": args.metric, "search_seed": args.seed,
+              "probe_set": args.probe_set,
               "probe_seed": probe_seed, "eval_probes": args.eval_probes, "n_boot": args.n_boot,
               "schedules": [{"source": r["source"], "levels": r["levels"], "search_fitness": r["fitness"],
-                             **{k: scored[name][k] for k in ("ssim", "kid", "fid")}}
-                            for r, name in zip(chosen, schedules)],
+                             "retest_fitness": float(t), **{k: scored[name][k] for k in ("ssim", "kid", "fid")}}
+                            for r, name, t in zip(chosen, schedules, retest)],
+              "winners_curse": curse,
               "dense": {"kid": dense_kid, "fid": scored["dense"]["fid"]},
               "spearman_fitness_vs": correlations,
               "spread": {k: {"min": float(v.min()), "max": float(v.max())} for k, v in held.items()}}
     print(f"\n{args.setting}: {len(chosen)} schedules from the seed-{args.seed} archives, scored on {args.probe_set} "
           f"block {probe_seed} ({args.eval_probes} probes){' (TINY SMOKE RUN: not a result)' if args.tiny else ''}")
-    print(f"{'source':10s} {'levels':22s} {'fitness':>8s} {'SSIM':>7s} {'KID×1e3':>8s} {'FID':>6s}")
+    print(f"{'source':10s} {'levels':22s} {'fitness':>8s} {'retest':>8s} {'SSIM':>7s} {'KID×1e3':>8s} {'FID':>6s}")
     for row in report["schedules"]:
         print(f"{row['source']:10s} {' '.join(map(str, row['levels'])):22s} {row['search_fitness']:8.4f} "
-              f"{row['ssim']:7.4f} {1e3 * row['kid']:8.2f} {row['fid']:6.2f}")
+              f"{row['retest_fitness']:8.4f} {row['ssim']:7.4f} {1e3 * row['kid']:8.2f} {row['fid']:6.2f}")
     print(f"dense: KID×1e3 {1e3 * dense_kid['kid']:.2f} [{1e3 * dense_kid['kid_low']:.2f}, "
           f"{1e3 * dense_kid['kid_high']:.2f}], FID {scored['dense']['fid']:.2f}")
     for k, c in correlations.items():
-        print(f"Spearman ρ(search fitness, held-out {k:5s}) = {c['rho']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+        print(f"Spearman ρ(search fitness, held-out {k:6s}) = {c['rho']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]")
+    print(f"the pick {' '.join(map(str, curse['pick_levels']))}: {args.metric} {curse['pick_search_fitness']:.4f} on the "
+          f"search's probes, {curse['pick_retest']:.4f} on the block (drop {curse['pick_drop']:+.4f}, the others' "
+          f"mean {curse['others_mean_drop']:+.4f}); rank {curse['retest_rank_of_pick']} of {len(chosen)} on the block")
     write_report(out, report)
 
 

@@ -3,6 +3,7 @@
 
     python benchmarks/paper_tables.py --jobs 2                   # 6 settings × 3 seeds × 30 generations (hours on 2 cores)
     python benchmarks/paper_tables.py --settings obs-50 --jobs 2 # one setting: about 80 minutes on 2 CPU cores
+    python benchmarks/paper_tables.py --rescore                  # the report's schedules scored again, no search
     python benchmarks/paper_tables.py --tiny                     # smoke run: a minute or two, numbers meaningless
 
 Settings (built-in tiny DiT on digits, 10 stages of 2 DDIM steps): width pruning with OBS
@@ -50,7 +51,7 @@ from pathlib import Path
 
 import torch
 from _evidence import (add_search_arguments, block_seed, compare, heldout_features, print_decisions, print_rows,
-                       STATISTICS, score_block, summarise, to_json)
+                       same_images, STATISTICS, score_block, summarise, to_json)
 from _runs import TINY, fit, fit_many, load_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,6 +93,14 @@ def greedy_generations(context, target: int, planned: int) -> int:
     return 1 + max(1, (planned - 1) // size)
 
 
+def schedule_of(context, target: int, levels):
+    """A level-only schedule of the setting's partition."""
+    from diffes_pl.schedule import Schedule
+
+    partition = context.partition
+    return Schedule(list(levels), context.levels_max, target, partition.steps_per_stage, partition=partition.to_dict())
+
+
 def setting_arguments(name: str, runs: Path, extra: list[str]) -> list[str]:
     """The `diffes-pl fit` arguments every search of setting `name` shares: its config, its pruner's
     shared store under `runs`, its target level (no run folder, generations, seed or racing)."""
@@ -100,8 +109,9 @@ def setting_arguments(name: str, runs: Path, extra: list[str]) -> list[str]:
             "--model.target_level", str(target), "--trainer.callbacks", "[]"]
 
 
-def search_runs(name: str, args, extra: list[str], folder: Path, runs: Path) -> dict:
-    """Runs every search of a setting (resumable); {row: [run folder per seed]} and the common arguments."""
+def open_setting(name: str, args, extra: list[str], folder: Path, runs: Path):
+    """The setting's shared store (built alone by one generation of the seed-0 Diff-ES run if missing),
+    opened: (module, context, common), common(row, seed, generations) a search's fit arguments."""
     pruner, target = SETTINGS[name]
     base = [*setting_arguments(name, runs, extra), "--model.race_probes", args.race]
 
@@ -111,9 +121,20 @@ def search_runs(name: str, args, extra: list[str], folder: Path, runs: Path) -> 
                 "--model.proposal", SEARCHES[row]]
 
     first = common("Diff-ES", args.seeds[0], 1)
-    if not (runs / f"{pruner}-store").exists():  # the shared store, built alone by one generation (then extended)
+    if not (runs / f"{pruner}-store").exists():
         fit(first, folder / f"evolution-{args.seeds[0]}")
     module, context, _ = load_run(first)
+    return module, context, common
+
+
+def search_runs(name: str, args, extra: list[str], folder: Path, runs: Path) -> dict:
+    """Runs every search of a setting (resumable): the opened setting, each search's schedules per seed
+    and what they cost."""
+    from diffes_pl.schedule import Schedule
+    from diffes_pl.search.archive_file import read_evaluations
+
+    target = SETTINGS[name][1]
+    module, context, common = open_setting(name, args, extra, folder, runs)
     hp = module.hparams
     planned = hp.offspring + hp.survivors + hp.offspring * (args.generations - 1)
     greedy_g = greedy_generations(context, target, planned)
@@ -121,10 +142,29 @@ def search_runs(name: str, args, extra: list[str], folder: Path, runs: Path) -> 
             for seed in args.seeds for row in SEEDED]
     jobs.append((common("greedy search", 0, greedy_g), folder / "greedy-0"))
     fit_many(jobs, args.jobs)
-    return {"module": module, "context": context, "base": base, "planned_evaluations": planned,
-            "greedy_generations": greedy_g,
-            "runs": {row: [folder / f"{SEARCHES[row]}-{seed}" for seed in (args.seeds if row in SEEDED else [0])]
-                     for row in SEARCHES}}
+    folders = {row: [folder / f"{SEARCHES[row]}-{seed}" for seed in (args.seeds if row in SEEDED else [0])]
+               for row in SEARCHES}
+    schedules = {row: [Schedule.load(run / "schedule.json") for run in runs_] for row, runs_ in folders.items()}
+    spent = {row: {"search_fitness": [s.fitness for s in schedules[row]],
+                   "evaluations": [len(read_evaluations(run / "evaluations.jsonl")) for run in folders[row]],
+                   "generations_run": [s.extra.get("generations") for s in schedules[row]],
+                   "probe_steps": [s.extra["cost"]["probe_steps"] for s in schedules[row]]} for row in SEARCHES}
+    return {"module": module, "context": context, "planned_evaluations": planned, "greedy_generations": greedy_g,
+            "schedules": schedules, "spent": spent, "latency_s": {}}
+
+
+def from_report(name: str, args, extra: list[str], folder: Path, runs: Path, earlier: dict) -> dict:
+    """`--rescore`: the searched schedules of the setting's table in the report (no search), with what
+    their searches cost and every row's latency as measured then."""
+    module, context, _ = open_setting(name, args, extra, folder, runs)
+    rows = earlier["rows"]
+    schedules = {row: [schedule_of(context, earlier["target_level"], lv)
+                       for lv in (rows[row]["levels"] if row in SEEDED else [rows[row]["levels"]])] for row in SEARCHES}
+    spent = {row: {k: rows[row][k] for k in ("search_fitness", "evaluations", "generations_run", "probe_steps")}
+             for row in SEARCHES}
+    return {"module": module, "context": context, "planned_evaluations": earlier["planned_evaluations"],
+            "greedy_generations": earlier["greedy_generations"], "schedules": schedules, "spent": spent,
+            "latency_s": {row: r["latency_s"] for row, r in rows.items()}}
 
 
 def obsdiff(name: str, args, extra: list[str], folder: Path):
@@ -141,11 +181,10 @@ def obsdiff(name: str, args, extra: list[str], folder: Path):
     return Schedule.load(run / "schedule.json"), context
 
 
-def run_setting(name: str, args, extra: list[str], runs: Path) -> tuple[dict, bool]:
-    """One setting's table (cached in its folder's table.json); and whether it was read back."""
-    from diffes_pl.schedule import Schedule
+def run_setting(name: str, args, extra: list[str], runs: Path, earlier: dict | None = None) -> tuple[dict, bool]:
+    """One setting's table (cached in its folder's table.json); and whether it was read back.
+    `earlier`: the report's table of the setting, rescored (`--rescore`) instead of searching."""
     from diffes_pl.search import baselines
-    from diffes_pl.search.archive_file import read_evaluations
 
     pruner, target = SETTINGS[name]
     folder = runs / name
@@ -156,14 +195,15 @@ def run_setting(name: str, args, extra: list[str], runs: Path) -> tuple[dict, bo
         table = json.loads(cached.read_text())
         if all(table.get(k) == v for k, v in wanted.items()):
             return table, True
-    found = search_runs(name, args, extra, folder, runs)
+    found = (search_runs(name, args, extra, folder, runs) if earlier is None else
+             from_report(name, args, extra, folder, runs, earlier))
     module, context = found["module"], found["context"]
     hp, partition, H = module.hparams, context.partition, context.levels_max
     w, S = partition.steps_per_stage, partition.num_stages
-    mk = lambda levels: Schedule(list(levels), H, hp.target_level, w, partition=partition.to_dict())  # noqa: E731
-    fixed = {"uniform": mk([int(hp.target_level)] * S),
-             "mosaicdiff heuristic": mk(baselines.mosaicdiff_schedule(S, H, hp.target_level, w))}
-    searched = {row: [Schedule.load(run / "schedule.json") for run in found["runs"][row]] for row in SEARCHES}
+    fixed = {"uniform": schedule_of(context, hp.target_level, [int(hp.target_level)] * S),
+             "mosaicdiff heuristic": schedule_of(context, hp.target_level,
+                                                 baselines.mosaicdiff_schedule(S, H, hp.target_level, w))}
+    searched = found["schedules"]
     od = obsdiff(name, args, extra, folder) if pruner == "obs" else None
 
     real = heldout_features()
@@ -180,20 +220,17 @@ def run_setting(name: str, args, extra: list[str], runs: Path) -> tuple[dict, bo
             results["OBS-Diff"] = od_results["OBS-Diff"]
         for row, result in results.items():
             blocks.setdefault(row, []).append({**result, "search_seed": seed if row in SEEDED else None})
+    if earlier is not None:
+        same_images(blocks, earlier["rows"], name)
     dense_macs = blocks["dense"][0]["macs"]
     order = [r for r in (*FIXED, *SEARCHES) if r in blocks]
     rows = {}
     for row in order:
         out = {"levels": [blk["levels"] for blk in blocks[row]] if row in SEEDED else blocks[row][0]["levels"],
                "mac_fraction": blocks[row][0]["macs"] / dense_macs, **summarise(blocks[row], real, args.n_boot)}
-        if row in SEARCHES:
-            schedules = searched[row]
-            out["search_fitness"] = [s.fitness for s in schedules]
-            out["evaluations"] = [len(read_evaluations(run / "evaluations.jsonl")) for run in found["runs"][row]]
-            out["generations_run"] = [s.extra.get("generations") for s in schedules]
-            out["probe_steps"] = [s.extra["cost"]["probe_steps"] for s in schedules]
+        out.update(found["spent"].get(row, {}))
         sample = od[0] if row == "OBS-Diff" else searched[row][0] if row in SEARCHES else fixed.get(row)
-        out["latency_s"] = latency(od[1] if row == "OBS-Diff" else context, sample, args)
+        out["latency_s"] = found["latency_s"].get(row) or latency(od[1] if row == "OBS-Diff" else context, sample, args)
         rows[row] = out
     for row in rows.values():
         row["speedup"] = rows["dense"]["latency_s"] / row["latency_s"]
@@ -205,6 +242,7 @@ def run_setting(name: str, args, extra: list[str], runs: Path) -> tuple[dict, bo
              "greedy_generations": found["greedy_generations"], "n_boot": args.n_boot,
              "probe_seeds": [block_seed(args.probe_set, b) for b in range(len(args.seeds))],
              "rows": to_json(rows), "diffes_vs": decisions}
+    cached.parent.mkdir(parents=True, exist_ok=True)  # a rescore may search nothing there
     tmp = cached.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
     tmp.replace(cached)
@@ -235,6 +273,9 @@ def main() -> None:
                         help="smoke setting: 4 stages of 2 steps, 6 probes, 2 generations, 2 seeds of 12 test probes")
     parser.add_argument("--runs", default=str(ROOT / "runs/paper_tables"))
     parser.add_argument("--out", default=None)
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the schedules of the report (--out) again with the current statistics, no search "
+                             "(after a change of estimator; the searches' costs and the latencies are kept)")
     args = parser.parse_args()
     if args.tiny:
         args.generations, args.eval_probes, args.latency_batch_size, args.latency_repeats = 2, 12, 2, 1
@@ -252,8 +293,12 @@ def main() -> None:
         earlier = json.loads(out.read_text())
         if all(earlier.get(k) == report[k] for k in ("tiny", "generations", "seeds", "race", "probe_set", "eval_probes")):
             report["settings"] = earlier.get("settings", {})
+    missing = [n for n in args.settings if n not in report["settings"]]
+    if args.rescore and missing:
+        raise SystemExit(f"--rescore: {out} holds no table of {', '.join(missing)} with these settings (generations, "
+                         "seeds, racing, probes): run those settings without --rescore, or name another --out")
     for name in args.settings:
-        table, reused = run_setting(name, args, extra, runs)
+        table, reused = run_setting(name, args, extra, runs, report["settings"][name] if args.rescore else None)
         report["settings"][name] = table
         if reused:
             report["reused"].append(name)

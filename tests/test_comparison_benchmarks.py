@@ -141,6 +141,29 @@ def test_fitness_ablation_smoke(tmp_path):
     config = (tmp_path / "runs_tiny" / "wanda-50" / "evolution-digits_kid-0" / "config.yaml").read_text()
     assert "race_probes: null" in config and "metric: digits_kid" in config
 
+    # fitness_proxy.py on the KID fitness's archive: its pick is the search's schedule, oriented (−KID,
+    # higher is better) as selection saw it, and scored on block 0 as the ablation scored it
+    proxy = _run("fitness_proxy", tmp_path, "--setting", "wanda-50", "--metric", "digits_kid")
+    kid_row = rows["fitness digits_kid"]
+    curse = proxy["winners_curse"]
+    assert proxy["metric"] == "digits_kid" and {s["source"] for s in proxy["schedules"]} == {"evolution"}
+    assert curse["pick_levels"] == kid_row["levels"][0]
+    assert curse["pick_search_fitness"] == pytest.approx(-kid_row["search_fitness"][0], rel=1e-9)
+    pick = next(s for s in proxy["schedules"] if s["levels"] == curse["pick_levels"])
+    for metric in ("ssim", "kid", "fid"):
+        assert pick[metric] == pytest.approx(kid_row["per_seed"][0][metric], rel=1e-6, abs=1e-9), metric
+    assert curse["pick_drop"] == pytest.approx(curse["pick_search_fitness"] - curse["pick_retest"])
+    assert 1 <= curse["retest_rank_of_pick"] <= len(proxy["schedules"])
+
+    # --rescore: the report's schedules scored again (its metrics and seeds, no search): the same table
+    again = _run("fitness_ablation", tmp_path, "--setting", "wanda-50", "--rescore")
+    assert list(again["rows"]) == list(rows) and again["decisions"] == report["decisions"]
+    for name, row in rows.items():
+        assert again["rows"][name]["levels"] == row["levels"], name
+        assert again["rows"][name].get("search_fitness") == row.get("search_fitness"), name
+        for a, b in zip(again["rows"][name]["per_seed"], row["per_seed"]):
+            assert a == pytest.approx(b, rel=1e-9, abs=1e-12), name
+
 
 def test_cache_frontier_smoke(tmp_path):
     report = _run("cache_frontier", tmp_path)

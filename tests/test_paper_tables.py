@@ -64,6 +64,26 @@ def test_paper_tables_smoke(tmp_path):
             assert d["decision"] in ("win", "tie", "loss") and 0 <= d["p_value"] <= 1, (other, metric)
             assert d["n"] == 2 * P
 
+    # --rescore scores the report's schedules again without their searches: with the searches' folders
+    # and the setting's cached table gone, the same statistics give the same table
+    import shutil
+
+    rescored_runs = tmp_path / "rescore"
+    shutil.copytree(tmp_path / "runs_tiny" / "obs-store", rescored_runs.with_name("rescore_tiny") / "obs-store")
+    cmd = [sys.executable, str(ROOT / "benchmarks/paper_tables.py"), "--tiny", "--settings", "obs-50", "--rescore",
+           "--runs", str(rescored_runs), "--out", str(out)]
+    done = subprocess.run(cmd, check=False, env=ENV, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    again = json.loads(out.read_text())["settings"]["obs-50"]
+    assert not (rescored_runs.with_name("rescore_tiny") / "obs-50" / "random-0").exists()  # nothing searched
+    for name, row in rows.items():
+        redone = again["rows"][name]
+        assert redone["levels"] == row["levels"] and redone.get("evaluations") == row.get("evaluations"), name
+        for a, b in zip(redone["per_seed"], row["per_seed"]):
+            for metric in ("ssim", "kid", "fid"):
+                assert a[metric] == pytest.approx(b[metric], rel=1e-9, abs=1e-12), (name, metric)
+    assert again["diffes_vs"] == table["diffes_vs"]
+
     # fitness_proxy.py reads the same archives: the Diff-ES seed-0 pick scored on the same block
     # gives paper_tables' very SSIM / KID / FID for that seed
     proxy_out = tmp_path / "proxy.json"

@@ -349,3 +349,25 @@ def test_input_validation():
         I.paired_difference(np.zeros(1), np.zeros(1))
     with pytest.raises(ValueError, match="at least 2 rows"):
         I.distribution_difference(np.zeros((1, 2)), np.zeros((5, 2)), np.zeros((5, 2)), lambda r, f: 0.0)
+
+
+def test_standardise_scales_a_dimension_constant_on_the_real_set_by_the_mean_std():
+    """A dead feature (0 on every real row) keeps its mean-std scale, so a generated row that touches it
+    slightly moves KID slightly — dividing by ≈ 0 made such a row thousands of σ out and KID ≈ −1.5."""
+    real, fake = gaussians(60, d=6, shift=0.2, seed=3)
+    real, fake = real.clone(), fake.clone()
+    real[:, 2] = 0.0  # a dead ReLU on the real set
+    fake[:, 2] = 0.0
+    z_real, z_fake = I.standardise(real, fake)
+    others = real[:, [0, 1, 3, 4, 5]]
+    assert torch.allclose(z_real[:, 0], (real[:, 0] - real[:, 0].mean()) / real[:, 0].std())  # a live one
+    assert torch.equal(z_real[:, 2], torch.zeros(60, dtype=real.dtype))
+    touched = fake.clone()
+    touched[0, 2] = 3e-4  # what one pruned digit did
+    _, z_touched = I.standardise(real, touched)
+    assert z_touched[0, 2] == pytest.approx(3e-4 / float(others.std(dim=0).mean()), rel=1e-9)
+    before, after = I.kid_unbiased(z_real, z_fake), I.kid_unbiased(*I.standardise(real, touched))
+    assert abs(after - before) < 1e-4 and before > 0
+    far = fake.clone()
+    far[:, 2] = 5.0  # every generated row lights the dead feature: much further from the real set
+    assert I.kid_unbiased(*I.standardise(real, far)) > before + 1.0
