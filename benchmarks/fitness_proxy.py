@@ -33,7 +33,7 @@ import torch
 from _evidence import add_probe_arguments, block_seed, heldout_features, row_statistics, score_block, write_report
 from _runs import TINY, load_run
 from fitness_ablation import METRICS, run_folder
-from paper_tables import SETTINGS, setting_arguments
+from paper_tables import SETTINGS, schedule_of, setting_arguments
 
 from diffes_pl.fitness import get_metric
 from diffes_pl.search.archive_file import read_evaluations
@@ -113,12 +113,9 @@ def main() -> None:
              "--trainer.default_root_dir", str(folder / f"evolution-{args.seed}")]
     module, context, _ = load_run(first)
 
-    from diffes_pl.schedule import Schedule
-
-    partition, target = context.partition, int(module.hparams.target_level)
-    schedules = {f"{r['source']} {' '.join(map(str, r['levels']))}": Schedule(
-        list(r["levels"]), context.levels_max, target, partition.steps_per_stage, partition=partition.to_dict())
-        for r in chosen}
+    target = int(module.hparams.target_level)
+    schedules = {f"{r['source']} {' '.join(map(str, r['levels']))}": schedule_of(context, target, r["levels"])
+                 for r in chosen}
     real = heldout_features()
     probe_seed = block_seed(args.probe_set, args.seed)
     metrics = tuple(dict.fromkeys(("ssim", "psnr", args.metric)))
